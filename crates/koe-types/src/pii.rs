@@ -53,3 +53,17 @@ mod tests {
         assert_eq!(password.expose(), "hunter2-hunter2");
     }
 }
+
+/// Secrets travel in JSON requests; (de)serialising is transparent so the wrapper costs nothing
+/// on the wire and still redacts in logs.
+impl<T: serde::Serialize> serde::Serialize for Pii<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Pii<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        T::deserialize(deserializer).map(Self)
+    }
+}

@@ -1,0 +1,189 @@
+//! Creating a network and loading the login server's secrets.
+//!
+//! `DIR/network.toml` is public. `DIR/secret/` (mode 0700) holds what only the login server
+//! may read, each file mode 0600: `signing.key` (signs certificates), `tls.key` and `tls.crt`
+//! (its HTTPS identity, pinned by fingerprint in `network.toml`).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use koe_types::network::LoginUrl;
+use koe_types::{NetworkFile, NetworkName, NetworkSigningKey};
+use thiserror::Error;
+
+use crate::tls;
+
+pub const NETWORK_FILE_NAME: &str = "network.toml";
+pub const SECRET_DIR_NAME: &str = "secret";
+const SIGNING_KEY_FILE: &str = "signing.key";
+const TLS_KEY_FILE: &str = "tls.key";
+const TLS_CERTIFICATE_FILE: &str = "tls.crt";
+
+#[derive(Debug, Error)]
+pub enum NetworkInitError {
+    #[error("{0} already exists: refusing to overwrite an existing network's keys")]
+    AlreadyExists(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")]
+    InsecurePermissions { path: PathBuf, mode: u32 },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("the secret directory belongs to another network: {0}")]
+    Mismatch(String),
+    #[error("could not create the TLS certificate: {0}")]
+    Certificate(String),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NetworkInitError + '_ {
+    move |source| NetworkInitError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `contents` to a new file readable only by its owner; never overwrites.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), NetworkInitError> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|error| match error.kind() {
+            std::io::ErrorKind::AlreadyExists => NetworkInitError::AlreadyExists(path.into()),
+            _ => NetworkInitError::Io {
+                path: path.into(),
+                source: error,
+            },
+        })?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(io_error(path))
+}
+
+/// Reads a file that must not be readable by group or others.
+pub fn read_private_file(path: &Path) -> Result<String, NetworkInitError> {
+    let metadata = fs::metadata(path).map_err(io_error(path))?;
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(NetworkInitError::InsecurePermissions {
+            path: path.into(),
+            mode,
+        });
+    }
+    fs::read_to_string(path).map_err(io_error(path))
+}
+
+/// Creates a new network in `dir`: keys, TLS identity and `network.toml`. Returns the network
+/// file. Nothing is overwritten; if `dir` already holds a network this fails.
+pub fn create_network(
+    dir: &Path,
+    name: NetworkName,
+    login_url: LoginUrl,
+) -> Result<NetworkFile, NetworkInitError> {
+    let network_path = dir.join(NETWORK_FILE_NAME);
+    let secret_dir = dir.join(SECRET_DIR_NAME);
+    for existing in [&network_path, &secret_dir] {
+        if existing.exists() {
+            return Err(NetworkInitError::AlreadyExists(existing.clone()));
+        }
+    }
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&secret_dir)
+        .map_err(io_error(&secret_dir))?;
+
+    let signing_key = NetworkSigningKey::generate();
+    let (certificate_pem, key_pem) = tls::generate_self_signed(&login_url.host)
+        .map_err(|e| NetworkInitError::Certificate(e.to_string()))?;
+    let (chain, _) = tls::parse_pem(&certificate_pem, &key_pem)
+        .map_err(NetworkInitError::Certificate)?;
+
+    write_private_file(
+        &secret_dir.join(SIGNING_KEY_FILE),
+        format!("{}\n", signing_key.to_secret_text()).as_bytes(),
+    )?;
+    write_private_file(&secret_dir.join(TLS_KEY_FILE), key_pem.as_bytes())?;
+    write_private_file(&secret_dir.join(TLS_CERTIFICATE_FILE), certificate_pem.as_bytes())?;
+
+    let network = NetworkFile {
+        name,
+        login_url,
+        login_tls_fingerprint: tls::fingerprint(&chain[0]),
+        signing_key: signing_key.public_key(),
+        bootstrap: Vec::new(),
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&network_path)
+        .map_err(io_error(&network_path))?;
+    file.write_all(network.to_toml().as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io_error(&network_path))?;
+    Ok(network)
+}
+
+/// Reads and checks a network file.
+pub fn load_network_file(path: &Path) -> Result<NetworkFile, NetworkInitError> {
+    let text = fs::read_to_string(path).map_err(io_error(path))?;
+    NetworkFile::from_toml(&text).map_err(|e| NetworkInitError::Invalid {
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// What the login server needs from its secret directory, checked against the network file.
+#[derive(Debug, Clone)]
+pub struct LoginServerSecrets {
+    pub signing_key: NetworkSigningKey,
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+impl LoginServerSecrets {
+    pub fn load(secret_dir: &Path, network: &NetworkFile) -> Result<Self, NetworkInitError> {
+        let key_path = secret_dir.join(SIGNING_KEY_FILE);
+        let signing_key = NetworkSigningKey::from_secret_text(&read_private_file(&key_path)?)
+            .map_err(|e| NetworkInitError::Invalid {
+                path: key_path.clone(),
+                reason: e.to_string(),
+            })?;
+        if signing_key.public_key() != network.signing_key {
+            return Err(NetworkInitError::Mismatch(format!(
+                "{} does not match the signing_key of network {:?}",
+                key_path.display(),
+                network.name.as_str()
+            )));
+        }
+        let certificate_path = secret_dir.join(TLS_CERTIFICATE_FILE);
+        let certificate_pem =
+            fs::read_to_string(&certificate_path).map_err(io_error(&certificate_path))?;
+        let key_pem = read_private_file(&secret_dir.join(TLS_KEY_FILE))?;
+        let (chain, key) =
+            tls::parse_pem(&certificate_pem, &key_pem).map_err(|reason| NetworkInitError::Invalid {
+                path: certificate_path.clone(),
+                reason,
+            })?;
+        let presented = tls::fingerprint(&chain[0]);
+        if presented != network.login_tls_fingerprint {
+            return Err(NetworkInitError::Mismatch(format!(
+                "{} has fingerprint {presented}, but the network file pins {}",
+                certificate_path.display(),
+                network.login_tls_fingerprint
+            )));
+        }
+        let tls = tls::server_config(chain, key).map_err(|e| NetworkInitError::Invalid {
+            path: certificate_path,
+            reason: e.to_string(),
+        })?;
+        Ok(Self { signing_key, tls })
+    }
+}
