@@ -11,6 +11,7 @@ pub mod api;
 pub mod client;
 pub mod network_init;
 pub mod password;
+pub mod private_file;
 pub mod rate_limit;
 pub mod renewal;
 pub mod server;

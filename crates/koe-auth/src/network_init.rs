@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use koe_types::network::LoginUrl;
 use koe_types::{NetworkFile, NetworkName, NetworkSigningKey};
 use thiserror::Error;
 
+use crate::private_file::{io_error, read_private_file, write_private_file, FileError};
 use crate::tls;
 
 pub const NETWORK_FILE_NAME: &str = "network.toml";
@@ -26,58 +27,14 @@ const TLS_CERTIFICATE_FILE: &str = "tls.crt";
 pub enum NetworkInitError {
     #[error("{0} already exists: refusing to overwrite an existing network's keys")]
     AlreadyExists(PathBuf),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")]
-    InsecurePermissions { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("the secret directory belongs to another network: {0}")]
     Mismatch(String),
     #[error("could not create the TLS certificate: {0}")]
     Certificate(String),
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NetworkInitError + '_ {
-    move |source| NetworkInitError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Writes `contents` to a new file readable only by its owner; never overwrites.
-pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), NetworkInitError> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|error| match error.kind() {
-            std::io::ErrorKind::AlreadyExists => NetworkInitError::AlreadyExists(path.into()),
-            _ => NetworkInitError::Io {
-                path: path.into(),
-                source: error,
-            },
-        })?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(io_error(path))
-}
-
-/// Reads a file that must not be readable by group or others.
-pub fn read_private_file(path: &Path) -> Result<String, NetworkInitError> {
-    let metadata = fs::metadata(path).map_err(io_error(path))?;
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(NetworkInitError::InsecurePermissions {
-            path: path.into(),
-            mode,
-        });
-    }
-    fs::read_to_string(path).map_err(io_error(path))
 }
 
 /// Creates a new network in `dir`: keys, TLS identity and `network.toml`. Returns the network

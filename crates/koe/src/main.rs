@@ -1,1 +1,45 @@
-fn main() {}
+//! `koe`: the one binary of a Koe network. Parses the command line, sets up logging, and hands
+//! each subcommand to its module in `commands`. Everything it does lives in the library crates.
+
+mod cli;
+mod commands;
+mod duration;
+mod profile;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    // The demo narrates on stdout; its parts' logs would only interleave with the story.
+    let quiet = matches!(cli.command, cli::Command::Demo(_));
+    let default_level = match cli.verbose {
+        0 if quiet => "error",
+        0 => "warn,koe=info,koe_auth=info",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("KOE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("koe: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("koe: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

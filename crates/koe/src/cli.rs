@@ -1,0 +1,187 @@
+//! The command line: every subcommand and flag, with the help text users see.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::duration::parse_duration;
+
+/// Koe (声, "voice"): a peer-to-peer internet telephone.
+#[derive(Debug, Parser)]
+#[command(name = "koe", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Profile directory holding this device's key and certificate
+    /// [default: $KOE_HOME, else $XDG_DATA_HOME/koe, else ~/.local/share/koe]
+    #[arg(long, global = true, env = "KOE_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// More log output on stderr (-v info, -vv debug); KOE_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a whole Koe network on this machine and show it working
+    Demo(DemoArgs),
+    /// Create and manage networks (operators)
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Run the login server (operators)
+    #[command(subcommand)]
+    Auth(AuthCommand),
+    /// Create an account on the network's login server
+    Signup(SignupArgs),
+    /// Log in: get a certificate for this device
+    Login(LoginArgs),
+    /// Show who this device is logged in as, renewing the certificate if due
+    Whoami(WhoamiArgs),
+    /// Forget this device's certificate (the device key stays)
+    Logout,
+    /// Change your password; certificates issued before will not renew
+    Passwd(PasswdArgs),
+    /// Delete your account for good
+    DeleteAccount(DeleteAccountArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's files instead of deleting them at the end
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Create a new network: keys, TLS identity and the public network.toml
+    Init(NetworkInitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NetworkInitArgs {
+    /// Directory to create the network in (network.toml and secret/)
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Network name: letters a-z, digits, '.', '-' [default: the directory's name, else "koe"]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Address the login server will listen on; also its URL unless --login-url is given
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7400")]
+    pub auth_listen: SocketAddr,
+    /// URL clients use to reach the login server, e.g. https://login.example.org:7400
+    #[arg(long, value_name = "URL")]
+    pub login_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Serve the login server's HTTPS API until interrupted (Ctrl-C or SIGTERM)
+    Serve(AuthServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuthServeArgs {
+    /// The network file created by `koe network init`
+    #[arg(long, value_name = "FILE")]
+    pub network: PathBuf,
+    /// The network's secret directory (signing key, TLS key and certificate)
+    #[arg(long, value_name = "DIR")]
+    pub secret_dir: PathBuf,
+    /// Account database: sqlite:PATH (created if missing) or postgres://USER:PASS@HOST/DB
+    /// [default: sqlite:SECRET_DIR/accounts.db]
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+    /// Listen address [default: the port of the network's login URL, on 127.0.0.1 if that URL
+    /// is loopback, else on all interfaces]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Longest certificate lifetime handed out
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub cert_lifetime: Duration,
+    /// How long a write waits for a locked SQLite database before giving up
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub db_busy_timeout: Duration,
+    /// Turn off rate limiting (benchmarks and closed test networks only)
+    #[arg(long)]
+    pub no_rate_limits: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NetworkFileArg {
+    /// The network's network.toml [default: the one saved in the profile]
+    #[arg(long, value_name = "FILE")]
+    pub network: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PasswordArg {
+    /// Read the password from the first line of stdin instead of prompting
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SignupArgs {
+    /// Username: 3-32 of a-z 0-9 . _ -, starting with a letter
+    pub username: String,
+    #[command(flatten)]
+    pub network: NetworkFileArg,
+    #[command(flatten)]
+    pub password: PasswordArg,
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    pub username: String,
+    #[command(flatten)]
+    pub network: NetworkFileArg,
+    #[command(flatten)]
+    pub password: PasswordArg,
+    /// Ask for a certificate shorter-lived than the server's default
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub lifetime: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct WhoamiArgs {
+    /// Do not contact the login server, even if the certificate is due for renewal
+    #[arg(long)]
+    pub offline: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PasswdArgs {
+    /// Read the current and the new password from the first two lines of stdin
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteAccountArgs {
+    #[command(flatten)]
+    pub password: PasswordArg,
+    /// Do not ask for confirmation
+    #[arg(long)]
+    pub yes: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,80 @@
+//! `koe auth serve`: the login server as a process.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use anyhow::{Context, Result};
+use koe_auth::network_init::load_network_file;
+use koe_auth::server::RateLimits;
+use koe_auth::{open_store, LoginServer, LoginServerConfig, LoginServerSecrets};
+use koe_types::network::LoginUrl;
+use tokio::net::TcpListener;
+
+use crate::cli::{AuthCommand, AuthServeArgs};
+
+pub async fn run(command: AuthCommand) -> Result<()> {
+    match command {
+        AuthCommand::Serve(args) => serve(args).await,
+    }
+}
+
+/// The login URL's port, on loopback if the URL is loopback, else on every interface.
+fn default_listen(url: &LoginUrl) -> SocketAddr {
+    let loopback = url
+        .host
+        .parse::<IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(url.host == "localhost");
+    let ip = if loopback {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    SocketAddr::new(ip, url.port)
+}
+
+async fn serve(args: AuthServeArgs) -> Result<()> {
+    let network = load_network_file(&args.network)?;
+    let secrets = LoginServerSecrets::load(&args.secret_dir, &network)?;
+    let db = args.db.unwrap_or_else(|| {
+        format!("sqlite:{}", args.secret_dir.join("accounts.db").display())
+    });
+    let store = open_store(&db, args.db_busy_timeout)
+        .await
+        .context("cannot open the account database")?;
+    let listen = args.listen.unwrap_or_else(|| default_listen(&network.login_url));
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let mut config = LoginServerConfig::new(network.name.clone(), secrets.signing_key, secrets.tls);
+    config.certificate_lifetime = args.cert_lifetime;
+    if args.no_rate_limits {
+        tracing::warn!("rate limiting is off: password guessing is not slowed down");
+        config.rate_limits = RateLimits::UNLIMITED;
+    }
+    println!(
+        "login server for network {:?} listening on {} (accounts: {})",
+        network.name.as_str(),
+        listener.local_addr()?,
+        store.describe()
+    );
+    LoginServer::new(config, store)
+        .run(listener, shutdown_signal())
+        .await
+        .context("login server failed")
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = interrupt => {},
+                _ = terminate.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = interrupt.await;
+        }
+    }
+}

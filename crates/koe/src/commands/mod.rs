@@ -1,0 +1,75 @@
+//! One module per group of subcommands; each is a thin layer over the library crates.
+
+mod account;
+mod auth;
+mod demo;
+mod network;
+
+use std::io::BufRead;
+
+use anyhow::{bail, Context, Result};
+use clap::CommandFactory;
+use koe_types::Pii;
+
+use crate::cli::{Cli, Command};
+use crate::profile::Profile;
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let home = cli.home;
+    let profile = || Profile::locate(home.clone());
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Network(command) => network::run(command),
+        Command::Auth(command) => auth::run(command).await,
+        Command::Signup(args) => account::signup(&profile()?, args).await,
+        Command::Login(args) => account::login(&profile()?, args).await,
+        Command::Whoami(args) => account::whoami(&profile()?, args).await,
+        Command::Logout => account::logout(&profile()?),
+        Command::Passwd(args) => account::change_password(&profile()?, args).await,
+        Command::DeleteAccount(args) => account::delete_account(&profile()?, args).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "koe", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+/// Reads secrets from a prompt on the terminal, or line by line from stdin.
+pub struct PasswordSource {
+    from_stdin: bool,
+}
+
+impl PasswordSource {
+    pub fn new(from_stdin: bool) -> Self {
+        Self { from_stdin }
+    }
+
+    pub fn read(&self, prompt: &str) -> Result<Pii<String>> {
+        if self.from_stdin {
+            let mut line = String::new();
+            let read = std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("cannot read the password from stdin")?;
+            if read == 0 {
+                bail!("expected a password on stdin, found end of input");
+            }
+            let password = line.strip_suffix('\n').unwrap_or(&line);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            Ok(Pii::new(password.to_string()))
+        } else {
+            rpassword::prompt_password(prompt)
+                .map(Pii::new)
+                .context("cannot read the password from the terminal (use --password-stdin)")
+        }
+    }
+
+    /// A new password: asked twice on a terminal so a typo does not lock the user out.
+    pub fn read_new(&self, prompt: &str) -> Result<Pii<String>> {
+        let password = self.read(prompt)?;
+        if !self.from_stdin && self.read("Repeat it: ")?.expose() != password.expose() {
+            bail!("the two passwords differ; nothing was changed");
+        }
+        Ok(password)
+    }
+}
