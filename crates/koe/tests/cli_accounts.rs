@@ -1,0 +1,223 @@
+//! `koe network init`, `koe auth serve`, `koe signup`, `login`, `whoami`, `logout`, `passwd`
+//! and `delete-account` as separate processes, the way an operator and users run them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use base64::Engine;
+use common::{fails, koe, ok, run, TestNetwork};
+use koe_types::{Certificate, CertificateBody, NetworkSigningKey, UnixTime};
+use koe_wire::Codec;
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn separate_processes_sign_up_log_in_and_show_who_is_logged_in() {
+    let network = TestNetwork::init();
+    let _server = network.serve();
+    let alice = network.home("alice");
+    let net = network.network_file();
+    let net = net.to_str().unwrap();
+
+    let out = ok(run(&alice, &["signup", "Alice", "--network", net, "--password-stdin"], "correct horse\n"));
+    assert!(out.contains("Signed up as alice"), "{out}");
+    assert!(out.contains("Logged in as alice"), "{out}");
+    assert_eq!(mode(&alice.join("device.key")), 0o600);
+    assert_eq!(mode(&alice.join("certificate")), 0o600);
+
+    let who = ok(run(&alice, &["whoami"], ""));
+    assert!(who.contains("username:     alice"), "{who}");
+    assert!(who.contains("network:      koe-test"), "{who}");
+    assert!(who.contains("valid, signed by the network's key"), "{who}");
+    let fingerprint = who
+        .lines()
+        .find(|l| l.starts_with("device key:"))
+        .unwrap()
+        .to_string();
+    assert!(fingerprint.contains("SHA256:"), "{who}");
+
+    assert!(ok(run(&alice, &["logout"], "")).contains("Logged out"));
+    assert!(fails(run(&alice, &["whoami"], "")).contains("not logged in"));
+
+    // The profile remembers the network; the device key is created once per device.
+    ok(run(&alice, &["login", "alice", "--password-stdin"], "correct horse\n"));
+    let who = ok(run(&alice, &["whoami"], ""));
+    assert!(who.contains(&fingerprint), "same device key after logging in again:\n{who}");
+
+    // Another device of another user.
+    let bob = network.home("bob");
+    ok(run(&bob, &["signup", "bob", "--network", net, "--password-stdin"], "battery staple\n"));
+    assert!(ok(run(&bob, &["whoami"], "")).contains("username:     bob"));
+}
+
+#[test]
+fn clear_errors_for_bad_accounts_and_passwords() {
+    let network = TestNetwork::init();
+    let _server = network.serve();
+    let home = network.home("carol");
+    let net = network.network_file();
+    let net = net.to_str().unwrap();
+
+    let error = fails(run(&home, &["signup", "carol"], ""));
+    assert!(error.contains("pass --network FILE"), "{error}");
+    let error = fails(run(&home, &["signup", "admin", "--network", net, "--password-stdin"], "correct horse\n"));
+    assert!(error.contains("reserved"), "{error}");
+    let error = fails(run(&home, &["signup", "carol", "--network", net, "--password-stdin"], "short\n"));
+    assert!(error.contains("at least 8 characters"), "{error}");
+    let error = fails(run(&home, &["signup", "carol", "--network", net, "--password-stdin"], ""));
+    assert!(error.contains("expected a password on stdin"), "{error}");
+
+    ok(run(&home, &["signup", "carol", "--network", net, "--password-stdin"], "correct horse\n"));
+    let error = fails(run(&home, &["signup", "carol", "--password-stdin"], "other password\n"));
+    assert!(error.contains("already taken"), "{error}");
+    let error = fails(run(&home, &["login", "carol", "--password-stdin"], "wrong horse\n"));
+    assert!(error.contains("wrong password"), "{error}");
+    let error = fails(run(&home, &["login", "nobody", "--password-stdin"], "correct horse\n"));
+    assert!(error.contains("no account named nobody"), "{error}");
+    // Still logged in as carol with the original password.
+    ok(run(&home, &["login", "carol", "--password-stdin"], "correct horse\n"));
+}
+
+#[test]
+fn password_change_and_account_deletion() {
+    let network = TestNetwork::init();
+    let _server = network.serve();
+    let home = network.home("dave");
+    let net = network.network_file();
+    ok(run(&home, &["signup", "dave", "--network", net.to_str().unwrap(), "--password-stdin"], "first password\n"));
+    let error = fails(run(&home, &["passwd", "--password-stdin"], "wrong password\nsecond password\n"));
+    assert!(error.contains("wrong password"), "{error}");
+    let out = ok(run(&home, &["passwd", "--password-stdin"], "first password\nsecond password\n"));
+    assert!(out.contains("Password changed"), "{out}");
+    assert!(out.contains("Logged in as dave"), "{out}");
+    fails(run(&home, &["login", "dave", "--password-stdin"], "first password\n"));
+    ok(run(&home, &["login", "dave", "--password-stdin"], "second password\n"));
+
+    let error = fails(run(&home, &["delete-account", "--password-stdin"], "not dave\nsecond password\n"));
+    assert!(error.contains("not confirmed"), "{error}");
+    ok(run(&home, &["login", "dave", "--password-stdin"], "second password\n"));
+    let out = ok(run(&home, &["delete-account", "--yes", "--password-stdin"], "second password\n"));
+    assert!(out.contains("deleted"), "{out}");
+    let error = fails(run(&home, &["login", "dave", "--password-stdin"], "second password\n"));
+    assert!(error.contains("no account named dave"), "{error}");
+}
+
+#[test]
+fn whoami_renews_a_certificate_in_its_renewal_window() {
+    let network = TestNetwork::init();
+    let _server = network.serve();
+    let home = network.home("erin");
+    let net = network.network_file();
+    ok(run(&home, &["signup", "erin", "--network", net.to_str().unwrap(), "--password-stdin"], "correct horse\n"));
+
+    // Age the certificate: same serial, device and 24 h lifetime, issued 23 h ago — signed
+    // with the network's real key, as if it had simply grown old.
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let current = Certificate::from_bytes(&b64.decode(read(&home.join("certificate")).trim()).unwrap()).unwrap();
+    let signing_key = NetworkSigningKey::from_secret_text(&read(&network.secret_dir().join("signing.key"))).unwrap();
+    let now = UnixTime::now().as_secs();
+    let aged = CertificateBody {
+        not_before: UnixTime(now - 23 * 3600),
+        not_after: UnixTime(now + 3600),
+        ..current.body().clone()
+    }
+    .sign(&signing_key);
+    std::fs::write(home.join("certificate"), format!("{}\n", b64.encode(aged.to_bytes()))).unwrap();
+
+    let offline = ok(run(&home, &["whoami", "--offline"], ""));
+    assert!(!offline.contains("renewed"), "{offline}");
+    let who = ok(run(&home, &["whoami"], ""));
+    assert!(who.contains("renewed just now"), "{who}");
+    let renewed = Certificate::from_bytes(&b64.decode(read(&home.join("certificate")).trim()).unwrap()).unwrap();
+    assert!(renewed.not_after().as_secs() > now + 23 * 3600, "renewed for a full lifetime");
+    assert_ne!(renewed.body().serial, current.body().serial);
+}
+
+#[test]
+fn network_init_never_overwrites_a_network() {
+    let network = TestNetwork::init();
+    let before = std::fs::read(network.network_file()).unwrap();
+    let key_before = std::fs::read(network.secret_dir().join("signing.key")).unwrap();
+    let output = koe()
+        .args(["network", "init", "--dir"])
+        .arg(network.dir.path().join("net"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("already exists"));
+    assert_eq!(std::fs::read(network.network_file()).unwrap(), before);
+    assert_eq!(std::fs::read(network.secret_dir().join("signing.key")).unwrap(), key_before);
+    for file in ["signing.key", "tls.key", "tls.crt"] {
+        assert_eq!(mode(&network.secret_dir().join(file)), 0o600, "{file}");
+    }
+    assert_eq!(mode(&network.secret_dir()), 0o700);
+}
+
+#[test]
+fn login_server_refuses_secrets_of_another_network_or_readable_by_others() {
+    let network = TestNetwork::init();
+    let other = TestNetwork::init();
+    let output = koe()
+        .args(["auth", "serve", "--network"])
+        .arg(network.network_file())
+        .arg("--secret-dir")
+        .arg(other.secret_dir())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("another network"));
+
+    let key = network.secret_dir().join("signing.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = network.serve_command().output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("chmod 600"));
+}
+
+#[test]
+fn a_client_refuses_a_login_server_with_the_wrong_tls_certificate() {
+    let network = TestNetwork::init();
+    let impostor = TestNetwork::init();
+    // The impostor answers on the port the real network file names.
+    let _server = common::LoginServerProcess::spawn({
+        let mut command = impostor.serve_command();
+        command.arg("--listen").arg(format!("127.0.0.1:{}", network.port));
+        command
+    });
+    let home = network.home("frank");
+    let net = network.network_file();
+    let error = fails(run(&home, &["signup", "frank", "--network", net.to_str().unwrap(), "--password-stdin"], "correct horse\n"));
+    assert!(error.contains("not your network's login server"), "{error}");
+}
+
+#[test]
+fn every_command_has_help_and_completions_exist() {
+    for path in [
+        vec![],
+        vec!["demo"],
+        vec!["network"],
+        vec!["network", "init"],
+        vec!["auth"],
+        vec!["auth", "serve"],
+        vec!["signup"],
+        vec!["login"],
+        vec!["whoami"],
+        vec!["logout"],
+        vec!["passwd"],
+        vec!["delete-account"],
+        vec!["completions"],
+    ] {
+        let output = koe().args(&path).arg("--help").output().unwrap();
+        assert!(output.status.success(), "koe {path:?} --help failed");
+        assert!(String::from_utf8_lossy(&output.stdout).contains("Usage:"), "{path:?}");
+    }
+    let output = koe().args(["completions", "bash"]).output().unwrap();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("_koe"));
+}

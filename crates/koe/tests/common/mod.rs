@@ -1,0 +1,161 @@
+//! Runs the real `koe` binary as separate processes: a network in a temporary directory, a
+//! login server process on a free loopback port, and client commands with their own profiles.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub fn koe() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_koe"));
+    command.env_remove("KOE_LOG").env_remove("KOE_HOME");
+    command
+}
+
+/// Runs `koe ARGS` with profile `home`, feeding `stdin`.
+pub fn run(home: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = koe()
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn koe");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for koe")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "koe failed: {}\nstdout: {}",
+        stderr(&output),
+        stdout(&output)
+    );
+    stdout(&output)
+}
+
+/// Asserts failure and returns stderr.
+pub fn fails(output: Output) -> String {
+    assert!(
+        !output.status.success(),
+        "koe should have failed; stdout: {}",
+        stdout(&output)
+    );
+    stderr(&output)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A network created by `koe network init` in a temporary directory.
+pub struct TestNetwork {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl TestNetwork {
+    pub fn init() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        ok(koe()
+            .args(["network", "init", "--name", "koe-test", "--dir"])
+            .arg(dir.path().join("net"))
+            .args(["--auth-listen", &format!("127.0.0.1:{port}")])
+            .output()
+            .unwrap());
+        Self { dir, port }
+    }
+
+    pub fn network_file(&self) -> PathBuf {
+        self.dir.path().join("net/network.toml")
+    }
+
+    pub fn secret_dir(&self) -> PathBuf {
+        self.dir.path().join("net/secret")
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("accounts.db")
+    }
+
+    pub fn home(&self, name: &str) -> PathBuf {
+        self.dir.path().join("homes").join(name)
+    }
+
+    /// The `koe auth serve` command line for this network.
+    pub fn serve_command(&self) -> Command {
+        let mut command = koe();
+        command
+            .args(["auth", "serve", "--no-rate-limits", "--network"])
+            .arg(self.network_file())
+            .arg("--secret-dir")
+            .arg(self.secret_dir())
+            .arg("--db")
+            .arg(format!("sqlite:{}", self.database().display()));
+        command
+    }
+
+    pub fn serve(&self) -> LoginServerProcess {
+        LoginServerProcess::spawn(self.serve_command())
+    }
+}
+
+/// A `koe auth serve` child process, killed when dropped.
+pub struct LoginServerProcess {
+    pub child: Child,
+    pub first_line: String,
+}
+
+impl LoginServerProcess {
+    /// Spawns `command` and waits until it prints that it listens.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn koe auth serve");
+        let mut first_line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut first_line)
+            .expect("read the server's first line");
+        assert!(
+            first_line.contains("listening on"),
+            "login server did not start: {first_line:?}"
+        );
+        Self { child, first_line }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LoginServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
