@@ -49,7 +49,7 @@ pub enum StoreError {
     ReadOnly,
     #[error("the account database is unavailable: {0}")]
     Unavailable(String),
-    #[error("the account database holds data this version does not understand: {0}")]
+    #[error("the account database is damaged or not a Koe account database: {0}")]
     Corrupt(String),
 }
 
