@@ -109,13 +109,17 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
         .map_err(map_error)?
         .map(|row| row.get(0))
         .unwrap_or(0);
-    let known = MIGRATIONS.len() as i32;
-    if current > known {
-        return Err(StoreError::Corrupt(format!(
-            "schema version {current} is newer than this Koe knows ({known})"
-        )));
-    }
-    for migration in MIGRATIONS.iter().skip(current as usize) {
+    let known = MIGRATIONS.len();
+    let current = match usize::try_from(current) {
+        Ok(current) if current <= known => current,
+        Ok(_) => {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {current} is newer than this Koe knows ({known})"
+            )))
+        }
+        Err(_) => return Err(StoreError::Corrupt(format!("schema version {current} is invalid"))),
+    };
+    for migration in MIGRATIONS.iter().skip(current) {
         transaction.batch_execute(migration).await.map_err(map_error)?;
     }
     transaction

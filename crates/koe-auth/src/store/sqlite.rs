@@ -77,6 +77,9 @@ impl SqliteStore {
             {
                 return Err(StoreError::ReadOnly);
             }
+            // Before anything writes (even the journal mode), so that a file this version
+            // refuses is left exactly as it was.
+            check_schema_version(&connection)?;
             connection
                 .pragma_update(None, "journal_mode", "WAL")
                 .map_err(map_error)?;
@@ -113,17 +116,24 @@ impl SqliteStore {
     }
 }
 
-fn migrate(connection: &Connection) -> Result<(), StoreError> {
+/// The schema version of the file, refusing versions this Koe cannot work with.
+fn check_schema_version(connection: &Connection) -> Result<usize, StoreError> {
     let current: i64 = connection
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(map_error)?;
-    let known = MIGRATIONS.len() as i64;
-    if current > known {
-        return Err(StoreError::Corrupt(format!(
+    let known = MIGRATIONS.len();
+    match usize::try_from(current) {
+        Ok(current) if current <= known => Ok(current),
+        Ok(_) => Err(StoreError::Corrupt(format!(
             "schema version {current} is newer than this Koe knows ({known})"
-        )));
+        ))),
+        Err(_) => Err(StoreError::Corrupt(format!("schema version {current} is invalid"))),
     }
-    for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+}
+
+fn migrate(connection: &Connection) -> Result<(), StoreError> {
+    let current = check_schema_version(connection)?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(current) {
         let version = index + 1;
         let sql = format!("BEGIN IMMEDIATE; {migration}; PRAGMA user_version = {version}; COMMIT;");
         if let Err(error) = connection.execute_batch(&sql) {
