@@ -3,6 +3,8 @@
 //! as from a separate device. Prints one Markdown table row:
 //! `| label | logins/s | p50 ms | p99 ms | errors |`.
 //!
+//! With `--hash-only` it instead prints how long one argon2id hash takes here (median of 20).
+//!
 //! Run by `bench/login.sh`, which starts the server with each store.
 
 use std::path::PathBuf;
@@ -55,8 +57,25 @@ fn percentile(sorted: &[Duration], fraction: f64) -> f64 {
     sorted[index].as_secs_f64() * 1000.0
 }
 
+fn median_hash_millis() -> f64 {
+    let password = Pii::new("a password of typical length".to_string());
+    let mut times: Vec<Duration> = (0..20)
+        .map(|_| {
+            let began = Instant::now();
+            koe_auth::password::hash_password(&password);
+            began.elapsed()
+        })
+        .collect();
+    times.sort();
+    percentile(&times, 0.5)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), String> {
+    if std::env::args().any(|arg| arg == "--hash-only") {
+        println!("{:.1}", median_hash_millis());
+        return Ok(());
+    }
     let options = parse_options()?;
     let network = load_network_file(&options.network).map_err(|e| e.to_string())?;
     let client = LoginClient::new(network);

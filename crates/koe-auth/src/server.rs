@@ -279,6 +279,8 @@ impl LoginServer {
                 },
                 () = &mut shutdown => break,
             };
+            // Replies are small and latency matters more than packet count.
+            let _ = tcp.set_nodelay(true);
             let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
                 warn!("connection limit reached; refusing a connection");
                 continue;

@@ -486,3 +486,22 @@ async fn shutdown_lets_a_request_in_flight_finish_then_refuses_new_ones() {
     use koe_auth::AccountStore;
     assert!(store.find_account(&Username::parse("alice").unwrap()).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn garbage_and_stalled_connections_do_not_disturb_other_clients() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start().await;
+    let address = server.network.login_url.authority();
+    // Plain-text HTTP, random bytes, and a connection that says nothing at all.
+    let mut plain = tokio::net::TcpStream::connect(&address).await.unwrap();
+    plain.write_all(b"POST /v1/signup HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut noise = tokio::net::TcpStream::connect(&address).await.unwrap();
+    noise.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3]).await.unwrap();
+    noise.write_all(&[0xa5; 4096]).await.unwrap();
+    let _silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+
+    let client = server.client();
+    client.signup("alice", &password("correct horse")).await.unwrap();
+    let device = DeviceKey::generate().public_key();
+    client.login("alice", &password("correct horse"), &device, None).await.unwrap();
+}

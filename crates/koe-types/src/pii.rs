@@ -40,20 +40,6 @@ impl<T> From<T> for Pii<T> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formatting_never_shows_the_value() {
-        let password = Pii::new("hunter2-hunter2".to_string());
-        assert_eq!(format!("{password}"), "<redacted>");
-        assert_eq!(format!("{password:?}"), "<redacted>");
-        assert_eq!(format!("{:?}", Some(&password)), "Some(<redacted>)");
-        assert_eq!(password.expose(), "hunter2-hunter2");
-    }
-}
-
 /// Secrets travel in JSON requests; (de)serialising is transparent so the wrapper costs nothing
 /// on the wire and still redacts in logs.
 impl<T: serde::Serialize> serde::Serialize for Pii<T> {
@@ -65,5 +51,19 @@ impl<T: serde::Serialize> serde::Serialize for Pii<T> {
 impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Pii<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         T::deserialize(deserializer).map(Self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatting_never_shows_the_value() {
+        let password = Pii::new("hunter2-hunter2".to_string());
+        assert_eq!(format!("{password}"), "<redacted>");
+        assert_eq!(format!("{password:?}"), "<redacted>");
+        assert_eq!(format!("{:?}", Some(&password)), "Some(<redacted>)");
+        assert_eq!(password.expose(), "hunter2-hunter2");
     }
 }
