@@ -74,6 +74,16 @@ macro_rules! ed25519_role {
                 self.0.sign(message).to_bytes()
             }
 
+            /// A 32-byte secret derived from this key for another purpose (e.g. an X25519 key),
+            /// separated by `context`, so one stored key serves several roles safely.
+            pub fn derive_secret(&self, context: &[u8]) -> [u8; 32] {
+                let mut hasher = Sha256::new();
+                hasher.update(b"koe derived secret v1\0");
+                hasher.update(context);
+                hasher.update(self.0.to_bytes());
+                hasher.finalize().into()
+            }
+
             /// `ed25519-secret:<base64 seed>`, for a private key file.
             pub fn to_secret_text(&self) -> String {
                 format!("{SECRET_PREFIX}{}", STANDARD.encode(self.0.to_bytes()))
