@@ -1,16 +1,23 @@
 //! Koe's overlay: how users find each other and reach each other.
 //!
 //! Sans-IO cores: signed [`presence`] records and the supernode's share of the global index
-//! ([`index`]), end-to-end [`envelope`]s with replay protection, and the client's
-//! [`host_cache`] of supernodes.
+//! ([`index`]), end-to-end [`envelope`]s with replay protection, the client's [`host_cache`] of
+//! supernodes, and the request/response messages of the overlay [`protocol`]. The libp2p
+//! drivers that run them are [`supernode`] (`koe node`) and [`client`] (`koe up`).
 
+pub mod client;
 pub mod envelope;
 pub mod host_cache;
 pub mod index;
 pub mod presence;
+pub mod metrics;
+pub mod protocol;
+pub mod supernode;
+mod swarm;
 
 pub use envelope::{Envelope, EnvelopeError, EnvelopeKey, OpenedEnvelope, ReplayGuard};
 pub use index::{PresenceIndex, StoreOutcome};
 pub use presence::{
     index_key, ParentSupernode, PresenceBody, PresenceError, PresenceRecord, PresenceStatus,
 };
+pub use swarm::SwarmError;

@@ -74,6 +74,11 @@ macro_rules! ed25519_role {
                 self.0.sign(message).to_bytes()
             }
 
+            /// The 32-byte seed, for handing the same identity to libp2p. Handle like the key.
+            pub fn seed(&self) -> [u8; 32] {
+                self.0.to_bytes()
+            }
+
             /// A 32-byte secret derived from this key for another purpose (e.g. an X25519 key),
             /// separated by `context`, so one stored key serves several roles safely.
             pub fn derive_secret(&self, context: &[u8]) -> [u8; 32] {

@@ -1,0 +1,731 @@
+//! The client's overlay driver (inside `koe up`): attaches to one parent supernode from the
+//! host cache, publishes this device's presence through it, looks users up, and sends and
+//! receives sealed envelopes. If the parent goes away it attaches to the next supernode and
+//! republishes at once; messages in flight are retried through the new parent until their
+//! deadline, then reported failed, never dropped silently.
+//!
+//! The daemon talks to it through [`ClientHandle`] commands and [`ClientEvent`]s.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use koe_types::{Certificate, DeviceKey, NetworkFile, UnixTime, Username};
+use koe_wire::Codec;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{ping, Multiaddr, PeerId, Swarm};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::envelope::{Envelope, EnvelopeKey, OpenedEnvelope, ReplayGuard};
+use crate::host_cache::HostCache;
+use crate::presence::{ParentSupernode, PresenceBody, PresenceRecord, PresenceStatus};
+use crate::protocol::{OverlayRequest, OverlayResponse};
+use crate::swarm::{self, OverlayBehaviour, OverlayBehaviourEvent, SwarmError};
+
+/// Presence is republished this often and lives [`PRESENCE_LIFETIME`].
+pub const PRESENCE_REPUBLISH_INTERVAL: Duration = Duration::from_secs(60);
+pub const PRESENCE_LIFETIME: Duration = Duration::from_secs(150);
+/// How long a message may wait for a parent before it is reported undelivered.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(15);
+const RETRY_ATTACH_AFTER: Duration = Duration::from_millis(500);
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
+const SEND_RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub network: NetworkFile,
+    pub device_key: DeviceKey,
+    pub certificate: Certificate,
+    /// `None` is invisible: no presence record at all.
+    pub status: Option<PresenceStatus>,
+    pub host_cache: HostCache,
+}
+
+/// The outcome of sending to a user: per online device, delivered or why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    Delivered { devices: usize },
+    Undelivered { reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientStatus {
+    pub parent: Option<String>,
+    pub status: Option<PresenceStatus>,
+    pub known_supernodes: Vec<String>,
+}
+
+#[derive(Debug)]
+pub enum ClientCommand {
+    Lookup {
+        username: Username,
+        reply: oneshot::Sender<Result<Vec<PresenceRecord>, String>>,
+    },
+    Send {
+        to: Username,
+        payload: Vec<u8>,
+        reply: oneshot::Sender<SendOutcome>,
+    },
+    SetStatus {
+        status: Option<PresenceStatus>,
+        reply: oneshot::Sender<()>,
+    },
+    Status {
+        reply: oneshot::Sender<ClientStatus>,
+    },
+    RenewedCertificate(Box<Certificate>),
+}
+
+#[derive(Debug)]
+pub enum ClientEvent {
+    Attached { parent: String },
+    Detached { reason: String },
+    /// An envelope for this device, opened and checked. Answer on `ack` once it is stored;
+    /// the sender learns "delivered" only then.
+    Received {
+        envelope: Box<OpenedEnvelope>,
+        ack: oneshot::Sender<Result<(), String>>,
+    },
+    HostCacheChanged(HostCache),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientHandle {
+    commands: mpsc::Sender<ClientCommand>,
+}
+
+impl ClientHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> ClientCommand) -> Result<T, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| "the client has stopped".to_string())?;
+        answer.await.map_err(|_| "the client has stopped".to_string())
+    }
+
+    pub async fn lookup(&self, username: Username) -> Result<Vec<PresenceRecord>, String> {
+        self.ask(|reply| ClientCommand::Lookup { username, reply }).await?
+    }
+
+    pub async fn send(&self, to: Username, payload: Vec<u8>) -> SendOutcome {
+        self.ask(|reply| ClientCommand::Send { to, payload, reply })
+            .await
+            .unwrap_or_else(|reason| SendOutcome::Undelivered { reason })
+    }
+
+    pub async fn set_status(&self, status: Option<PresenceStatus>) -> Result<(), String> {
+        self.ask(|reply| ClientCommand::SetStatus { status, reply }).await
+    }
+
+    pub async fn status(&self) -> Result<ClientStatus, String> {
+        self.ask(|reply| ClientCommand::Status { reply }).await
+    }
+
+    pub async fn renewed_certificate(&self, certificate: Certificate) {
+        let _ = self.commands.send(ClientCommand::RenewedCertificate(Box::new(certificate))).await;
+    }
+}
+
+#[derive(Debug)]
+enum Parent {
+    Detached { retry_at: Instant },
+    Connecting { peer: PeerId, address: String, attempt: usize },
+    Attaching { peer: PeerId, address: String, attempt: usize },
+    Attached { peer: PeerId, address: String, addresses: Vec<String> },
+}
+
+/// A message on its way: a lookup of the recipient, then one envelope per device.
+#[derive(Debug)]
+struct PendingSend {
+    to: Username,
+    payload: Vec<u8>,
+    deadline: Instant,
+    reply: oneshot::Sender<SendOutcome>,
+    /// Set once the lookup answered.
+    devices_outstanding: usize,
+    delivered: usize,
+    last_failure: Option<String>,
+    in_flight: bool,
+    /// Not before this instant is the send tried again (after a failure).
+    retry_at: Instant,
+}
+
+#[derive(Debug)]
+enum Outstanding {
+    Attach,
+    Publish,
+    Lookup(oneshot::Sender<Result<Vec<PresenceRecord>, String>>),
+    SendLookup(u64),
+    SendRoute(u64),
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = (ResponseChannel<OverlayResponse>, Result<(), String>)> + Send>>;
+
+pub struct ClientNode {
+    swarm: Swarm<OverlayBehaviour>,
+    config: ClientConfig,
+    envelope_key: EnvelopeKey,
+    replay_guard: ReplayGuard,
+    parent: Parent,
+    sequence: u64,
+    next_publish: Option<Instant>,
+    outstanding: HashMap<OutboundRequestId, Outstanding>,
+    sends: HashMap<u64, PendingSend>,
+    next_send: u64,
+    acks: FuturesUnordered<AckFuture>,
+    commands: mpsc::Receiver<ClientCommand>,
+    events: mpsc::Sender<ClientEvent>,
+}
+
+impl std::fmt::Debug for ClientNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientNode").field("parent", &self.parent).finish_non_exhaustive()
+    }
+}
+
+impl ClientNode {
+    pub fn new(config: ClientConfig) -> Result<(Self, ClientHandle, mpsc::Receiver<ClientEvent>), SwarmError> {
+        let swarm = swarm::build(&config.device_key, false)?;
+        let (command_sender, commands) = mpsc::channel(64);
+        let (events, event_receiver) = mpsc::channel(256);
+        let mut host_cache = config.host_cache.clone();
+        for address in &config.network.bootstrap {
+            host_cache.learn(address);
+        }
+        let node = Self {
+            swarm,
+            envelope_key: EnvelopeKey::for_device(&config.device_key),
+            config: ClientConfig { host_cache, ..config },
+            replay_guard: ReplayGuard::default(),
+            parent: Parent::Detached { retry_at: Instant::now() },
+            // Milliseconds since the epoch: strictly increasing across restarts of this device.
+            sequence: UnixTime::now().as_secs().saturating_mul(1000),
+            next_publish: None,
+            outstanding: HashMap::new(),
+            sends: HashMap::new(),
+            next_send: 0,
+            acks: FuturesUnordered::new(),
+            commands,
+            events,
+        };
+        Ok((node, ClientHandle { commands: command_sender }, event_receiver))
+    }
+
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                Some(command) = self.commands.recv() => self.handle_command(command),
+                Some((channel, result)) = self.acks.next(), if !self.acks.is_empty() => {
+                    let response = match result {
+                        Ok(()) => OverlayResponse::Delivered,
+                        Err(reason) => OverlayResponse::Undelivered { reason },
+                    };
+                    let _ = self.swarm.behaviour_mut().overlay.send_response(channel, response);
+                }
+                _ = housekeeping.tick() => self.housekeeping(),
+                () = &mut shutdown => break,
+            }
+        }
+        if let Parent::Attached { peer, .. } = self.parent {
+            // Going offline on purpose: withdraw presence quickly instead of letting it linger.
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    fn emit(&self, event: ClientEvent) {
+        if self.events.try_send(event).is_err() {
+            warn!("the daemon is not reading client events; one was dropped");
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        if let Parent::Detached { retry_at } = self.parent {
+            if now >= retry_at {
+                self.try_attach(0);
+            }
+        }
+        if self.next_publish.is_some_and(|at| now >= at) {
+            self.publish();
+        }
+        let expired: Vec<u64> = self
+            .sends
+            .iter()
+            .filter(|(_, s)| now >= s.deadline && !s.in_flight)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(send) = self.sends.remove(&id) {
+                let reason = send.last_failure.unwrap_or_else(|| "no supernode could be reached in time".into());
+                let _ = send.reply.send(SendOutcome::Undelivered { reason });
+            }
+        }
+        self.resume_sends();
+    }
+
+    fn candidates(&self) -> Vec<String> {
+        self.config.host_cache.candidates().map(|h| h.address.clone()).collect()
+    }
+
+    /// Dials the `attempt`-th candidate of the host cache.
+    fn try_attach(&mut self, attempt: usize) {
+        let candidates = self.candidates();
+        if candidates.is_empty() || attempt >= candidates.len() {
+            self.parent = Parent::Detached { retry_at: Instant::now() + RETRY_ATTACH_AFTER };
+            return;
+        }
+        let address = candidates[attempt].clone();
+        let parsed: Result<Multiaddr, _> = address.parse();
+        let peer = parsed.as_ref().ok().and_then(|a| match a.iter().last() {
+            Some(Protocol::P2p(peer)) => Some(peer),
+            _ => None,
+        });
+        let (Ok(multiaddr), Some(peer)) = (parsed, peer) else {
+            warn!(%address, "host cache entry is not a supernode address with /p2p/…");
+            self.config.host_cache.failed(&address);
+            return self.try_attach(attempt);
+        };
+        debug!(%address, "attaching");
+        if self.swarm.is_connected(&peer) {
+            self.parent = Parent::Attaching { peer, address, attempt };
+            self.send_attach(peer);
+            return;
+        }
+        match self.swarm.dial(multiaddr) {
+            Ok(()) => self.parent = Parent::Connecting { peer, address, attempt },
+            Err(error) => {
+                debug!(%address, %error, "dial failed");
+                self.config.host_cache.failed(&address);
+                self.try_attach(attempt + 1);
+            }
+        }
+    }
+
+    fn send_attach(&mut self, peer: PeerId) {
+        let certificate = self.config.certificate.to_bytes();
+        let id = self.swarm.behaviour_mut().overlay.send_request(&peer, OverlayRequest::Attach { certificate });
+        self.outstanding.insert(id, Outstanding::Attach);
+    }
+
+    fn attach_failed(&mut self, reason: &str) {
+        let (address, attempt) = match &self.parent {
+            Parent::Connecting { address, attempt, .. } | Parent::Attaching { address, attempt, .. } => {
+                (address.clone(), *attempt)
+            }
+            _ => return,
+        };
+        debug!(%address, reason, "could not attach");
+        self.config.host_cache.failed(&address);
+        self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
+        self.try_attach(attempt);
+    }
+
+    fn detach(&mut self, reason: String) {
+        info!(%reason, "lost the parent supernode; attaching to another");
+        self.parent = Parent::Detached { retry_at: Instant::now() };
+        self.next_publish = None;
+        self.emit(ClientEvent::Detached { reason });
+        self.try_attach(0);
+    }
+
+    fn parent_peer(&self) -> Option<PeerId> {
+        match self.parent {
+            Parent::Attached { peer, .. } => Some(peer),
+            _ => None,
+        }
+    }
+
+    fn handle_swarm_event(&mut self, event: SwarmEvent<OverlayBehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                if let Parent::Connecting { peer, address, attempt } = &self.parent {
+                    if *peer == peer_id {
+                        self.parent = Parent::Attaching { peer: *peer, address: address.clone(), attempt: *attempt };
+                        self.send_attach(peer_id);
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                let ours = matches!(&self.parent, Parent::Connecting { peer, .. } if Some(*peer) == peer_id);
+                if ours {
+                    self.attach_failed(&error.to_string());
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
+                let was_parent = match &self.parent {
+                    Parent::Attached { peer, .. } | Parent::Attaching { peer, .. } | Parent::Connecting { peer, .. } => {
+                        *peer == peer_id
+                    }
+                    Parent::Detached { .. } => false,
+                };
+                if was_parent {
+                    let reason = cause.map_or("connection closed".to_string(), |c| c.to_string());
+                    self.detach(format!("parent supernode gone: {reason}"));
+                }
+            }
+            SwarmEvent::Behaviour(OverlayBehaviourEvent::Ping(ping::Event { peer, result, .. })) => match result {
+                Ok(rtt) => {
+                    if let Parent::Attached { peer: parent, address, .. } = &self.parent {
+                        if *parent == peer {
+                            let address = address.clone();
+                            self.config.host_cache.succeeded(&address, Some(rtt), UnixTime::now());
+                        }
+                    }
+                }
+                Err(ping::Failure::Unsupported) => {}
+                Err(error) => {
+                    debug!(%peer, %error, "ping failed; disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            },
+            SwarmEvent::Behaviour(OverlayBehaviourEvent::Overlay(event)) => self.handle_overlay_event(event),
+            _ => {}
+        }
+    }
+
+    fn handle_overlay_event(&mut self, event: request_response::Event<OverlayRequest, OverlayResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => self.handle_request(peer, request, channel),
+            request_response::Event::Message {
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => self.handle_response(request_id, Ok(response)),
+            request_response::Event::OutboundFailure { request_id, error, .. } => {
+                self.handle_response(request_id, Err(error.to_string()));
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_request(&mut self, peer: PeerId, request: OverlayRequest, channel: ResponseChannel<OverlayResponse>) {
+        let refuse = |reason: &str| OverlayResponse::Refused { reason: reason.into() };
+        let response = match request {
+            OverlayRequest::Deliver { envelope } if Some(peer) == self.parent_peer() => {
+                match self.open(&envelope) {
+                    Ok(opened) => {
+                        let (ack, acked) = oneshot::channel();
+                        self.emit(ClientEvent::Received { envelope: Box::new(opened), ack });
+                        self.acks.push(Box::pin(async move {
+                            let result = acked.await.unwrap_or_else(|_| Err("the client could not store it".into()));
+                            (channel, result)
+                        }));
+                        return;
+                    }
+                    Err(reason) => OverlayResponse::Undelivered { reason },
+                }
+            }
+            OverlayRequest::Deliver { .. } => refuse("deliveries come only from this device's parent"),
+            _ => refuse("clients serve no requests but deliveries"),
+        };
+        let _ = self.swarm.behaviour_mut().overlay.send_response(channel, response);
+    }
+
+    fn open(&mut self, bytes: &[u8]) -> Result<OpenedEnvelope, String> {
+        let envelope = Envelope::decode_bounded(bytes).map_err(|e| e.to_string())?;
+        envelope
+            .open(
+                &self.config.device_key.public_key(),
+                &self.envelope_key,
+                &self.config.network.name,
+                &self.config.network.signing_key,
+                &mut self.replay_guard,
+                UnixTime::now(),
+            )
+            .map_err(|error| {
+                warn!(%error, "envelope refused");
+                error.to_string()
+            })
+    }
+
+    fn handle_response(&mut self, request_id: OutboundRequestId, response: Result<OverlayResponse, String>) {
+        let Some(outstanding) = self.outstanding.remove(&request_id) else {
+            return;
+        };
+        match (outstanding, response) {
+            (Outstanding::Attach, Ok(OverlayResponse::Attached { parent_addresses, supernodes })) => {
+                let (peer, address) = match &self.parent {
+                    Parent::Attaching { peer, address, .. } => (*peer, address.clone()),
+                    _ => return,
+                };
+                for supernode in &supernodes {
+                    self.config.host_cache.learn(supernode);
+                }
+                self.config.host_cache.succeeded(&address, None, UnixTime::now());
+                info!(parent = %address, "attached");
+                self.parent = Parent::Attached { peer, address: address.clone(), addresses: parent_addresses };
+                self.emit(ClientEvent::Attached { parent: address });
+                self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
+                self.publish();
+                self.resume_sends();
+            }
+            (Outstanding::Attach, other) => {
+                let reason = match other {
+                    Ok(OverlayResponse::Refused { reason }) => reason,
+                    Ok(other) => format!("unexpected answer {other:?}"),
+                    Err(error) => error,
+                };
+                self.attach_failed(&reason);
+            }
+            (Outstanding::Publish, Ok(OverlayResponse::Published { replicas })) => {
+                debug!(replicas, "presence published");
+            }
+            (Outstanding::Publish, other) => {
+                warn!(?other, "presence not published; retrying shortly");
+                self.next_publish = Some(Instant::now() + Duration::from_secs(2));
+            }
+            (Outstanding::Lookup(reply), response) => {
+                let _ = reply.send(self.presence_from(response));
+            }
+            (Outstanding::SendLookup(send), response) => {
+                let records = self.presence_from(response);
+                self.route_send(send, records);
+            }
+            (Outstanding::SendRoute(send), response) => self.route_answered(send, response),
+        }
+    }
+
+    /// Verifies presence records a parent returned: a parent can hide users, not invent them.
+    fn presence_from(&self, response: Result<OverlayResponse, String>) -> Result<Vec<PresenceRecord>, String> {
+        match response {
+            Ok(OverlayResponse::Presence { records }) => {
+                let now = UnixTime::now();
+                Ok(records
+                    .iter()
+                    .filter_map(|bytes| {
+                        PresenceRecord::decode_verified(&bytes.0, &self.config.network.name, &self.config.network.signing_key, now).ok()
+                    })
+                    .collect())
+            }
+            Ok(OverlayResponse::Refused { reason }) => Err(reason),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn publish(&mut self) {
+        let Parent::Attached { peer, addresses, .. } = &self.parent else {
+            return;
+        };
+        let peer = *peer;
+        let now = UnixTime::now();
+        self.sequence += 1;
+        let (status, lifetime) = match self.config.status {
+            Some(status) => (status, PRESENCE_LIFETIME),
+            // Invisible: replace any earlier record with one that is gone in a moment.
+            None => (PresenceStatus::Online, Duration::from_secs(2)),
+        };
+        let record = PresenceBody {
+            certificate: self.config.certificate.clone(),
+            status,
+            envelope_key: self.envelope_key.public(),
+            parent: ParentSupernode { peer_id: peer.to_bytes(), addresses: addresses.clone() },
+            sequence: self.sequence,
+            expires_at: now.saturating_add(lifetime),
+        }
+        .sign(&self.config.device_key);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .overlay
+            .send_request(&peer, OverlayRequest::Publish { record: record.to_bytes() });
+        self.outstanding.insert(id, Outstanding::Publish);
+        self.next_publish = self.config.status.map(|_| Instant::now() + PRESENCE_REPUBLISH_INTERVAL);
+    }
+
+    fn handle_command(&mut self, command: ClientCommand) {
+        match command {
+            ClientCommand::Lookup { username, reply } => match self.parent_peer() {
+                Some(parent) => {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .overlay
+                        .send_request(&parent, OverlayRequest::Lookup { username: username.to_string() });
+                    self.outstanding.insert(id, Outstanding::Lookup(reply));
+                }
+                None => {
+                    let _ = reply.send(Err("not attached to a supernode yet; try again in a moment".into()));
+                }
+            },
+            ClientCommand::Send { to, payload, reply } => {
+                self.next_send += 1;
+                let id = self.next_send;
+                self.sends.insert(
+                    id,
+                    PendingSend {
+                        to,
+                        payload,
+                        deadline: Instant::now() + SEND_DEADLINE,
+                        reply,
+                        devices_outstanding: 0,
+                        delivered: 0,
+                        last_failure: None,
+                        in_flight: false,
+                        retry_at: Instant::now(),
+                    },
+                );
+                self.start_send(id);
+            }
+            ClientCommand::SetStatus { status, reply } => {
+                self.config.status = status;
+                self.publish();
+                let _ = reply.send(());
+            }
+            ClientCommand::Status { reply } => {
+                let parent = match &self.parent {
+                    Parent::Attached { address, .. } => Some(address.clone()),
+                    _ => None,
+                };
+                let _ = reply.send(ClientStatus {
+                    parent,
+                    status: self.config.status,
+                    known_supernodes: self.candidates(),
+                });
+            }
+            ClientCommand::RenewedCertificate(certificate) => {
+                self.config.certificate = *certificate;
+                self.publish();
+            }
+        }
+    }
+
+    /// Looks the recipient up through the parent; if detached, waits for the next parent.
+    fn start_send(&mut self, id: u64) {
+        let Some(parent) = self.parent_peer() else {
+            return;
+        };
+        let Some(send) = self.sends.get_mut(&id) else {
+            return;
+        };
+        send.in_flight = true;
+        let username = send.to.to_string();
+        let request = self.swarm.behaviour_mut().overlay.send_request(&parent, OverlayRequest::Lookup { username });
+        self.outstanding.insert(request, Outstanding::SendLookup(id));
+    }
+
+    /// Starts the sends that wait for a parent or for their retry time.
+    fn resume_sends(&mut self) {
+        let now = Instant::now();
+        let waiting: Vec<u64> = self
+            .sends
+            .iter()
+            .filter(|(_, s)| !s.in_flight && s.retry_at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.start_send(id);
+        }
+    }
+
+    fn route_send(&mut self, id: u64, records: Result<Vec<PresenceRecord>, String>) {
+        let Some(parent) = self.parent_peer() else {
+            if let Some(send) = self.sends.get_mut(&id) {
+                send.in_flight = false;
+            }
+            return;
+        };
+        let records = match records {
+            Ok(records) => records,
+            Err(reason) => return self.retry_or_fail(id, reason),
+        };
+        let Some(send) = self.sends.get(&id) else {
+            return;
+        };
+        let to = send.to.clone();
+        let payload = send.payload.clone();
+        let targets: Vec<_> = records.iter().filter(|r| r.username() == &to).collect();
+        if targets.is_empty() {
+            if let Some(send) = self.sends.remove(&id) {
+                let _ = send.reply.send(SendOutcome::Undelivered { reason: format!("{to} is offline") });
+            }
+            return;
+        }
+        let now = UnixTime::now();
+        let mut sealed = Vec::new();
+        for record in targets {
+            let body = record.body();
+            match Envelope::seal(
+                &self.config.device_key,
+                &self.config.certificate,
+                &to,
+                body.certificate.device_key(),
+                &body.envelope_key,
+                &payload,
+                now,
+            ) {
+                Ok(envelope) => sealed.push(envelope.to_bytes()),
+                Err(error) => return self.finish_send(id, SendOutcome::Undelivered { reason: error.to_string() }),
+            }
+        }
+        if let Some(send) = self.sends.get_mut(&id) {
+            send.devices_outstanding = sealed.len();
+            send.delivered = 0;
+        }
+        for envelope in sealed {
+            let request = self.swarm.behaviour_mut().overlay.send_request(&parent, OverlayRequest::Route { envelope });
+            self.outstanding.insert(request, Outstanding::SendRoute(id));
+        }
+    }
+
+    fn route_answered(&mut self, id: u64, response: Result<OverlayResponse, String>) {
+        let Some(send) = self.sends.get_mut(&id) else {
+            return;
+        };
+        send.devices_outstanding = send.devices_outstanding.saturating_sub(1);
+        match response {
+            Ok(OverlayResponse::Delivered) => send.delivered += 1,
+            Ok(OverlayResponse::Undelivered { reason } | OverlayResponse::Refused { reason }) => {
+                send.last_failure = Some(reason);
+            }
+            Ok(other) => send.last_failure = Some(format!("unexpected answer {other:?}")),
+            Err(error) => {
+                // The parent vanished mid-message: try again through the next parent.
+                send.last_failure = Some(error);
+                if send.devices_outstanding == 0 && send.delivered == 0 {
+                    let reason = send.last_failure.clone().unwrap_or_default();
+                    return self.retry_or_fail(id, reason);
+                }
+            }
+        }
+        if send.devices_outstanding > 0 {
+            return;
+        }
+        let outcome = if send.delivered > 0 {
+            SendOutcome::Delivered { devices: send.delivered }
+        } else {
+            SendOutcome::Undelivered { reason: send.last_failure.clone().unwrap_or_else(|| "not delivered".into()) }
+        };
+        self.finish_send(id, outcome);
+    }
+
+    /// A lookup or route failed (often: the parent vanished mid-message). The send waits a
+    /// moment and goes again, through a new parent if need be, until its deadline.
+    fn retry_or_fail(&mut self, id: u64, reason: String) {
+        let Some(send) = self.sends.get_mut(&id) else {
+            return;
+        };
+        send.last_failure = Some(reason.clone());
+        send.in_flight = false;
+        send.retry_at = Instant::now() + SEND_RETRY_PAUSE;
+        if send.retry_at >= send.deadline {
+            self.finish_send(id, SendOutcome::Undelivered { reason });
+        }
+    }
+
+    fn finish_send(&mut self, id: u64, outcome: SendOutcome) {
+        if let Some(send) = self.sends.remove(&id) {
+            let _ = send.reply.send(outcome);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Counters a supernode keeps for its operator: a one-line summary and Prometheus text.
+//! Atomics, so the metrics endpoint and tests read them while the node runs.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default)]
+pub struct SupernodeMetrics {
+    pub connected_peers: AtomicU64,
+    pub attached_clients: AtomicU64,
+    pub records_held: AtomicU64,
+    pub records_stored: AtomicU64,
+    pub lookups: AtomicU64,
+    pub envelopes_routed: AtomicU64,
+    pub envelopes_undelivered: AtomicU64,
+    refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl SupernodeMetrics {
+    /// Counts something refused: `what` is "presence" or "envelope" or "attach", `reason` a
+    /// short label such as "forged", "expired", "replayed", "oversized", "malformed".
+    pub fn refused(&self, what: &'static str, reason: &'static str) {
+        if let Ok(mut refused) = self.refused.lock() {
+            *refused.entry((what, reason)).or_default() += 1;
+        }
+    }
+
+    pub fn refused_count(&self, what: &str, reason: &str) -> u64 {
+        self.refused
+            .lock()
+            .map(|r| r.iter().filter(|((w, r), _)| *w == what && *r == reason).map(|(_, n)| *n).sum())
+            .unwrap_or(0)
+    }
+
+    pub fn refused_total(&self) -> u64 {
+        self.refused.lock().map(|r| r.values().sum()).unwrap_or(0)
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "peers {} | attached clients {} | records held {} | lookups {} | envelopes routed {} (undelivered {}) | refused {}",
+            self.connected_peers.load(Ordering::Relaxed),
+            self.attached_clients.load(Ordering::Relaxed),
+            self.records_held.load(Ordering::Relaxed),
+            self.lookups.load(Ordering::Relaxed),
+            self.envelopes_routed.load(Ordering::Relaxed),
+            self.envelopes_undelivered.load(Ordering::Relaxed),
+            self.refused_total(),
+        )
+    }
+
+    /// Prometheus text exposition format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let gauges = [
+            ("koe_supernode_connected_peers", "Connected libp2p peers", &self.connected_peers),
+            ("koe_supernode_attached_clients", "Clients attached to this supernode", &self.attached_clients),
+            ("koe_supernode_presence_records", "Presence records held", &self.records_held),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Ordering::Relaxed));
+        }
+        let counters = [
+            ("koe_supernode_presence_stored_total", "Presence records accepted", &self.records_stored),
+            ("koe_supernode_lookups_total", "User lookups served", &self.lookups),
+            ("koe_supernode_envelopes_routed_total", "Envelopes delivered end to end", &self.envelopes_routed),
+            ("koe_supernode_envelopes_undelivered_total", "Envelopes that could not be delivered", &self.envelopes_undelivered),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(out, "# HELP koe_supernode_refused_total Messages refused, by kind and reason\n# TYPE koe_supernode_refused_total counter");
+        if let Ok(refused) = self.refused.lock() {
+            for ((what, reason), count) in refused.iter() {
+                let _ = writeln!(out, "koe_supernode_refused_total{{kind=\"{what}\",reason=\"{reason}\"}} {count}");
+            }
+        }
+        out
+    }
+}

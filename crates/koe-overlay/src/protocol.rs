@@ -1,0 +1,118 @@
+//! The overlay's request/response messages, carried by libp2p request-response (CBOR) on
+//! [`OVERLAY_PROTOCOL`]. Records and envelopes travel as their own signed binary encodings
+//! inside, so nothing a supernode relays can be altered without detection.
+//!
+//! | request | from → to | answer |
+//! |---|---|---|
+//! | `Attach` | client → parent | `Attached` |
+//! | `Publish` | client → parent | `Published` |
+//! | `Lookup` | client → parent | `Presence` |
+//! | `Route` | client → parent | `Delivered` / `Undelivered` |
+//! | `Store` | supernode → supernode near the index key | `Stored` / `Refused` |
+//! | `Fetch` | supernode → supernode near the index key | `Presence` |
+//! | `Forward` | sender's parent → recipient's parent | `Delivered` / `Undelivered` |
+//! | `Deliver` | parent → attached client | `Delivered` / `Undelivered` |
+
+use libp2p::identity::{ed25519, PublicKey};
+use libp2p::{PeerId, StreamProtocol};
+use serde::{Deserialize, Serialize};
+
+use koe_types::DevicePublicKey;
+
+pub const OVERLAY_PROTOCOL: StreamProtocol = StreamProtocol::new("/koe/overlay/1");
+pub const KADEMLIA_PROTOCOL: StreamProtocol = StreamProtocol::new("/koe/kad/1");
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/koe/1";
+/// Larger than any record or envelope plus framing.
+pub const MAX_REQUEST_BYTES: u64 = 128 * 1024;
+pub const MAX_RESPONSE_BYTES: u64 = 512 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OverlayRequest {
+    Attach {
+        #[serde(with = "serde_bytes_vec")]
+        certificate: Vec<u8>,
+    },
+    Publish {
+        #[serde(with = "serde_bytes_vec")]
+        record: Vec<u8>,
+    },
+    Lookup { username: String },
+    Route {
+        #[serde(with = "serde_bytes_vec")]
+        envelope: Vec<u8>,
+    },
+    Store {
+        #[serde(with = "serde_bytes_vec")]
+        record: Vec<u8>,
+    },
+    Fetch { username: String },
+    Forward {
+        #[serde(with = "serde_bytes_vec")]
+        envelope: Vec<u8>,
+    },
+    Deliver {
+        #[serde(with = "serde_bytes_vec")]
+        envelope: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OverlayResponse {
+    Attached {
+        /// Addresses of the parent as other supernodes dial it, with `/p2p/…`.
+        parent_addresses: Vec<String>,
+        /// Other supernodes the parent knows, for the client's host cache.
+        supernodes: Vec<String>,
+    },
+    Published { replicas: u32 },
+    Presence { records: Vec<ByteString> },
+    Stored,
+    Delivered,
+    Undelivered { reason: String },
+    Refused { reason: String },
+}
+
+/// Bytes that serialise compactly in CBOR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteString(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
+
+/// CBOR byte strings instead of arrays of integers (a third of the size).
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut bytes = Vec::new();
+                while let Some(byte) = seq.next_element()? {
+                    bytes.push(byte);
+                }
+                Ok(bytes)
+            }
+        }
+        deserializer.deserialize_bytes(Visitor)
+    }
+}
+
+/// The libp2p peer id of a device: its Ed25519 device key is its libp2p identity, so the
+/// Noise handshake already proves which device is on the other end of a connection.
+pub fn peer_id_of(device: &DevicePublicKey) -> PeerId {
+    ed25519::PublicKey::try_from_bytes(&device.to_bytes())
+        .map(|key| PublicKey::from(key).to_peer_id())
+        .unwrap_or_else(|_| unreachable!("a DevicePublicKey is always a valid Ed25519 key"))
+}

@@ -1,0 +1,693 @@
+//! The supernode (`koe node`): a Kademlia server in the overlay, a holder of part of the
+//! global index, and the parent of the clients attached to it.
+//!
+//! For its clients it publishes presence to the supernodes nearest the user's index key,
+//! looks users up there, and routes sealed envelopes to the recipient's parent. For other
+//! supernodes it stores and serves presence records, validating every one, and delivers
+//! forwarded envelopes to its attached clients. It never sees inside an envelope.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use koe_types::{Certificate, DeviceKey, DevicePublicKey, NetworkFile, UnixTime, Username};
+use koe_wire::Codec;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, kad, ping, Multiaddr, PeerId, Swarm};
+use tracing::{debug, info, warn};
+
+use crate::envelope::Envelope;
+use crate::index::PresenceIndex;
+use crate::metrics::SupernodeMetrics;
+use crate::presence::{index_key, PresenceRecord};
+use crate::protocol::{peer_id_of, ByteString, OverlayRequest, OverlayResponse, KADEMLIA_PROTOCOL};
+use crate::swarm::{self, OverlayBehaviour, OverlayBehaviourEvent, SwarmError};
+
+/// How many supernodes near a key hold each presence record.
+pub const REPLICATION: usize = 3;
+/// How many supernodes a lookup asks.
+const LOOKUP_FANOUT: usize = 4;
+const MAX_INDEX_RECORDS: usize = 1_000_000;
+const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// A parent remembers what its clients looked up this long, to route envelopes without a
+/// second lookup.
+const LOOKUP_CACHE_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct SupernodeConfig {
+    pub network: NetworkFile,
+    pub identity: DeviceKey,
+    pub listen: Multiaddr,
+    /// Supernodes to join through (multiaddrs ending in `/p2p/PEER`).
+    pub bootstrap: Vec<Multiaddr>,
+}
+
+/// A client attached to this supernode.
+#[derive(Debug, Clone)]
+struct AttachedClient {
+    certificate: Certificate,
+}
+
+/// Who is waiting for a lookup to finish.
+#[derive(Debug)]
+enum LookupPurpose {
+    Client(ResponseChannel<OverlayResponse>),
+    Route {
+        envelope: Vec<u8>,
+        recipient_device: Box<DevicePublicKey>,
+        channel: ResponseChannel<OverlayResponse>,
+    },
+}
+
+#[derive(Debug)]
+struct Lookup {
+    username: Username,
+    found: HashMap<DevicePublicKey, PresenceRecord>,
+    outstanding: usize,
+    purpose: LookupPurpose,
+    started: Instant,
+}
+
+#[derive(Debug)]
+struct Publish {
+    record: Vec<u8>,
+    replicas: u32,
+    outstanding: usize,
+    channel: ResponseChannel<OverlayResponse>,
+}
+
+#[derive(Debug)]
+enum QueryPurpose {
+    Publish(u64),
+    Lookup(u64),
+}
+
+#[derive(Debug)]
+enum Outstanding {
+    Store(u64),
+    Fetch(u64),
+    /// A Forward or Deliver whose answer goes back unchanged to whoever asked.
+    Relay(ResponseChannel<OverlayResponse>),
+}
+
+pub struct Supernode {
+    swarm: Swarm<OverlayBehaviour>,
+    network: NetworkFile,
+    index: PresenceIndex,
+    attached: HashMap<PeerId, AttachedClient>,
+    connected: HashSet<PeerId>,
+    queries: HashMap<kad::QueryId, QueryPurpose>,
+    outstanding: HashMap<OutboundRequestId, Outstanding>,
+    lookups: HashMap<u64, Lookup>,
+    publishes: HashMap<u64, Publish>,
+    lookup_cache: HashMap<Username, (Instant, Vec<PresenceRecord>)>,
+    next_operation: u64,
+    metrics: Arc<SupernodeMetrics>,
+    listen_addresses: Vec<Multiaddr>,
+}
+
+impl std::fmt::Debug for Supernode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supernode")
+            .field("peer_id", self.swarm.local_peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Supernode {
+    /// Builds the node and starts listening; call [`Self::listening_address`] to learn where.
+    pub fn new(config: SupernodeConfig) -> Result<Self, SwarmError> {
+        let mut swarm = swarm::build(&config.identity, true)?;
+        swarm
+            .listen_on(config.listen.clone())
+            .map_err(|e| SwarmError::Transport(format!("cannot listen on {}: {e}", config.listen)))?;
+        let mut node = Self {
+            swarm,
+            network: config.network,
+            index: PresenceIndex::new(MAX_INDEX_RECORDS),
+            attached: HashMap::new(),
+            connected: HashSet::new(),
+            queries: HashMap::new(),
+            outstanding: HashMap::new(),
+            lookups: HashMap::new(),
+            publishes: HashMap::new(),
+            lookup_cache: HashMap::new(),
+            next_operation: 0,
+            metrics: Arc::default(),
+            listen_addresses: Vec::new(),
+        };
+        for address in config.bootstrap {
+            node.add_supernode(&address);
+        }
+        Ok(node)
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    pub fn metrics(&self) -> Arc<SupernodeMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Drives the swarm until it listens; returns the dialable address with `/p2p/PEER_ID`.
+    pub async fn listening_address(&mut self) -> Multiaddr {
+        loop {
+            if let Some(address) = self.listen_addresses.first() {
+                return address.clone().with(Protocol::P2p(self.peer_id()));
+            }
+            let event = self.swarm.select_next_some().await;
+            self.handle_swarm_event(event);
+        }
+    }
+
+    /// Learns a supernode address (with `/p2p/PEER`) and dials it.
+    pub fn add_supernode(&mut self, address: &Multiaddr) {
+        let Some(Protocol::P2p(peer)) = address.iter().last() else {
+            warn!(%address, "bootstrap address lacks /p2p/PEER_ID; ignored");
+            return;
+        };
+        if peer == self.peer_id() {
+            return;
+        }
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            kad.add_address(&peer, address.clone());
+        }
+        if let Err(error) = self.swarm.dial(address.clone()) {
+            debug!(%address, %error, "cannot dial bootstrap supernode");
+        }
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut sweep = tokio::time::interval(EXPIRY_SWEEP_INTERVAL);
+        let mut bootstrapped = false;
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                _ = sweep.tick() => {
+                    self.index.expire(UnixTime::now());
+                    self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
+                    self.lookup_cache.retain(|_, (at, _)| at.elapsed() < LOOKUP_CACHE_TTL);
+                    if !bootstrapped && !self.connected.is_empty() {
+                        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                            bootstrapped = kad.bootstrap().is_ok();
+                        }
+                    }
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        info!("supernode stopped");
+    }
+
+    fn handle_swarm_event(&mut self, event: SwarmEvent<OverlayBehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.listen_addresses.push(address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                self.connected.insert(peer_id);
+                self.metrics.connected_peers.store(self.connected.len() as u64, Ordering::Relaxed);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.connected.remove(&peer_id);
+                if let Some(client) = self.attached.remove(&peer_id) {
+                    info!(user = %client.certificate.username(), "client detached");
+                }
+                self.metrics.connected_peers.store(self.connected.len() as u64, Ordering::Relaxed);
+                self.metrics.attached_clients.store(self.attached.len() as u64, Ordering::Relaxed);
+            }
+            SwarmEvent::Behaviour(OverlayBehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) if info.protocols.contains(&KADEMLIA_PROTOCOL) => {
+                if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                    for address in info.listen_addrs {
+                        kad.add_address(&peer_id, address);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(OverlayBehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Err(error),
+                ..
+            })) if !matches!(error, ping::Failure::Unsupported) => {
+                debug!(%peer, %error, "ping failed; disconnecting");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            SwarmEvent::Behaviour(OverlayBehaviourEvent::Kad(event)) => self.handle_kad_event(event),
+            SwarmEvent::Behaviour(OverlayBehaviourEvent::Overlay(event)) => self.handle_overlay_event(event),
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                debug!(%error, "incoming connection failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_kad_event(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed { id, result, step, stats } = event else {
+            return;
+        };
+        debug!(duration = ?stats.duration(), requests = stats.num_requests(), last = step.last, "kad query progressed");
+        let kad::QueryResult::GetClosestPeers(result) = result else {
+            return;
+        };
+        if !step.last {
+            return;
+        }
+        let peers = match result {
+            Ok(ok) => ok.peers,
+            Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+        };
+        let me = self.peer_id();
+        let peers: Vec<_> = peers.into_iter().filter(|p| p.peer_id != me).collect();
+        match self.queries.remove(&id) {
+            Some(QueryPurpose::Publish(operation)) => self.publish_to(operation, peers),
+            Some(QueryPurpose::Lookup(operation)) => self.fetch_from(operation, peers),
+            None => {}
+        }
+    }
+
+    fn new_operation(&mut self) -> u64 {
+        self.next_operation += 1;
+        self.next_operation
+    }
+
+    fn start_closest_query(&mut self, username: &Username, purpose: QueryPurpose) -> bool {
+        match self.swarm.behaviour_mut().kad.as_mut() {
+            Some(kad) => {
+                let id = kad.get_closest_peers(index_key(username).to_vec());
+                self.queries.insert(id, purpose);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn handle_overlay_event(&mut self, event: request_response::Event<OverlayRequest, OverlayResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => self.handle_request(peer, request, channel),
+            request_response::Event::Message {
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => self.handle_response(request_id, Some(response)),
+            request_response::Event::OutboundFailure { request_id, error, peer, .. } => {
+                debug!(%peer, %error, "overlay request failed");
+                self.handle_response(request_id, None);
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound overlay request failed");
+                if matches!(error, request_response::InboundFailure::Io(_)) {
+                    self.metrics.refused("request", "malformed");
+                }
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn respond(&mut self, channel: ResponseChannel<OverlayResponse>, response: OverlayResponse) {
+        let _ = self.swarm.behaviour_mut().overlay.send_response(channel, response);
+    }
+
+    fn refuse(&mut self, channel: ResponseChannel<OverlayResponse>, reason: impl Into<String>) {
+        self.respond(channel, OverlayResponse::Refused { reason: reason.into() });
+    }
+
+    fn handle_request(&mut self, peer: PeerId, request: OverlayRequest, channel: ResponseChannel<OverlayResponse>) {
+        let now = UnixTime::now();
+        match request {
+            OverlayRequest::Attach { certificate } => self.attach(peer, &certificate, channel, now),
+            OverlayRequest::Publish { record } => self.publish(peer, record, channel, now),
+            OverlayRequest::Lookup { username } => {
+                if !self.attached.contains_key(&peer) {
+                    return self.refuse(channel, "attach first");
+                }
+                match Username::parse_existing(&username) {
+                    Ok(username) => self.lookup(username, LookupPurpose::Client(channel)),
+                    Err(error) => self.refuse(channel, format!("no such user: {error}")),
+                }
+            }
+            OverlayRequest::Route { envelope } => self.route(peer, envelope, channel),
+            OverlayRequest::Store { record } => match self.validate(&record, now) {
+                Ok(record) => match self.index.store(record, now) {
+                    Ok(_) => {
+                        self.metrics.records_stored.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
+                        self.respond(channel, OverlayResponse::Stored);
+                    }
+                    Err(error) => {
+                        self.metrics.refused("presence", error.reason());
+                        self.refuse(channel, error.to_string());
+                    }
+                },
+                Err(reason) => self.refuse(channel, reason),
+            },
+            OverlayRequest::Fetch { username } => {
+                let records = Username::parse_existing(&username)
+                    .map(|u| self.index.lookup(&u, now))
+                    .unwrap_or_default();
+                let records = records.iter().map(|r| ByteString(r.to_bytes())).collect();
+                self.respond(channel, OverlayResponse::Presence { records });
+            }
+            OverlayRequest::Forward { envelope } => match Envelope::decode_bounded(&envelope) {
+                Ok(decoded) => {
+                    let target = peer_id_of(&decoded.recipient_device);
+                    if self.attached.contains_key(&target) {
+                        self.deliver(target, envelope, channel);
+                    } else {
+                        self.undelivered(channel, "the recipient is no longer attached here");
+                    }
+                }
+                Err(error) => {
+                    self.metrics.refused("envelope", error.reason());
+                    self.refuse(channel, error.to_string());
+                }
+            },
+            OverlayRequest::Deliver { .. } => self.refuse(channel, "supernodes do not take deliveries"),
+        }
+    }
+
+    /// Checks a presence record from the network, counting refusals by reason.
+    fn validate(&self, bytes: &[u8], now: UnixTime) -> Result<PresenceRecord, String> {
+        PresenceRecord::decode_verified(bytes, &self.network.name, &self.network.signing_key, now).map_err(|error| {
+            self.metrics.refused("presence", error.reason());
+            warn!(%error, "presence record refused");
+            error.to_string()
+        })
+    }
+
+    fn attach(&mut self, peer: PeerId, certificate: &[u8], channel: ResponseChannel<OverlayResponse>, now: UnixTime) {
+        let certificate = match Certificate::from_bytes(certificate) {
+            Ok(certificate) => certificate,
+            Err(error) => {
+                self.metrics.refused("attach", "malformed");
+                return self.refuse(channel, format!("malformed certificate: {error}"));
+            }
+        };
+        if let Err(error) = certificate.verify(&self.network.name, &self.network.signing_key, now) {
+            self.metrics.refused("attach", "bad_certificate");
+            return self.refuse(channel, error.to_string());
+        }
+        if peer_id_of(certificate.device_key()) != peer {
+            self.metrics.refused("attach", "forged");
+            return self.refuse(channel, "the certificate is for another device than this connection's");
+        }
+        info!(user = %certificate.username(), "client attached");
+        self.attached.insert(peer, AttachedClient { certificate });
+        self.metrics.attached_clients.store(self.attached.len() as u64, Ordering::Relaxed);
+        let me = self.peer_id();
+        let parent_addresses = self
+            .listen_addresses
+            .iter()
+            .map(|a| a.clone().with(Protocol::P2p(me)).to_string())
+            .collect();
+        let supernodes = self.known_supernodes(50);
+        self.respond(channel, OverlayResponse::Attached { parent_addresses, supernodes });
+    }
+
+    /// Addresses of supernodes in the routing table, for clients' host caches.
+    fn known_supernodes(&mut self, limit: usize) -> Vec<String> {
+        let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() else {
+            return Vec::new();
+        };
+        let mut known = Vec::new();
+        for bucket in kad.kbuckets() {
+            for entry in bucket.iter() {
+                let peer = *entry.node.key.preimage();
+                let address = entry.node.value.first();
+                known.push(address.clone().with(Protocol::P2p(peer)).to_string());
+                if known.len() >= limit {
+                    return known;
+                }
+            }
+        }
+        known
+    }
+
+    fn publish(&mut self, peer: PeerId, bytes: Vec<u8>, channel: ResponseChannel<OverlayResponse>, now: UnixTime) {
+        let Some(client) = self.attached.get(&peer) else {
+            return self.refuse(channel, "attach first");
+        };
+        let client_device = *client.certificate.device_key();
+        let record = match self.validate(&bytes, now) {
+            Ok(record) => record,
+            Err(reason) => return self.refuse(channel, reason),
+        };
+        if record.body().certificate.device_key() != &client_device {
+            self.metrics.refused("presence", "forged");
+            return self.refuse(channel, "a client may only publish its own presence");
+        }
+        let username = record.username().clone();
+        if let Err(error) = self.index.store(record, now) {
+            self.metrics.refused("presence", error.reason());
+            return self.refuse(channel, error.to_string());
+        }
+        self.metrics.records_stored.fetch_add(1, Ordering::Relaxed);
+        self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
+        self.lookup_cache.remove(&username);
+        let operation = self.new_operation();
+        self.publishes.insert(operation, Publish { record: bytes, replicas: 1, outstanding: 0, channel });
+        if !self.start_closest_query(&username, QueryPurpose::Publish(operation)) {
+            self.publish_to(operation, Vec::new());
+        }
+    }
+
+    fn publish_to(&mut self, operation: u64, peers: Vec<kad::PeerInfo>) {
+        let Some(publish) = self.publishes.get(&operation) else {
+            return;
+        };
+        let record = publish.record.clone();
+        let mut sent = 0;
+        for peer in peers.into_iter().take(REPLICATION) {
+            let id = self.swarm.behaviour_mut().overlay.send_request_with_addresses(
+                &peer.peer_id,
+                OverlayRequest::Store { record: record.clone() },
+                peer.addrs,
+            );
+            self.outstanding.insert(id, Outstanding::Store(operation));
+            sent += 1;
+        }
+        if let Some(publish) = self.publishes.get_mut(&operation) {
+            publish.outstanding = sent;
+        }
+        self.finish_publish_if_done(operation);
+    }
+
+    fn finish_publish_if_done(&mut self, operation: u64) {
+        if self.publishes.get(&operation).is_some_and(|p| p.outstanding == 0) {
+            if let Some(publish) = self.publishes.remove(&operation) {
+                self.respond(publish.channel, OverlayResponse::Published { replicas: publish.replicas });
+            }
+        }
+    }
+
+    fn lookup(&mut self, username: Username, purpose: LookupPurpose) {
+        self.metrics.lookups.fetch_add(1, Ordering::Relaxed);
+        let now = UnixTime::now();
+        let found = self
+            .index
+            .lookup(&username, now)
+            .into_iter()
+            .map(|r| (*r.body().certificate.device_key(), r))
+            .collect();
+        let operation = self.new_operation();
+        self.lookups.insert(
+            operation,
+            Lookup { username: username.clone(), found, outstanding: 0, purpose, started: Instant::now() },
+        );
+        if !self.start_closest_query(&username, QueryPurpose::Lookup(operation)) {
+            self.fetch_from(operation, Vec::new());
+        }
+    }
+
+    fn fetch_from(&mut self, operation: u64, peers: Vec<kad::PeerInfo>) {
+        let Some(lookup) = self.lookups.get(&operation) else {
+            return;
+        };
+        let username = lookup.username.to_string();
+        let mut sent = 0;
+        for peer in peers.into_iter().take(LOOKUP_FANOUT) {
+            let id = self.swarm.behaviour_mut().overlay.send_request_with_addresses(
+                &peer.peer_id,
+                OverlayRequest::Fetch { username: username.clone() },
+                peer.addrs,
+            );
+            self.outstanding.insert(id, Outstanding::Fetch(operation));
+            sent += 1;
+        }
+        if let Some(lookup) = self.lookups.get_mut(&operation) {
+            lookup.outstanding = sent;
+        }
+        self.finish_lookup_if_done(operation);
+    }
+
+    fn handle_response(&mut self, request_id: OutboundRequestId, response: Option<OverlayResponse>) {
+        match self.outstanding.remove(&request_id) {
+            Some(Outstanding::Store(operation)) => {
+                if let Some(publish) = self.publishes.get_mut(&operation) {
+                    publish.outstanding = publish.outstanding.saturating_sub(1);
+                    if matches!(response, Some(OverlayResponse::Stored)) {
+                        publish.replicas += 1;
+                    }
+                }
+                self.finish_publish_if_done(operation);
+            }
+            Some(Outstanding::Fetch(operation)) => {
+                let now = UnixTime::now();
+                let records = match response {
+                    Some(OverlayResponse::Presence { records }) => records,
+                    _ => Vec::new(),
+                };
+                let mut verified = Vec::new();
+                for record in records {
+                    // Another supernode's answer is checked like anything else from the network.
+                    if let Ok(record) = self.validate(&record.0, now) {
+                        verified.push(record);
+                    }
+                }
+                if let Some(lookup) = self.lookups.get_mut(&operation) {
+                    lookup.outstanding = lookup.outstanding.saturating_sub(1);
+                    for record in verified {
+                        if lookup.username != *record.username() {
+                            continue;
+                        }
+                        let device = *record.body().certificate.device_key();
+                        let newer = lookup
+                            .found
+                            .get(&device)
+                            .is_none_or(|held| held.body().sequence < record.body().sequence);
+                        if newer {
+                            lookup.found.insert(device, record);
+                        }
+                    }
+                }
+                self.finish_lookup_if_done(operation);
+            }
+            Some(Outstanding::Relay(channel)) => {
+                let response = response.unwrap_or(OverlayResponse::Undelivered {
+                    reason: "the recipient's supernode did not answer".into(),
+                });
+                match &response {
+                    OverlayResponse::Delivered => {
+                        self.metrics.envelopes_routed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        self.metrics.envelopes_undelivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                self.respond(channel, response);
+            }
+            None => {}
+        }
+    }
+
+    fn finish_lookup_if_done(&mut self, operation: u64) {
+        if self.lookups.get(&operation).is_none_or(|l| l.outstanding != 0) {
+            return;
+        }
+        let Some(lookup) = self.lookups.remove(&operation) else {
+            return;
+        };
+        debug!(user = %lookup.username, devices = lookup.found.len(), elapsed = ?lookup.started.elapsed(), "lookup done");
+        let records: Vec<PresenceRecord> = lookup.found.into_values().collect();
+        self.lookup_cache.insert(lookup.username, (Instant::now(), records.clone()));
+        match lookup.purpose {
+            LookupPurpose::Client(channel) => {
+                let records = records.iter().map(|r| ByteString(r.to_bytes())).collect();
+                self.respond(channel, OverlayResponse::Presence { records });
+            }
+            LookupPurpose::Route { envelope, recipient_device, channel } => {
+                self.forward(&records, *recipient_device, envelope, channel);
+            }
+        }
+    }
+
+    fn route(&mut self, peer: PeerId, envelope: Vec<u8>, channel: ResponseChannel<OverlayResponse>) {
+        if !self.attached.contains_key(&peer) {
+            return self.refuse(channel, "attach first");
+        }
+        let decoded = match Envelope::decode_bounded(&envelope) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                self.metrics.refused("envelope", error.reason());
+                return self.refuse(channel, error.to_string());
+            }
+        };
+        let target = peer_id_of(&decoded.recipient_device);
+        if self.attached.contains_key(&target) {
+            return self.deliver(target, envelope, channel);
+        }
+        let cached = self
+            .lookup_cache
+            .get(&decoded.recipient)
+            .filter(|(at, _)| at.elapsed() < LOOKUP_CACHE_TTL)
+            .map(|(_, records)| records.clone());
+        match cached {
+            Some(records) if records.iter().any(|r| r.body().certificate.device_key() == &decoded.recipient_device) => {
+                self.forward(&records, decoded.recipient_device, envelope, channel);
+            }
+            _ => self.lookup(
+                decoded.recipient.clone(),
+                LookupPurpose::Route {
+                    envelope,
+                    recipient_device: Box::new(decoded.recipient_device),
+                    channel,
+                },
+            ),
+        }
+    }
+
+    /// Sends an envelope on to the parent named in the recipient device's presence record.
+    fn forward(
+        &mut self,
+        records: &[PresenceRecord],
+        device: DevicePublicKey,
+        envelope: Vec<u8>,
+        channel: ResponseChannel<OverlayResponse>,
+    ) {
+        let Some(record) = records.iter().find(|r| r.body().certificate.device_key() == &device) else {
+            return self.undelivered(channel, "the recipient device is offline");
+        };
+        let parent = &record.body().parent;
+        let Ok(parent_peer) = PeerId::from_bytes(&parent.peer_id) else {
+            return self.undelivered(channel, "the recipient's presence names no valid supernode");
+        };
+        if parent_peer == self.peer_id() {
+            return self.undelivered(channel, "the recipient device is offline");
+        }
+        let addresses: Vec<Multiaddr> = parent.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .overlay
+            .send_request_with_addresses(&parent_peer, OverlayRequest::Forward { envelope }, addresses);
+        self.outstanding.insert(id, Outstanding::Relay(channel));
+    }
+
+    fn deliver(&mut self, client: PeerId, envelope: Vec<u8>, channel: ResponseChannel<OverlayResponse>) {
+        let id = self.swarm.behaviour_mut().overlay.send_request(&client, OverlayRequest::Deliver { envelope });
+        self.outstanding.insert(id, Outstanding::Relay(channel));
+    }
+
+    fn undelivered(&mut self, channel: ResponseChannel<OverlayResponse>, reason: &str) {
+        self.metrics.envelopes_undelivered.fetch_add(1, Ordering::Relaxed);
+        self.respond(channel, OverlayResponse::Undelivered { reason: reason.into() });
+    }
+}

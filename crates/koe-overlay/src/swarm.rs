@@ -1,0 +1,91 @@
+//! The libp2p stack shared by supernodes and clients: TCP + Noise + Yamux, Kademlia (server
+//! mode on supernodes, absent on clients, which leave the DHT to their parent), identify,
+//! ping, and request-response for the overlay protocol.
+
+use std::time::Duration;
+
+use koe_types::DeviceKey;
+use libp2p::kad::store::MemoryStore;
+use libp2p::request_response::{self, cbor, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{identify, kad, noise, ping, tcp, yamux, Swarm};
+
+use crate::protocol::{
+    OverlayRequest, OverlayResponse, IDENTIFY_PROTOCOL_VERSION, KADEMLIA_PROTOCOL,
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, OVERLAY_PROTOCOL,
+};
+
+/// How often connections are pinged; a parent that stops answering is noticed within
+/// `PING_INTERVAL + PING_TIMEOUT`.
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client connections to their parent are kept open as long as both live.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct OverlayBehaviour {
+    pub kad: Toggle<kad::Behaviour<MemoryStore>>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub overlay: cbor::Behaviour<OverlayRequest, OverlayResponse>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("cannot build the libp2p transport: {0}")]
+    Transport(String),
+}
+
+/// Builds the swarm for `identity`; `supernode` turns on Kademlia in server mode.
+pub(crate) fn build(identity: &DeviceKey, supernode: bool) -> Result<Swarm<OverlayBehaviour>, SwarmError> {
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(identity.seed())
+        .map_err(|e| SwarmError::Transport(e.to_string()))?;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| SwarmError::Transport(e.to_string()))?
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let kad = supernode.then(|| {
+                let mut config = kad::Config::new(KADEMLIA_PROTOCOL);
+                config.set_query_timeout(Duration::from_secs(10));
+                config.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+                let mut kad =
+                    kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), config);
+                kad.set_mode(Some(kad::Mode::Server));
+                kad
+            });
+            let codec = cbor::codec::Codec::default()
+                .set_request_size_maximum(MAX_REQUEST_BYTES)
+                .set_response_size_maximum(MAX_RESPONSE_BYTES);
+            OverlayBehaviour {
+                kad: kad.into(),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    IDENTIFY_PROTOCOL_VERSION.to_string(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::new(
+                    ping::Config::new()
+                        .with_interval(PING_INTERVAL)
+                        .with_timeout(PING_TIMEOUT),
+                ),
+                overlay: request_response::Behaviour::with_codec(
+                    codec,
+                    [(OVERLAY_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(1024),
+                ),
+            }
+        })
+        .map_err(|e| SwarmError::Transport(e.to_string()))?
+        .with_swarm_config(|config| config.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}

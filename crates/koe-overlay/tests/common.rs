@@ -1,0 +1,189 @@
+//! An overlay on loopback for tests: supernodes and clients as tokio tasks with real sockets,
+//! certificates signed by a test network key (the login server is tested on its own).
+
+#![allow(dead_code, missing_debug_implementations, clippy::unwrap_used, clippy::expect_used, clippy::new_without_default)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use koe_overlay::client::{ClientConfig, ClientEvent, ClientHandle, ClientNode};
+use koe_overlay::host_cache::HostCache;
+use koe_overlay::metrics::SupernodeMetrics;
+use koe_overlay::supernode::{Supernode, SupernodeConfig};
+use koe_overlay::{OpenedEnvelope, PresenceStatus};
+use koe_types::network::{LoginUrl, TlsFingerprint};
+use koe_types::{
+    Certificate, CertificateBody, DeviceKey, NetworkFile, NetworkName, NetworkSigningKey, UnixTime,
+    Username,
+};
+use libp2p::Multiaddr;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub struct TestNetwork {
+    pub file: NetworkFile,
+    pub key: NetworkSigningKey,
+}
+
+impl TestNetwork {
+    pub fn new() -> Self {
+        let key = NetworkSigningKey::generate();
+        Self {
+            file: NetworkFile {
+                name: NetworkName::parse("koe-test").unwrap(),
+                login_url: LoginUrl { host: "127.0.0.1".into(), port: 9 },
+                login_tls_fingerprint: TlsFingerprint([0; 32]),
+                signing_key: key.public_key(),
+                bootstrap: Vec::new(),
+            },
+            key,
+        }
+    }
+
+    pub fn certificate(&self, username: &str, device: &DeviceKey) -> Certificate {
+        let now = UnixTime::now();
+        CertificateBody {
+            network: self.file.name.clone(),
+            username: Username::parse_existing(username).unwrap(),
+            device_key: device.public_key(),
+            not_before: now,
+            not_after: now.saturating_add(Duration::from_secs(3600)),
+            serial: 1,
+        }
+        .sign(&self.key)
+    }
+}
+
+pub struct RunningSupernode {
+    pub address: Multiaddr,
+    pub metrics: Arc<SupernodeMetrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl RunningSupernode {
+    pub async fn start(network: &TestNetwork, bootstrap: Vec<Multiaddr>) -> Self {
+        let mut node = Supernode::new(SupernodeConfig {
+            network: network.file.clone(),
+            identity: DeviceKey::generate(),
+            listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+            bootstrap,
+        })
+        .unwrap();
+        let address = node.listening_address().await;
+        let metrics = node.metrics();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(node.run(async {
+            let _ = stopped.await;
+        }));
+        Self { address, metrics, stop: Some(stop), task }
+    }
+
+    /// Ends the supernode abruptly: its task and every connection go at once.
+    pub fn kill(&mut self) {
+        self.task.abort();
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub struct RunningClient {
+    pub username: Username,
+    pub device: DeviceKey,
+    pub handle: ClientHandle,
+    pub parent: watch::Receiver<Option<String>>,
+    pub received: Arc<Mutex<Vec<OpenedEnvelope>>>,
+    task: JoinHandle<()>,
+}
+
+impl RunningClient {
+    pub async fn start(network: &TestNetwork, username: &str, supernodes: &[Multiaddr]) -> Self {
+        let device = DeviceKey::generate();
+        let mut host_cache = HostCache::default();
+        for address in supernodes {
+            host_cache.learn(&address.to_string());
+        }
+        let (node, handle, mut events) = ClientNode::new(ClientConfig {
+            network: network.file.clone(),
+            certificate: network.certificate(username, &device),
+            device_key: device.clone(),
+            status: Some(PresenceStatus::Online),
+            host_cache,
+        })
+        .unwrap();
+        let task = tokio::spawn(node.run(std::future::pending()));
+        let (parent_sender, parent) = watch::channel(None);
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&received);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                match event {
+                    ClientEvent::Attached { parent } => {
+                        let _ = parent_sender.send(Some(parent));
+                    }
+                    ClientEvent::Detached { .. } => {
+                        let _ = parent_sender.send(None);
+                    }
+                    ClientEvent::Received { envelope, ack } => {
+                        sink.lock().unwrap().push(*envelope);
+                        let _ = ack.send(Ok(()));
+                    }
+                    ClientEvent::HostCacheChanged(_) => {}
+                }
+            }
+        });
+        Self { username: Username::parse_existing(username).unwrap(), device, handle, parent, received, task }
+    }
+
+    pub async fn wait_attached(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(parent) = self.parent.borrow().clone() {
+                return parent;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{} did not attach within {timeout:?}", self.username);
+            let _ = tokio::time::timeout(left, self.parent.changed()).await;
+        }
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `lookup` until `target`'s device shows up, returning how long it took.
+pub async fn wait_findable(from: &RunningClient, target: &RunningClient, timeout: Duration) -> Duration {
+    wait_findable_where(from, target, timeout, |_| true).await
+}
+
+/// Polls `lookup` until `target`'s device shows up with a record that satisfies `accept`.
+pub async fn wait_findable_where(
+    from: &RunningClient,
+    target: &RunningClient,
+    timeout: Duration,
+    accept: impl Fn(&koe_overlay::PresenceRecord) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Ok(records) = from.handle.lookup(target.username.clone()).await {
+            if records
+                .iter()
+                .any(|r| r.body().certificate.device_key() == &target.device.public_key() && accept(r))
+            {
+                return started.elapsed();
+            }
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{} could not find {} within {timeout:?}",
+            from.username,
+            target.username
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

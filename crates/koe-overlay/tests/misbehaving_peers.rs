@@ -1,0 +1,188 @@
+//! A misbehaving peer written for the test speaks the overlay protocol to a real supernode:
+//! forged, foreign, expired, oversized, replayed and garbage presence records, attachments
+//! with someone else's certificate, garbage envelopes and raw garbage on the listener. Each is
+//! refused with a reason and counted, and the supernode keeps serving honest requests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RunningSupernode, TestNetwork};
+use futures::StreamExt;
+use koe_overlay::protocol::{OverlayRequest, OverlayResponse, OVERLAY_PROTOCOL};
+use koe_overlay::{ParentSupernode, PresenceBody, PresenceRecord, PresenceStatus};
+use koe_types::{DeviceKey, UnixTime};
+use koe_wire::Codec;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, cbor, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, Swarm};
+use tokio::io::AsyncWriteExt;
+
+type RawBehaviour = cbor::Behaviour<OverlayRequest, OverlayResponse>;
+
+/// A peer that sends whatever the test tells it to.
+struct MisbehavingPeer {
+    swarm: Swarm<RawBehaviour>,
+    target: PeerId,
+}
+
+impl MisbehavingPeer {
+    async fn connect(identity: &DeviceKey, supernode: &Multiaddr) -> Self {
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(identity.seed()).unwrap();
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+            .unwrap()
+            .with_behaviour(|_| {
+                RawBehaviour::new([(OVERLAY_PROTOCOL, ProtocolSupport::Full)], request_response::Config::default())
+            })
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let Some(Protocol::P2p(target)) = supernode.iter().last() else { panic!("no /p2p in {supernode}") };
+        swarm.dial(supernode.clone()).unwrap();
+        loop {
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } = swarm.select_next_some().await {
+                if peer_id == target {
+                    break;
+                }
+            }
+        }
+        Self { swarm, target }
+    }
+
+    async fn ask(&mut self, request: OverlayRequest) -> OverlayResponse {
+        let id = self.swarm.behaviour_mut().send_request(&self.target, request);
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match self.swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(request_response::Event::Message {
+                        message: request_response::Message::Response { request_id, response },
+                        ..
+                    }) if request_id == id => return response,
+                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
+                        if request_id == id =>
+                    {
+                        panic!("request failed: {error}")
+                    }
+                    _ => {}
+                }
+            }
+        });
+        answer.await.expect("the supernode answered in time")
+    }
+}
+
+fn refused(response: OverlayResponse) -> String {
+    match response {
+        OverlayResponse::Refused { reason } => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn record(network: &TestNetwork, name: &str, device: &DeviceKey, sequence: u64, lifetime: i64) -> PresenceBody {
+    let now = UnixTime::now();
+    PresenceBody {
+        certificate: network.certificate(name, device),
+        status: PresenceStatus::Online,
+        envelope_key: [1; 32],
+        parent: ParentSupernode { peer_id: vec![0, 1], addresses: vec![] },
+        sequence,
+        expires_at: UnixTime((now.as_secs() as i64 + lifetime) as u64),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_presence_records_are_refused_and_counted() {
+    let network = TestNetwork::new();
+    let supernode = RunningSupernode::start(&network, vec![]).await;
+    let mut peer = MisbehavingPeer::connect(&DeviceKey::generate(), &supernode.address).await;
+    let metrics = &supernode.metrics;
+    let alice = DeviceKey::generate();
+
+    let forged = record(&network, "alice", &alice, 1, 60).sign(&DeviceKey::generate());
+    assert!(refused(peer.ask(OverlayRequest::Store { record: forged.to_bytes() }).await).contains("not signed"));
+    assert_eq!(metrics.refused_count("presence", "forged"), 1);
+
+    let elsewhere = TestNetwork::new();
+    let foreign = record(&elsewhere, "alice", &alice, 1, 60).sign(&alice);
+    refused(peer.ask(OverlayRequest::Store { record: foreign.to_bytes() }).await);
+    assert_eq!(metrics.refused_count("presence", "bad_certificate"), 1);
+
+    let expired = record(&network, "alice", &alice, 1, -1).sign(&alice);
+    refused(peer.ask(OverlayRequest::Store { record: expired.to_bytes() }).await);
+    let everlasting = record(&network, "alice", &alice, 1, 86_400).sign(&alice);
+    refused(peer.ask(OverlayRequest::Store { record: everlasting.to_bytes() }).await);
+    assert_eq!(metrics.refused_count("presence", "expired"), 2);
+
+    refused(peer.ask(OverlayRequest::Store { record: vec![7; 5000] }).await);
+    assert_eq!(metrics.refused_count("presence", "oversized"), 1);
+    refused(peer.ask(OverlayRequest::Store { record: vec![1, 2, 3, 4, 5, 6] }).await);
+    assert_eq!(metrics.refused_count("presence", "malformed"), 1);
+
+    let honest = record(&network, "alice", &alice, 5, 60).sign(&alice);
+    assert!(matches!(peer.ask(OverlayRequest::Store { record: honest.to_bytes() }).await, OverlayResponse::Stored));
+    refused(peer.ask(OverlayRequest::Store { record: honest.to_bytes() }).await);
+    let older = record(&network, "alice", &alice, 4, 60).sign(&alice);
+    refused(peer.ask(OverlayRequest::Store { record: older.to_bytes() }).await);
+    assert_eq!(metrics.refused_count("presence", "replayed"), 2);
+
+    // Only the honest record is served.
+    match peer.ask(OverlayRequest::Fetch { username: "alice".into() }).await {
+        OverlayResponse::Presence { records } => {
+            assert_eq!(records.len(), 1);
+            let served = PresenceRecord::from_bytes(&records[0].0).unwrap();
+            assert_eq!(served, honest);
+        }
+        other => panic!("expected presence, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impostors_and_garbage_are_refused_and_the_supernode_keeps_serving() {
+    let network = TestNetwork::new();
+    let supernode = RunningSupernode::start(&network, vec![]).await;
+    let metrics = &supernode.metrics;
+    let mallory = DeviceKey::generate();
+    let mut peer = MisbehavingPeer::connect(&mallory, &supernode.address).await;
+
+    // Nothing before attaching.
+    let alice = DeviceKey::generate();
+    let alices = record(&network, "alice", &alice, 1, 60).sign(&alice);
+    assert!(refused(peer.ask(OverlayRequest::Publish { record: alices.to_bytes() }).await).contains("attach first"));
+    assert!(refused(peer.ask(OverlayRequest::Lookup { username: "alice".into() }).await).contains("attach first"));
+
+    // Attaching with alice's certificate over mallory's connection.
+    let stolen = network.certificate("alice", &alice).to_bytes();
+    refused(peer.ask(OverlayRequest::Attach { certificate: stolen }).await);
+    assert_eq!(metrics.refused_count("attach", "forged"), 1);
+    refused(peer.ask(OverlayRequest::Attach { certificate: vec![9; 40] }).await);
+    assert_eq!(metrics.refused_count("attach", "malformed"), 1);
+
+    // Attached as herself, mallory still cannot publish alice's presence.
+    let own = network.certificate("mallory", &mallory).to_bytes();
+    assert!(matches!(peer.ask(OverlayRequest::Attach { certificate: own }).await, OverlayResponse::Attached { .. }));
+    refused(peer.ask(OverlayRequest::Publish { record: alices.to_bytes() }).await);
+    assert_eq!(metrics.refused_count("presence", "forged"), 1);
+    refused(peer.ask(OverlayRequest::Route { envelope: vec![1, 0, 0, 0] }).await);
+    refused(peer.ask(OverlayRequest::Route { envelope: vec![0; 70_000] }).await);
+    assert_eq!(metrics.refused_count("envelope", "malformed"), 1);
+    assert_eq!(metrics.refused_count("envelope", "oversized"), 1);
+
+    // Raw garbage on the listener, then an honest request still works.
+    let Some(Protocol::Tcp(port)) = supernode.address.iter().find(|p| matches!(p, Protocol::Tcp(_))) else {
+        panic!("no tcp port")
+    };
+    for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xff; 10_000][..], &[0u8; 1][..]] {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let _ = stream.write_all(garbage).await;
+    }
+    let own = record(&network, "mallory", &mallory, 1, 60).sign(&mallory);
+    assert!(matches!(
+        peer.ask(OverlayRequest::Publish { record: own.to_bytes() }).await,
+        OverlayResponse::Published { .. }
+    ));
+}
