@@ -20,4 +20,6 @@ pub use index::{PresenceIndex, StoreOutcome};
 pub use presence::{
     index_key, ParentSupernode, PresenceBody, PresenceError, PresenceRecord, PresenceStatus,
 };
+pub use libp2p::multiaddr::Protocol as multiaddr_protocol;
+pub use libp2p::{Multiaddr, PeerId};
 pub use swarm::SwarmError;

@@ -431,8 +431,12 @@ impl Supernode {
         for bucket in kad.kbuckets() {
             for entry in bucket.iter() {
                 let peer = *entry.node.key.preimage();
-                let address = entry.node.value.first();
-                known.push(address.clone().with(Protocol::P2p(peer)).to_string());
+                let address = entry.node.value.first().clone();
+                let address = match address.iter().last() {
+                    Some(Protocol::P2p(_)) => address,
+                    _ => address.with(Protocol::P2p(peer)),
+                };
+                known.push(address.to_string());
                 if known.len() >= limit {
                     return known;
                 }

@@ -47,6 +47,37 @@ pub enum Command {
     Passwd(PasswdArgs),
     /// Delete your account for good
     DeleteAccount(DeleteAccountArgs),
+    /// Run a supernode (and relay, later): part of the overlay that holds the global index
+    Node(NodeArgs),
+    /// Run the client: attach to the network, be reachable, keep history (foreground)
+    Up(UpArgs),
+    /// Show this client: who, status, parent supernode, known supernodes
+    Status,
+    /// Find a user's online devices
+    Lookup {
+        username: String,
+    },
+    /// Set your presence: online, away, dnd or invisible
+    SetStatus {
+        status: String,
+    },
+    /// Manage contacts: add (sends a request), accept, decline, remove, list
+    #[command(subcommand)]
+    Contacts(ContactsCommand),
+    /// Send a chat message, end-to-end encrypted
+    Chat {
+        username: String,
+        /// The message; several words are joined with spaces
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Show chat history, with one user or everyone
+    Messages {
+        username: Option<String>,
+        /// How many of the latest messages
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions {
         #[arg(value_enum)]
@@ -65,6 +96,65 @@ pub struct DemoArgs {
 pub enum NetworkCommand {
     /// Create a new network: keys, TLS identity and the public network.toml
     Init(NetworkInitArgs),
+    /// Add a supernode address (as `koe node` prints it) to the network file's bootstrap list
+    AddBootstrap {
+        /// The network file to change
+        #[arg(long, value_name = "FILE")]
+        network: PathBuf,
+        /// A multiaddr ending in /p2p/PEER_ID
+        address: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContactsCommand {
+    /// Send a contact request (or accept theirs, if they asked first)
+    Add { username: String },
+    /// Accept a contact request
+    Accept { username: String },
+    /// Decline a contact request
+    Decline { username: String },
+    /// Remove a contact
+    Remove { username: String },
+    /// List contacts with their presence
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The network file
+    #[arg(long, value_name = "FILE")]
+    pub network: PathBuf,
+    /// TCP address to listen on
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:4100")]
+    pub listen: SocketAddr,
+    /// Serve Prometheus metrics over HTTP on this address (GET /metrics)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// How often to print the one-line summary
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub summary_every: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SupernodeMode {
+    /// Only a client
+    Never,
+    /// Also serve as a supernode (needs a publicly reachable --node-listen address)
+    Always,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Presence to start with: online, away, dnd or invisible
+    #[arg(long, default_value = "online")]
+    pub status: String,
+    /// Serve as a supernode too
+    #[arg(long, value_enum, default_value = "never")]
+    pub supernode: SupernodeMode,
+    /// Where the built-in supernode listens (with --supernode always)
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:4100")]
+    pub node_listen: SocketAddr,
 }
 
 #[derive(Debug, Args)]

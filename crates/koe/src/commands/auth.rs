@@ -58,23 +58,7 @@ async fn serve(args: AuthServeArgs) -> Result<()> {
         store.describe()
     );
     LoginServer::new(config, store)
-        .run(listener, shutdown_signal())
+        .run(listener, super::shutdown_signal())
         .await
         .context("login server failed")
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = interrupt => {},
-                _ = terminate.recv() => {},
-            }
-        }
-        Err(_) => {
-            let _ = interrupt.await;
-        }
-    }
 }

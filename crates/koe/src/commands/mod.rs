@@ -2,8 +2,10 @@
 
 mod account;
 mod auth;
+mod client;
 mod demo;
 mod network;
+mod node;
 
 use std::io::BufRead;
 
@@ -12,6 +14,7 @@ use clap::CommandFactory;
 use koe_types::Pii;
 
 use crate::cli::{Cli, Command};
+use crate::daemon::control::ControlRequest;
 use crate::profile::Profile;
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -27,9 +30,37 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Logout => account::logout(&profile()?),
         Command::Passwd(args) => account::change_password(&profile()?, args).await,
         Command::DeleteAccount(args) => account::delete_account(&profile()?, args).await,
+        Command::Node(args) => node::run(home, args, shutdown_signal()).await,
+        Command::Up(args) => client::up(profile()?, args).await,
+        Command::Status => client::control(&profile()?, ControlRequest::Status).await,
+        Command::Lookup { username } => client::control(&profile()?, ControlRequest::Lookup { username }).await,
+        Command::SetStatus { status } => client::control(&profile()?, ControlRequest::SetStatus { status }).await,
+        Command::Contacts(command) => client::control(&profile()?, client::contacts_request(command)).await,
+        Command::Chat { username, text } => {
+            client::control(&profile()?, ControlRequest::Chat { username, text: text.join(" ") }).await
+        }
+        Command::Messages { username, limit } => {
+            client::control(&profile()?, ControlRequest::Messages { username, limit }).await
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "koe", &mut std::io::stdout());
             Ok(())
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = interrupt => {},
+                _ = terminate.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = interrupt.await;
         }
     }
 }

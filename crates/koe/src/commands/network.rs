@@ -13,6 +13,7 @@ use crate::cli::{NetworkCommand, NetworkInitArgs};
 pub fn run(command: NetworkCommand) -> Result<()> {
     match command {
         NetworkCommand::Init(args) => init(args),
+        NetworkCommand::AddBootstrap { network, address } => super::node::add_bootstrap(&network, &address),
     }
 }
 

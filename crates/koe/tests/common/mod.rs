@@ -159,3 +159,70 @@ impl Drop for LoginServerProcess {
         self.kill();
     }
 }
+
+/// A long-running `koe` child process (`node` or `up`), killed when dropped.
+pub struct KoeProcess {
+    pub child: Child,
+    pub first_line: String,
+}
+
+impl KoeProcess {
+    /// `koe node` on a free loopback port; waits for its address line.
+    pub fn node(home: &Path, network_file: &Path) -> Self {
+        let mut child = koe()
+            .arg("--home")
+            .arg(home)
+            .args(["node", "--network"])
+            .arg(network_file)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn koe node");
+        let mut first_line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut first_line)
+            .expect("read the node's address");
+        assert!(first_line.contains("/p2p/"), "koe node printed {first_line:?}");
+        Self { child, first_line: first_line.trim().to_string() }
+    }
+
+    /// `koe up` for the profile in `home`; waits until `koe status` shows a parent.
+    pub fn up(home: &Path) -> Self {
+        let child = koe()
+            .arg("--home")
+            .arg(home)
+            .arg("up")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn koe up");
+        let process = Self { child, first_line: String::new() };
+        wait_until(std::time::Duration::from_secs(15), || {
+            let output = run(home, &["status"], "");
+            output.status.success() && stdout(&output).contains("/p2p/")
+        });
+        process
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for KoeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds; panics after `timeout`.
+pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> bool) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < timeout, "condition not met within {timeout:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    started.elapsed()
+}

@@ -1,0 +1,143 @@
+//! `koe node` (a supernode as a process) and `koe network add-bootstrap`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use koe_auth::network_init::load_network_file;
+use koe_auth::private_file::{read_private_file, replace_private_file, write_private_file};
+use koe_overlay::metrics::SupernodeMetrics;
+use koe_overlay::supernode::{Supernode, SupernodeConfig};
+use koe_overlay::Multiaddr;
+use koe_types::{DeviceKey, NetworkFile};
+
+use crate::cli::NodeArgs;
+use crate::profile::Profile;
+
+const NODE_KEY_FILE: &str = "node.key";
+
+/// The supernode's identity, created once and kept in the profile.
+pub fn node_identity(home: &Path) -> Result<DeviceKey> {
+    let path = home.join(NODE_KEY_FILE);
+    match read_private_file(&path) {
+        Ok(text) => DeviceKey::from_secret_text(&text).with_context(|| format!("{} is damaged", path.display())),
+        Err(error) if error.is_not_found() => {
+            let key = DeviceKey::generate();
+            write_private_file(&path, format!("{}\n", key.to_secret_text()).as_bytes())?;
+            Ok(key)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+pub fn socket_multiaddr(address: SocketAddr) -> Multiaddr {
+    let ip = match address.ip() {
+        std::net::IpAddr::V4(ip) => format!("/ip4/{ip}"),
+        std::net::IpAddr::V6(ip) => format!("/ip6/{ip}"),
+    };
+    format!("{ip}/tcp/{}", address.port())
+        .parse()
+        .unwrap_or_else(|e| unreachable!("an IP and port always make a multiaddr: {e}"))
+}
+
+fn bootstrap_addresses(network: &NetworkFile) -> Vec<Multiaddr> {
+    network.bootstrap.iter().filter_map(|a| a.parse().ok()).collect()
+}
+
+/// Builds and starts a supernode; returns it with its dialable address.
+pub async fn start_supernode(network: &NetworkFile, identity: DeviceKey, listen: SocketAddr) -> Result<(Supernode, Multiaddr)> {
+    let mut node = Supernode::new(SupernodeConfig {
+        network: network.clone(),
+        identity,
+        listen: socket_multiaddr(listen),
+        bootstrap: bootstrap_addresses(network),
+    })?;
+    let address = node.listening_address().await;
+    Ok((node, address))
+}
+
+pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let profile = Profile::locate(home)?;
+    let network = load_network_file(&args.network)?;
+    let identity = node_identity(profile.home())?;
+    let (node, address) = start_supernode(&network, identity, args.listen).await?;
+    // The first line on stdout is the address, for scripts and `koe network add-bootstrap`.
+    println!("{address}");
+    let metrics = node.metrics();
+    if let Some(listen) = args.metrics {
+        serve_metrics(listen, Arc::clone(&metrics)).await?;
+    }
+    let summary_metrics = Arc::clone(&metrics);
+    let every = args.summary_every;
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            println!("{}", summary_metrics.summary());
+        }
+    });
+    node.run(shutdown).await;
+    Ok(())
+}
+
+/// Serves `GET /metrics` in Prometheus text format.
+async fn serve_metrics(listen: SocketAddr, metrics: Arc<SupernodeMetrics>) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot serve metrics on {listen}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let metrics = Arc::clone(&metrics);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = Arc::clone(&metrics);
+                    async move {
+                        let mut response = if request.uri().path() == "/metrics" {
+                            hyper::Response::new(Full::new(Bytes::from(metrics.prometheus())))
+                        } else {
+                            let mut response = hyper::Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
+                            *response.status_mut() = hyper::StatusCode::NOT_FOUND;
+                            response
+                        };
+                        response.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+pub fn add_bootstrap(network_path: &Path, address: &str) -> Result<()> {
+    let parsed: Multiaddr = address.parse().with_context(|| format!("{address:?} is not a multiaddr"))?;
+    if !matches!(parsed.iter().last(), Some(koe_overlay::multiaddr_protocol::P2p(_))) {
+        bail!("{address:?} must end in /p2p/PEER_ID, as `koe node` prints it");
+    }
+    let mut network = load_network_file(network_path)?;
+    if network.bootstrap.iter().any(|a| a == address) {
+        println!("{address} is already a bootstrap supernode of {:?}", network.name.as_str());
+        return Ok(());
+    }
+    network.bootstrap.push(address.to_string());
+    let mode = std::fs::metadata(network_path).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).ok();
+    replace_private_file(network_path, network.to_toml().as_bytes())?;
+    if let Some(mode) = mode {
+        let _ = std::fs::set_permissions(network_path, std::os::unix::fs::PermissionsExt::from_mode(mode));
+    }
+    println!("Added {address} to the bootstrap supernodes of {:?} ({} in all).", network.name.as_str(), network.bootstrap.len());
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! The client's own database (`history.db` in the profile): chat history and contacts.
+//! SQLite, WAL, one connection; small enough to use from the daemon's task directly.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use koe_types::UnixTime;
+use rusqlite::{params, Connection, OptionalExtension};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    peer TEXT NOT NULL,
+    incoming INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    status TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_peer ON messages(peer, id);
+CREATE TABLE IF NOT EXISTS contacts (
+    username TEXT PRIMARY KEY NOT NULL,
+    state TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);";
+
+/// Where a contact relationship stands, as in Skype: asked, awaiting my answer, or mutual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContactState {
+    /// I asked; no answer yet.
+    Requested,
+    /// They asked; I have not answered.
+    AwaitingMe,
+    Accepted,
+    Declined,
+}
+
+impl ContactState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::AwaitingMe => "awaiting-me",
+            Self::Accepted => "accepted",
+            Self::Declined => "declined",
+        }
+    }
+
+    fn parse(text: &str) -> Self {
+        match text {
+            "requested" => Self::Requested,
+            "awaiting-me" => Self::AwaitingMe,
+            "accepted" => Self::Accepted,
+            _ => Self::Declined,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Requested => "request sent, awaiting their answer",
+            Self::AwaitingMe => "wants to be your contact: koe contacts accept|decline",
+            Self::Accepted => "contact",
+            Self::Declined => "declined",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub peer: String,
+    pub incoming: bool,
+    pub body: String,
+    pub at: UnixTime,
+    pub status: String,
+}
+
+#[derive(Debug)]
+pub struct History {
+    connection: Connection,
+}
+
+impl History {
+    pub fn open(path: &Path) -> Result<Self> {
+        let connection = Connection::open(path)
+            .with_context(|| format!("cannot open the history database {}", path.display()))?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.execute_batch(SCHEMA).context("cannot set up the history database")?;
+        Ok(Self { connection })
+    }
+
+    pub fn add_message(&self, peer: &str, incoming: bool, body: &str, at: UnixTime, status: &str) -> Result<i64> {
+        self.connection.execute(
+            "INSERT INTO messages (peer, incoming, body, at, status) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![peer, incoming, body, at.as_secs() as i64, status],
+        )?;
+        Ok(self.connection.last_insert_rowid())
+    }
+
+    pub fn set_message_status(&self, id: i64, status: &str) -> Result<()> {
+        self.connection
+            .execute("UPDATE messages SET status = ?2 WHERE id = ?1", params![id, status])?;
+        Ok(())
+    }
+
+    /// The last `limit` messages, oldest first, with one peer or all.
+    pub fn messages(&self, peer: Option<&str>, limit: usize) -> Result<Vec<Message>> {
+        let mut statement = self.connection.prepare(
+            "SELECT peer, incoming, body, at, status FROM messages
+             WHERE (?1 IS NULL OR peer = ?1) ORDER BY id DESC LIMIT ?2",
+        )?;
+        let mut messages = statement
+            .query_map(params![peer, limit as i64], |row| {
+                Ok(Message {
+                    peer: row.get(0)?,
+                    incoming: row.get(1)?,
+                    body: row.get(2)?,
+                    at: UnixTime(row.get::<_, i64>(3)?.max(0) as u64),
+                    status: row.get(4)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    pub fn contact(&self, username: &str) -> Result<Option<ContactState>> {
+        Ok(self
+            .connection
+            .query_row("SELECT state FROM contacts WHERE username = ?1", params![username], |row| {
+                row.get::<_, String>(0)
+            })
+            .optional()?
+            .map(|s| ContactState::parse(&s)))
+    }
+
+    pub fn set_contact(&self, username: &str, state: ContactState) -> Result<()> {
+        self.connection.execute(
+            "INSERT INTO contacts (username, state, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(username) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+            params![username, state.as_str(), UnixTime::now().as_secs() as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_contact(&self, username: &str) -> Result<bool> {
+        Ok(self.connection.execute("DELETE FROM contacts WHERE username = ?1", params![username])? > 0)
+    }
+
+    pub fn contacts(&self) -> Result<Vec<(String, ContactState)>> {
+        let mut statement = self.connection.prepare("SELECT username, state FROM contacts ORDER BY username")?;
+        let contacts = statement
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, ContactState::parse(&row.get::<_, String>(1)?))))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(contacts)
+    }
+}

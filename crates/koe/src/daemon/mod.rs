@@ -1,0 +1,457 @@
+//! `koe up`: the client daemon. It logs in (or reuses a valid certificate), runs the overlay
+//! client (attached to a parent supernode, presence published), stores chat history and
+//! contacts in the profile's SQLite, serves the local control socket for the other `koe`
+//! commands, watches contacts' presence and renews the certificate before it expires.
+
+pub mod control;
+pub mod history;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use koe_auth::renewal::{renewal_state, RenewalState};
+use koe_overlay::client::{ClientConfig, ClientEvent, ClientHandle, ClientNode, SendOutcome};
+use koe_overlay::host_cache::HostCache;
+use koe_overlay::{OpenedEnvelope, PresenceStatus};
+use koe_types::{Certificate, UnixTime, Username};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+use crate::profile::{CertificateStatus, Profile};
+use control::{ControlRequest, ControlResponse, CONTROL_SOCKET};
+use history::{ContactState, History};
+
+const HOST_CACHE_FILE: &str = "hosts.json";
+const HISTORY_FILE: &str = "history.db";
+const CONTACT_WATCH_INTERVAL: Duration = Duration::from_secs(30);
+const RENEWAL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+pub const MAX_CHAT_CHARS: usize = 4000;
+
+/// What one device says to another inside a sealed envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Payload {
+    Chat { text: String },
+    ContactRequest,
+    ContactAccept,
+    ContactDecline,
+    ContactRemoved,
+}
+
+pub fn parse_status(text: &str) -> Result<Option<PresenceStatus>, String> {
+    match text {
+        "online" => Ok(Some(PresenceStatus::Online)),
+        "away" => Ok(Some(PresenceStatus::Away)),
+        "dnd" | "do-not-disturb" => Ok(Some(PresenceStatus::DoNotDisturb)),
+        "invisible" => Ok(None),
+        other => Err(format!("unknown status {other:?}: use online, away, dnd or invisible")),
+    }
+}
+
+/// Shared by the control connections and the event loop.
+pub struct DaemonState {
+    me: Username,
+    home: std::path::PathBuf,
+    history: Mutex<History>,
+    client: ClientHandle,
+    contact_presence: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for DaemonState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonState").field("me", &self.me).finish_non_exhaustive()
+    }
+}
+
+fn outcome_text(to: &Username, outcome: &SendOutcome) -> String {
+    match outcome {
+        SendOutcome::Delivered { devices: 1 } => format!("delivered to {to}"),
+        SendOutcome::Delivered { devices } => format!("delivered to {to} ({devices} devices)"),
+        SendOutcome::Undelivered { reason } => format!("not delivered to {to}: {reason}"),
+    }
+}
+
+impl DaemonState {
+    fn history(&self) -> Result<std::sync::MutexGuard<'_, History>, String> {
+        self.history.lock().map_err(|_| "the history database is unavailable".to_string())
+    }
+
+    async fn send(&self, to: &Username, payload: &Payload) -> SendOutcome {
+        let bytes = serde_json::to_vec(payload).unwrap_or_default();
+        self.client.send(to.clone(), bytes).await
+    }
+
+    /// Answers one control request.
+    pub async fn handle(&self, request: ControlRequest) -> ControlResponse {
+        match self.try_handle(request).await {
+            Ok(response) => response,
+            Err(message) => ControlResponse::failed(message),
+        }
+    }
+
+    async fn try_handle(&self, request: ControlRequest) -> Result<ControlResponse, String> {
+        let user = |name: &str| Username::parse_existing(name).map_err(|e| format!("no such user {name:?}: {e}"));
+        match request {
+            ControlRequest::Status => {
+                let status = self.client.status().await?;
+                let mut out = String::new();
+                let presence = status.status.map_or("invisible".to_string(), |s| s.to_string());
+                let _ = writeln!(out, "me:          {} ({presence})", self.me);
+                let _ = writeln!(out, "parent:      {}", status.parent.as_deref().unwrap_or("none: attaching…"));
+                let _ = writeln!(out, "supernodes:  {} known", status.known_supernodes.len());
+                for supernode in status.known_supernodes.iter().take(10) {
+                    let _ = writeln!(out, "  {supernode}");
+                }
+                Ok(ControlResponse::ok(out))
+            }
+            ControlRequest::Lookup { username } => {
+                let username = user(&username)?;
+                let records = self.client.lookup(username.clone()).await?;
+                if records.is_empty() {
+                    return Ok(ControlResponse::ok(format!("{username} is offline")));
+                }
+                let mut out = format!("{username}: {} device(s) online\n", records.len());
+                for record in &records {
+                    let body = record.body();
+                    let parent = koe_overlay::PeerId::from_bytes(&body.parent.peer_id)
+                        .map_or("?".to_string(), |p| p.to_string());
+                    let _ = writeln!(
+                        out,
+                        "  device {}  {}  via supernode {parent}",
+                        body.certificate.device_key().fingerprint(),
+                        body.status
+                    );
+                }
+                Ok(ControlResponse::ok(out))
+            }
+            ControlRequest::SetStatus { status } => {
+                let status_value = parse_status(&status)?;
+                self.client.set_status(status_value).await?;
+                Ok(ControlResponse::ok(format!("status set to {status}")))
+            }
+            ControlRequest::Chat { username, text } => {
+                let to = user(&username)?;
+                if text.trim().is_empty() {
+                    return Err("empty message: nothing sent".into());
+                }
+                if text.chars().count() > MAX_CHAT_CHARS {
+                    return Err(format!("message longer than {MAX_CHAT_CHARS} characters: nothing sent"));
+                }
+                let id = self
+                    .history()?
+                    .add_message(to.as_str(), false, &text, UnixTime::now(), "sending")
+                    .map_err(|e| e.to_string())?;
+                let outcome = self.send(&to, &Payload::Chat { text }).await;
+                let status = match &outcome {
+                    SendOutcome::Delivered { .. } => "delivered",
+                    SendOutcome::Undelivered { .. } => "undelivered",
+                };
+                self.history()?.set_message_status(id, status).map_err(|e| e.to_string())?;
+                let text = outcome_text(&to, &outcome);
+                Ok(match outcome {
+                    SendOutcome::Delivered { .. } => ControlResponse::ok(text),
+                    SendOutcome::Undelivered { .. } => ControlResponse::failed(text),
+                })
+            }
+            ControlRequest::Messages { username, limit } => {
+                let peer = username.as_deref().map(user).transpose()?;
+                let messages = self
+                    .history()?
+                    .messages(peer.as_ref().map(Username::as_str), limit)
+                    .map_err(|e| e.to_string())?;
+                let mut out = String::new();
+                for message in messages {
+                    let (from, to) = if message.incoming {
+                        (message.peer.as_str(), self.me.as_str())
+                    } else {
+                        (self.me.as_str(), message.peer.as_str())
+                    };
+                    let status = if message.incoming { String::new() } else { format!(" [{}]", message.status) };
+                    let _ = writeln!(out, "{} {from} → {to}: {}{status}", message.at, message.body);
+                }
+                if out.is_empty() {
+                    out.push_str("no messages\n");
+                }
+                Ok(ControlResponse::ok(out))
+            }
+            ControlRequest::ContactsAdd { username } => {
+                let them = user(&username)?;
+                if them == self.me {
+                    return Err("you cannot add yourself as a contact".into());
+                }
+                let current = self.history()?.contact(them.as_str()).map_err(|e| e.to_string())?;
+                if current == Some(ContactState::Accepted) {
+                    return Ok(ControlResponse::ok(format!("{them} is already a contact")));
+                }
+                // If they asked first, adding them is accepting.
+                let (payload, state) = if current == Some(ContactState::AwaitingMe) {
+                    (Payload::ContactAccept, ContactState::Accepted)
+                } else {
+                    (Payload::ContactRequest, ContactState::Requested)
+                };
+                self.history()?.set_contact(them.as_str(), state).map_err(|e| e.to_string())?;
+                let outcome = self.send(&them, &payload).await;
+                let verb = if state == ContactState::Accepted { "accepted" } else { "contact request" };
+                Ok(ControlResponse::ok(format!("{verb}: {}", outcome_text(&them, &outcome))))
+            }
+            ControlRequest::ContactsAccept { username } => self.answer_request(&user(&username)?, true).await,
+            ControlRequest::ContactsDecline { username } => self.answer_request(&user(&username)?, false).await,
+            ControlRequest::ContactsRemove { username } => {
+                let them = user(&username)?;
+                if !self.history()?.remove_contact(them.as_str()).map_err(|e| e.to_string())? {
+                    return Err(format!("{them} is not in your contacts"));
+                }
+                let _ = self.send(&them, &Payload::ContactRemoved).await;
+                Ok(ControlResponse::ok(format!("removed {them} from your contacts")))
+            }
+            ControlRequest::ContactsList => {
+                let contacts = self.history()?.contacts().map_err(|e| e.to_string())?;
+                if contacts.is_empty() {
+                    return Ok(ControlResponse::ok("no contacts yet: koe contacts add USER\n"));
+                }
+                self.watch_contacts().await;
+                let presence = self.contact_presence.lock().map(|p| p.clone()).unwrap_or_default();
+                let mut out = String::new();
+                for (name, state) in contacts {
+                    let seen = match state {
+                        ContactState::Accepted => presence.get(&name).cloned().unwrap_or_else(|| "unknown".into()),
+                        _ => state.describe().to_string(),
+                    };
+                    let _ = writeln!(out, "{name:<32} {seen}");
+                }
+                Ok(ControlResponse::ok(out))
+            }
+        }
+    }
+
+    async fn answer_request(&self, them: &Username, accept: bool) -> Result<ControlResponse, String> {
+        if self.history()?.contact(them.as_str()).map_err(|e| e.to_string())? != Some(ContactState::AwaitingMe) {
+            return Err(format!("{them} has not asked to be your contact"));
+        }
+        let (state, payload, verb) = if accept {
+            (ContactState::Accepted, Payload::ContactAccept, "accepted")
+        } else {
+            (ContactState::Declined, Payload::ContactDecline, "declined")
+        };
+        self.history()?.set_contact(them.as_str(), state).map_err(|e| e.to_string())?;
+        let outcome = self.send(them, &payload).await;
+        Ok(ControlResponse::ok(format!("{verb} {them}'s request ({})", outcome_text(them, &outcome))))
+    }
+
+    /// Stores what arrived; the sender hears "delivered" only if this succeeds.
+    pub fn receive(&self, envelope: &OpenedEnvelope) -> Result<(), String> {
+        let from = envelope.sender.username().clone();
+        let payload: Payload =
+            serde_json::from_slice(&envelope.payload).map_err(|e| format!("unreadable message: {e}"))?;
+        let history = self.history()?;
+        let result = match payload {
+            Payload::Chat { text } => {
+                // The text is private: it goes to the history, never to the log.
+                info!(%from, "message received");
+                history.add_message(from.as_str(), true, &text, envelope.timestamp, "received").map(drop)
+            }
+            Payload::ContactRequest => match history.contact(from.as_str()) {
+                Ok(Some(ContactState::Requested | ContactState::Accepted)) => {
+                    // We asked them too: that makes it mutual.
+                    history.set_contact(from.as_str(), ContactState::Accepted)
+                }
+                Ok(_) => {
+                    info!(%from, "contact request: koe contacts accept {from}");
+                    history.set_contact(from.as_str(), ContactState::AwaitingMe)
+                }
+                Err(error) => Err(error),
+            },
+            Payload::ContactAccept => {
+                info!(%from, "accepted your contact request");
+                history.set_contact(from.as_str(), ContactState::Accepted)
+            }
+            Payload::ContactDecline => history.set_contact(from.as_str(), ContactState::Declined),
+            Payload::ContactRemoved => history.remove_contact(from.as_str()).map(drop),
+        };
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Looks up accepted contacts and remembers how they appear.
+    async fn watch_contacts(&self) {
+        let contacts = match self.history() {
+            Ok(history) => history.contacts().unwrap_or_default(),
+            Err(_) => return,
+        };
+        for (name, state) in contacts {
+            if state != ContactState::Accepted {
+                continue;
+            }
+            let Ok(username) = Username::parse_existing(&name) else { continue };
+            let seen = match self.client.lookup(username).await {
+                Ok(records) if records.is_empty() => "offline".to_string(),
+                Ok(records) => records
+                    .iter()
+                    .map(|r| r.body().status)
+                    .min_by_key(|s| match s {
+                        PresenceStatus::Online => 0,
+                        PresenceStatus::DoNotDisturb => 1,
+                        PresenceStatus::Away => 2,
+                    })
+                    .map_or("offline".to_string(), |s| s.to_string()),
+                Err(_) => continue,
+            };
+            let Ok(mut presence) = self.contact_presence.lock() else { return };
+            if presence.get(&name) != Some(&seen) {
+                info!(contact = %name, status = %seen, "contact presence");
+                presence.insert(name, seen);
+            }
+        }
+    }
+}
+
+/// Everything `koe up` needs to start.
+#[derive(Debug)]
+pub struct DaemonOptions {
+    pub status: Option<PresenceStatus>,
+    /// Supernodes to try before the host cache (e.g. one started in this process).
+    pub preferred_supernodes: Vec<String>,
+}
+
+pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let network = profile.network()?.context("this profile has no network: run `koe login USER --network FILE`")?;
+    let certificate = match profile.fresh_certificate(false).await? {
+        CertificateStatus::NotLoggedIn => bail!("not logged in: run `koe login USER` first"),
+        CertificateStatus::Expired(certificate) => {
+            bail!("the certificate expired at {}: run `koe login {}`", certificate.not_after(), certificate.username())
+        }
+        CertificateStatus::Valid(c) | CertificateStatus::Renewed(c) => c,
+        CertificateStatus::RenewalFailed(c, reason) => {
+            warn!(%reason, "certificate renewal failed; continuing with the current one");
+            c
+        }
+    };
+    let home = profile.home().to_path_buf();
+    let socket_path = home.join(CONTROL_SOCKET);
+    if tokio::net::UnixStream::connect(&socket_path).await.is_ok() {
+        bail!("koe is already running for this profile ({})", home.display());
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = UnixListener::bind(&socket_path)
+        .with_context(|| format!("cannot create the control socket {}", socket_path.display()))?;
+
+    let history = History::open(&home.join(HISTORY_FILE))?;
+    let mut host_cache = load_host_cache(&home);
+    for (rank, address) in options.preferred_supernodes.iter().enumerate() {
+        host_cache.succeeded(address, Some(Duration::from_micros(rank as u64)), UnixTime::now());
+    }
+    let device_key = profile.device_key()?;
+    let me = certificate.username().clone();
+    let (node, client, mut events) = ClientNode::new(ClientConfig {
+        network: network.clone(),
+        device_key,
+        certificate: certificate.clone(),
+        status: options.status,
+        host_cache,
+    })?;
+    let (stop_node, node_stopped) = tokio::sync::oneshot::channel::<()>();
+    let node_task = tokio::spawn(node.run(async {
+        let _ = node_stopped.await;
+    }));
+    let state = Arc::new(DaemonState {
+        me: me.clone(),
+        home: home.clone(),
+        history: Mutex::new(history),
+        client,
+        contact_presence: Mutex::new(HashMap::new()),
+    });
+    eprintln!("koe up: {me} on network {:?}; attaching to a supernode…", network.name.as_str());
+
+    tokio::pin!(shutdown);
+    let mut watch = tokio::time::interval(CONTACT_WATCH_INTERVAL);
+    let mut renewal = tokio::time::interval(RENEWAL_CHECK_INTERVAL);
+    let mut current_certificate = certificate;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let state = Arc::clone(&state);
+                    tokio::spawn(async move { serve_control(state, stream).await });
+                }
+            }
+            Some(event) = events.recv() => handle_event(&state, event),
+            _ = watch.tick() => {
+                let state = Arc::clone(&state);
+                tokio::spawn(async move { state.watch_contacts().await });
+            }
+            _ = renewal.tick() => {
+                if let Some(renewed) = renew_if_due(&profile, &current_certificate).await {
+                    state.client.renewed_certificate(renewed.clone()).await;
+                    current_certificate = renewed;
+                }
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    let _ = stop_node.send(());
+    let _ = node_task.await;
+    let _ = std::fs::remove_file(&socket_path);
+    eprintln!("koe up: stopped");
+    Ok(())
+}
+
+async fn renew_if_due(profile: &Profile, certificate: &Certificate) -> Option<Certificate> {
+    if renewal_state(certificate, UnixTime::now()) != RenewalState::RenewNow {
+        return None;
+    }
+    match profile.fresh_certificate(false).await {
+        Ok(CertificateStatus::Renewed(renewed)) => {
+            info!(until = %renewed.not_after(), "certificate renewed");
+            Some(renewed)
+        }
+        Ok(CertificateStatus::RenewalFailed(_, reason)) => {
+            warn!(%reason, "certificate renewal failed; will retry");
+            None
+        }
+        _ => None,
+    }
+}
+
+fn handle_event(state: &DaemonState, event: ClientEvent) {
+    match event {
+        ClientEvent::Attached { parent } => eprintln!("koe up: {} online via {parent}", state.me),
+        ClientEvent::Detached { reason } => eprintln!("koe up: {reason}"),
+        ClientEvent::Received { envelope, ack } => {
+            let result = state.receive(&envelope);
+            if let Err(error) = &result {
+                warn!(%error, "could not store a received message");
+            }
+            let _ = ack.send(result);
+        }
+        ClientEvent::HostCacheChanged(cache) => save_host_cache(&state.home, &cache),
+    }
+}
+
+async fn serve_control(state: Arc<DaemonState>, stream: tokio::net::UnixStream) {
+    let mut reader = BufReader::new(stream);
+    let response = match control::read_request(&mut reader).await {
+        Ok(request) => state.handle(request).await,
+        Err(error) => ControlResponse::failed(error),
+    };
+    let mut line = serde_json::to_string(&response).unwrap_or_default();
+    line.push('\n');
+    let _ = reader.get_mut().write_all(line.as_bytes()).await;
+}
+
+fn load_host_cache(home: &Path) -> HostCache {
+    std::fs::read(home.join(HOST_CACHE_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+fn save_host_cache(home: &Path, cache: &HostCache) {
+    if let Ok(bytes) = serde_json::to_vec_pretty(cache) {
+        let _ = koe_auth::private_file::replace_private_file(&home.join(HOST_CACHE_FILE), &bytes);
+    }
+}

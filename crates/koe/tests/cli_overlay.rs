@@ -1,0 +1,95 @@
+//! The overlay as separate processes: `koe node` supernodes joined through the network file,
+//! `koe up` clients, and the commands that talk to them — lookup, contacts, chat, history —
+//! including a supernode killed under a client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{fails, ok, run, stdout, wait_until, KoeProcess, TestNetwork};
+
+#[test]
+fn users_on_different_supernodes_find_each_other_and_chat() {
+    let network = TestNetwork::init();
+    let _login = network.serve();
+    let net = network.network_file();
+    let mut supernodes = Vec::new();
+    for i in 0..3 {
+        let node = KoeProcess::node(&network.home(&format!("supernode{i}")), &net);
+        ok(common::koe()
+            .args(["network", "add-bootstrap", "--network"])
+            .arg(&net)
+            .arg(&node.first_line)
+            .output()
+            .unwrap());
+        supernodes.push(node);
+    }
+    // Bob's copy of the network file lists the supernodes the other way round, so his parent
+    // differs from alice's.
+    let bob_net = network.dir.path().join("bob-network.toml");
+    let text = std::fs::read_to_string(&net).unwrap();
+    let mut file = koe_types::NetworkFile::from_toml(&text).unwrap();
+    file.bootstrap.reverse();
+    std::fs::write(&bob_net, file.to_toml()).unwrap();
+
+    let (alice, bob) = (network.home("alice"), network.home("bob"));
+    ok(run(&alice, &["signup", "alice", "--network", net.to_str().unwrap(), "--password-stdin"], "correct horse\n"));
+    ok(run(&bob, &["signup", "bob", "--network", bob_net.to_str().unwrap(), "--password-stdin"], "battery staple\n"));
+    let _alice_up = KoeProcess::up(&alice);
+    let _bob_up = KoeProcess::up(&bob);
+    let parent = |home| {
+        stdout(&run(home, &["status"], ""))
+            .lines()
+            .find(|l| l.starts_with("parent:"))
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(parent(&alice), parent(&bob), "different parents");
+
+    let found = ok(run(&alice, &["lookup", "bob"], ""));
+    assert!(found.contains("bob: 1 device(s) online"), "{found}");
+    assert!(ok(run(&alice, &["lookup", "nobody"], "")).contains("nobody is offline"));
+    assert!(fails(run(&alice, &["lookup", "Not A Name"], "")).contains("no such user"));
+
+    assert!(ok(run(&alice, &["contacts", "add", "bob"], "")).contains("delivered to bob"));
+    assert!(ok(run(&bob, &["contacts", "list"], "")).contains("wants to be your contact"));
+    assert!(ok(run(&bob, &["contacts", "accept", "alice"], "")).contains("accepted"));
+    wait_until(Duration::from_secs(5), || stdout(&run(&alice, &["contacts", "list"], "")).contains("online"));
+
+    assert!(ok(run(&alice, &["chat", "bob", "hello", "bob"], "")).contains("delivered to bob"));
+    let history = ok(run(&bob, &["messages", "alice"], ""));
+    assert!(history.contains("alice → bob: hello bob"), "{history}");
+    let sent = ok(run(&alice, &["messages"], ""));
+    assert!(sent.contains("alice → bob: hello bob [delivered]"), "{sent}");
+
+    let error = fails(run(&alice, &["chat", "nobody", "hi"], ""));
+    assert!(error.contains("not delivered to nobody") && error.contains("offline"), "{error}");
+    assert!(ok(run(&alice, &["messages", "nobody"], "")).contains("[undelivered]"));
+
+    // A second daemon for the same profile is refused.
+    let second = common::koe().arg("--home").arg(&alice).arg("up").output().unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
+
+    // Kill bob's parent: bob attaches elsewhere and alice reaches him again.
+    let bob_parent = parent(&bob);
+    let victim = supernodes.iter_mut().find(|s| bob_parent.contains(&s.first_line)).unwrap();
+    victim.kill();
+    let elapsed = wait_until(Duration::from_secs(10), || {
+        run(&alice, &["chat", "bob", "are you still there?"], "").status.success()
+    });
+    eprintln!("bob reachable again {elapsed:?} after his supernode died");
+    assert_ne!(parent(&bob), bob_parent);
+}
+
+#[test]
+fn commands_without_a_running_client_say_so() {
+    let network = TestNetwork::init();
+    let home = network.home("carol");
+    let error = fails(run(&home, &["status"], ""));
+    assert!(error.contains("not running") && error.contains("koe up"), "{error}");
+    let error = fails(run(&home, &["up"], ""));
+    assert!(error.contains("no network") || error.contains("not logged in"), "{error}");
+}
