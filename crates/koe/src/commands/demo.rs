@@ -2,22 +2,29 @@
 //! by step. Each part of the network is a small struct with a `start`, so later parts
 //! (supernodes, calls, relays, the PSTN gateway) slot in as further steps.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use koe_auth::network_init::{NETWORK_FILE_NAME, SECRET_DIR_NAME};
 use koe_auth::store::SqliteStore;
 use koe_auth::{create_network, LoginClient, LoginServer, LoginServerConfig, LoginServerSecrets};
 use koe_types::network::LoginUrl;
-use koe_types::{Certificate, NetworkFile, NetworkName, Pii, UnixTime};
+use koe_overlay::metrics::SupernodeMetrics;
+use koe_overlay::PresenceStatus;
+use koe_types::{Certificate, DeviceKey, NetworkFile, NetworkName, Pii, UnixTime};
 use koe_wire::Codec;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::node::start_supernode;
 use crate::cli::DemoArgs;
+use crate::daemon::control::{ask, ControlRequest};
+use crate::daemon::{self, DaemonOptions};
 use crate::duration::human;
 use crate::profile::Profile;
 
@@ -113,6 +120,8 @@ impl DemoUser {
         narrator: &mut Narrator,
     ) -> Result<Self> {
         let profile = Profile::open(dir.join(name))?;
+        let network_path = dir.join("network").join(NETWORK_FILE_NAME);
+        profile.resolve_network(Some(&network_path))?;
         let device_key = profile.device_key()?;
         let password = Pii::new(format!("{name}'s demo passphrase"));
         let client = LoginClient::new(network.clone());
@@ -159,7 +168,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     let login_server = DemoLoginServer::start(dir, narrator).await?;
-    let network = login_server.network.clone();
+    let supernodes = DemoSupernodes::start(dir, &login_server.network, SUPERNODES, narrator).await?;
+    let network = supernodes.network.clone();
     let alice = DemoUser::join(dir, &network, "alice", narrator).await?;
     let bob = DemoUser::join(dir, &network, "bob", narrator).await?;
 
@@ -211,7 +221,163 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
         renewed.not_after()
     ));
 
+    // The login server is not needed for anything that follows.
     login_server.stop().await?;
-    narrator.step("Stopped the login server. Certificates stay valid without it until they expire.");
+    narrator.step("Stopped the login server: from here on, the network runs on its supernodes alone.");
+
+    let alice_up = DemoClient::up(&alice, &supernodes.addresses[0], narrator).await?;
+    let bob_up = DemoClient::up(&bob, &supernodes.addresses[SUPERNODES - 1], narrator).await?;
+
+    let started = Instant::now();
+    let found = alice_up.ask(ControlRequest::Lookup { username: "bob".into() }).await?;
+    narrator.step(format!(
+        "alice looked bob up in the global index ({} ms): {}",
+        started.elapsed().as_millis(),
+        found.lines().next().unwrap_or_default()
+    ));
+    for line in found.lines().skip(1) {
+        narrator.detail(line.trim());
+    }
+
+    let request = alice_up.ask(ControlRequest::ContactsAdd { username: "bob".into() }).await?;
+    narrator.step(format!("alice asked bob to be her contact: {request}."));
+    let pending = bob_up.ask(ControlRequest::ContactsList).await?;
+    narrator.detail(format!("bob's contact list: {}", pending.trim()));
+    let accepted = bob_up.ask(ControlRequest::ContactsAccept { username: "alice".into() }).await?;
+    narrator.step(format!("bob {accepted}."));
+
+    let text = "Hi bob! This went through two supernodes, sealed end to end.";
+    let started = Instant::now();
+    let sent = alice_up.ask(ControlRequest::Chat { username: "bob".into(), text: text.into() }).await?;
+    narrator.step(format!(
+        "alice sent bob a chat message: {sent} ({} ms, acknowledged by bob's device).",
+        started.elapsed().as_millis()
+    ));
+    let history = bob_up.ask(ControlRequest::Messages { username: Some("alice".into()), limit: 5 }).await?;
+    narrator.detail(format!("bob's history: {}", history.trim()));
+    narrator.detail("The supernodes routed only ciphertext sealed to bob's device key.");
+
+    let refused = alice_up.ask_expecting_failure(ControlRequest::Chat { username: "carol".into(), text: "hello?".into() }).await?;
+    narrator.step(format!("A message to carol, who is not online, is reported, not lost: {refused}."));
+
+    alice_up.stop().await;
+    bob_up.stop().await;
+    let routed: u64 = supernodes.metrics.iter().map(|m| m.envelopes_routed.load(Ordering::Relaxed)).sum();
+    let held: u64 = supernodes.metrics.iter().map(|m| m.records_held.load(Ordering::Relaxed)).sum();
+    narrator.step(format!(
+        "Stopped alice's and bob's clients. The supernodes relayed envelopes {routed} times (each message passes two) and hold {held} copies of presence records (each is kept by several supernodes); they expire on their own."
+    ));
+    supernodes.stop().await;
     Ok(())
+}
+
+const SUPERNODES: usize = 3;
+
+/// Supernodes of the demo, in this process on loopback ports, listed in the network file.
+struct DemoSupernodes {
+    network: NetworkFile,
+    addresses: Vec<String>,
+    metrics: Vec<Arc<SupernodeMetrics>>,
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl DemoSupernodes {
+    async fn start(dir: &Path, network: &NetworkFile, count: usize, narrator: &mut Narrator) -> Result<Self> {
+        let mut network = network.clone();
+        let mut this = Self { network: network.clone(), addresses: Vec::new(), metrics: Vec::new(), stops: Vec::new(), tasks: Vec::new() };
+        for _ in 0..count {
+            let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            let (node, address) = start_supernode(&network, DeviceKey::generate(), listen).await?;
+            network.bootstrap.push(address.to_string());
+            this.metrics.push(node.metrics());
+            let (stop, stopped) = oneshot::channel::<()>();
+            this.stops.push(stop);
+            this.tasks.push(tokio::spawn(node.run(async {
+                let _ = stopped.await;
+            })));
+            this.addresses.push(address.to_string());
+        }
+        // What `koe network add-bootstrap` does: new users learn the supernodes from the file.
+        let path = dir.join("network").join(NETWORK_FILE_NAME);
+        std::fs::write(&path, network.to_toml()).with_context(|| format!("cannot update {}", path.display()))?;
+        narrator.step(format!(
+            "Started {count} supernodes (what `koe node` does); each joined the overlay through the ones before it, and all are listed as bootstrap supernodes in {NETWORK_FILE_NAME}."
+        ));
+        for address in &this.addresses {
+            narrator.detail(address);
+        }
+        this.network = network;
+        Ok(this)
+    }
+
+    async fn stop(self) {
+        for stop in self.stops {
+            let _ = stop.send(());
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// A user's `koe up`, run in this process and driven over its real control socket.
+struct DemoClient {
+    home: PathBuf,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<()>>,
+}
+
+impl DemoClient {
+    async fn up(user: &DemoUser, supernode: &str, narrator: &mut Narrator) -> Result<Self> {
+        let home = user.profile.home().to_path_buf();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = DaemonOptions {
+            status: Some(PresenceStatus::Online),
+            preferred_supernodes: vec![supernode.to_string()],
+        };
+        let task = tokio::spawn(daemon::run(user.profile.clone(), options, async {
+            let _ = stopped.await;
+        }));
+        let client = Self { home, stop, task };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let parent = loop {
+            if let Ok(response) = ask(&client.home, &ControlRequest::Status).await {
+                if let Some(line) = response.output.lines().find(|l| l.starts_with("parent:") && l.contains("/p2p/")) {
+                    break line.trim_start_matches("parent:").trim().to_string();
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not attach to a supernode within 10 s", user.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        narrator.step(format!(
+            "{} started the client (what `koe up` does): attached to supernode …{} and published a signed presence record to the global index.",
+            user.name,
+            &parent[parent.len().saturating_sub(12)..]
+        ));
+        Ok(client)
+    }
+
+    async fn ask(&self, request: ControlRequest) -> Result<String> {
+        let response = ask(&self.home, &request).await?;
+        if !response.ok {
+            bail!("{}", response.output.trim());
+        }
+        Ok(response.output.trim().to_string())
+    }
+
+    async fn ask_expecting_failure(&self, request: ControlRequest) -> Result<String> {
+        let response = ask(&self.home, &request).await?;
+        if response.ok {
+            bail!("expected a failure, got {}", response.output.trim());
+        }
+        Ok(response.output.trim().to_string())
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
 }

@@ -365,7 +365,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         client,
         contact_presence: Mutex::new(HashMap::new()),
     });
-    eprintln!("koe up: {me} on network {:?}; attaching to a supernode…", network.name.as_str());
+    info!("{me} on network {:?}; attaching to a supernode…", network.name.as_str());
 
     tokio::pin!(shutdown);
     let mut watch = tokio::time::interval(CONTACT_WATCH_INTERVAL);
@@ -396,7 +396,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
     let _ = stop_node.send(());
     let _ = node_task.await;
     let _ = std::fs::remove_file(&socket_path);
-    eprintln!("koe up: stopped");
+    info!("stopped");
     Ok(())
 }
 
@@ -419,8 +419,8 @@ async fn renew_if_due(profile: &Profile, certificate: &Certificate) -> Option<Ce
 
 fn handle_event(state: &DaemonState, event: ClientEvent) {
     match event {
-        ClientEvent::Attached { parent } => eprintln!("koe up: {} online via {parent}", state.me),
-        ClientEvent::Detached { reason } => eprintln!("koe up: {reason}"),
+        ClientEvent::Attached { parent } => info!("{} online via {parent}", state.me),
+        ClientEvent::Detached { reason } => warn!("{reason}"),
         ClientEvent::Received { envelope, ack } => {
             let result = state.receive(&envelope);
             if let Err(error) = &result {

@@ -1,0 +1,28 @@
+//! `koe demo`, the README's first command, runs a whole network and tells its story.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+#[test]
+fn the_demo_runs_a_network_and_places_every_step() {
+    let output = common::koe().arg("demo").output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "demo failed: {}\n{out}", String::from_utf8_lossy(&output.stderr));
+    for expected in [
+        "Started the login server",
+        "Started 3 supernodes",
+        "alice signed up and logged in",
+        "checked bob's certificate offline",
+        "is refused",
+        "alice looked bob up in the global index",
+        "bob: 1 device(s) online",
+        "bob accepted alice's request",
+        "alice sent bob a chat message: delivered to bob",
+        "carol is offline",
+        "Removed the demo's files",
+    ] {
+        assert!(out.contains(expected), "the demo did not say {expected:?}:\n{out}");
+    }
+    assert!(output.stderr.is_empty(), "the demo's story is not interrupted by logs");
+}
