@@ -15,6 +15,10 @@ pub struct SupernodeMetrics {
     pub lookups: AtomicU64,
     pub envelopes_routed: AtomicU64,
     pub envelopes_undelivered: AtomicU64,
+    /// Kademlia closest-peer queries finished, and the requests they took in all: their ratio
+    /// is the number of supernodes a query contacts ("hops").
+    pub kad_queries: AtomicU64,
+    pub kad_query_requests: AtomicU64,
     refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 

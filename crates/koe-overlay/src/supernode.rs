@@ -268,6 +268,10 @@ impl Supernode {
         if !step.last {
             return;
         }
+        self.metrics.kad_queries.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .kad_query_requests
+            .fetch_add(u64::from(stats.num_requests()), Ordering::Relaxed);
         let peers = match result {
             Ok(ok) => ok.peers,
             Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
