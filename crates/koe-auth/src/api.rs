@@ -8,6 +8,7 @@
 //! | POST   | `/v1/renew`         | [`RenewRequest`]             | 200 [`CertificateResponse`] |
 //! | POST   | `/v1/password`      | [`ChangePasswordRequest`]    | 200 [`OkResponse`] |
 //! | POST   | `/v1/account/delete`| [`DeleteAccountRequest`]     | 200 [`OkResponse`] |
+//! | POST   | `/v1/exists`        | [`ExistsRequest`]            | 200 [`ExistsResponse`] |
 //!
 //! Every failure is a JSON [`ErrorBody`] with a stable machine-readable [`ErrorCode`].
 
@@ -19,6 +20,7 @@ pub const LOGIN_PATH: &str = "/v1/login";
 pub const RENEW_PATH: &str = "/v1/renew";
 pub const CHANGE_PASSWORD_PATH: &str = "/v1/password";
 pub const DELETE_ACCOUNT_PATH: &str = "/v1/account/delete";
+pub const EXISTS_PATH: &str = "/v1/exists";
 
 const RENEWAL_CONTEXT: &[u8] = b"koe certificate renewal v1\0";
 
@@ -78,6 +80,20 @@ pub struct ChangePasswordRequest {
 pub struct DeleteAccountRequest {
     pub username: String,
     pub password: Pii<String>,
+}
+
+/// Whether an account exists, so a lookup can tell "offline" from "no such user". Usernames
+/// are public in Koe (anyone can look anyone up), so this reveals nothing new; it is rate
+/// limited like everything else.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExistsRequest {
+    pub username: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExistsResponse {
+    pub exists: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -25,9 +25,9 @@ use tokio_rustls::TlsConnector;
 
 use crate::api::{
     renewal_message, CertificateResponse, ChangePasswordRequest, DeleteAccountRequest,
-    ErrorBody, ErrorCode, LoginRequest, OkResponse, RenewRequest, SignupRequest,
-    SignupResponse, CHANGE_PASSWORD_PATH, DELETE_ACCOUNT_PATH, LOGIN_PATH, RENEW_PATH,
-    SIGNUP_PATH,
+    ErrorBody, ErrorCode, ExistsRequest, ExistsResponse, LoginRequest, OkResponse,
+    RenewRequest, SignupRequest, SignupResponse, CHANGE_PASSWORD_PATH, DELETE_ACCOUNT_PATH,
+    EXISTS_PATH, LOGIN_PATH, RENEW_PATH, SIGNUP_PATH,
 };
 use crate::tls::PinnedServerCertificate;
 
@@ -201,6 +201,14 @@ impl LoginClient {
             )
             .await?;
         Ok(())
+    }
+
+    /// Whether an account with this name exists.
+    pub async fn user_exists(&self, username: &str) -> Result<bool, LoginClientError> {
+        let response: ExistsResponse = self
+            .post(EXISTS_PATH, &ExistsRequest { username: username.to_string() })
+            .await?;
+        Ok(response.exists)
     }
 
     /// Decodes an issued certificate and checks it is from this network, valid now, and for

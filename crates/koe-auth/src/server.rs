@@ -36,9 +36,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::api::{
     renewal_message, CertificateResponse, ChangePasswordRequest, DeleteAccountRequest,
-    ErrorBody, ErrorCode, LoginRequest, OkResponse, RenewRequest, SignupRequest,
-    SignupResponse, CHANGE_PASSWORD_PATH, DELETE_ACCOUNT_PATH, LOGIN_PATH, RENEW_PATH,
-    SIGNUP_PATH,
+    ErrorBody, ErrorCode, ExistsRequest, ExistsResponse, LoginRequest, OkResponse,
+    RenewRequest, SignupRequest, SignupResponse, CHANGE_PASSWORD_PATH, DELETE_ACCOUNT_PATH,
+    EXISTS_PATH, LOGIN_PATH, RENEW_PATH, SIGNUP_PATH,
 };
 use crate::password::{check_new_password, hash_password, verify_password, PasswordError};
 use crate::rate_limit::{RateLimit, RateLimiter};
@@ -355,7 +355,14 @@ async fn route(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
-    let known = [SIGNUP_PATH, LOGIN_PATH, RENEW_PATH, CHANGE_PASSWORD_PATH, DELETE_ACCOUNT_PATH];
+    let known = [
+        SIGNUP_PATH,
+        LOGIN_PATH,
+        RENEW_PATH,
+        CHANGE_PASSWORD_PATH,
+        DELETE_ACCOUNT_PATH,
+        EXISTS_PATH,
+    ];
     if !known.contains(&path) {
         return Err(ApiError::new(ErrorCode::NotFound, format!("no API at {path}")));
     }
@@ -375,10 +382,11 @@ async fn route(
             200,
             &state.change_password(parse_json(&body)?).await?,
         )),
-        _ => Ok(json_response(
+        DELETE_ACCOUNT_PATH => Ok(json_response(
             200,
             &state.delete_account(parse_json(&body)?).await?,
         )),
+        _ => Ok(json_response(200, &state.exists(parse_json(&body)?).await?)),
     }
 }
 
@@ -616,6 +624,12 @@ impl ServerState {
             .await?;
         info!(username = %account.username, "password changed; earlier certificates will not renew");
         Ok(OkResponse { ok: true })
+    }
+
+    async fn exists(&self, request: ExistsRequest) -> Result<ExistsResponse, ApiError> {
+        let username = Username::parse_existing(&request.username).map_err(invalid_username)?;
+        let exists = self.store.find_account(&username).await?.is_some();
+        Ok(ExistsResponse { exists })
     }
 
     async fn delete_account(&self, request: DeleteAccountRequest) -> Result<OkResponse, ApiError> {

@@ -505,3 +505,14 @@ async fn garbage_and_stalled_connections_do_not_disturb_other_clients() {
     let device = DeviceKey::generate().public_key();
     client.login("alice", &password("correct horse"), &device, None).await.unwrap();
 }
+
+#[tokio::test]
+async fn existence_of_accounts_can_be_asked() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    client.signup("alice", &password("correct horse")).await.unwrap();
+    assert!(client.user_exists("alice").await.unwrap());
+    assert!(client.user_exists("ALICE").await.unwrap());
+    assert!(!client.user_exists("nobody").await.unwrap());
+    assert_eq!(code(client.user_exists("no body").await), ErrorCode::InvalidUsername);
+}

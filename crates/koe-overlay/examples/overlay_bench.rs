@@ -194,8 +194,11 @@ async fn main() -> Result<(), String> {
             users.push(start_user(&network, &format!("user{i:05}"), &choice));
         }
         for user in &mut users[first..] {
-            wait_attached(user).await;
+            if tokio::time::timeout(Duration::from_secs(60), wait_attached(user)).await.is_err() {
+                return Err(format!("{} did not attach within 60 s", user.username));
+            }
         }
+        eprintln!("{} users attached after {:?}", users.len(), started.elapsed());
     }
     let attach_time = started.elapsed();
     // Let the last publishes land.

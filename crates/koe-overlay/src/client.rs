@@ -34,7 +34,7 @@ pub const PRESENCE_LIFETIME: Duration = Duration::from_secs(150);
 /// How long a message may wait for a parent before it is reported undelivered.
 pub const SEND_DEADLINE: Duration = Duration::from_secs(15);
 const RETRY_ATTACH_AFTER: Duration = Duration::from_millis(500);
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
 const SEND_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Clone)]

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -109,6 +110,8 @@ pub struct Supernode {
     next_operation: u64,
     metrics: Arc<SupernodeMetrics>,
     listen_addresses: Vec<Multiaddr>,
+    /// Other supernodes' addresses, refreshed periodically for the node's host cache file.
+    known: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Supernode {
@@ -140,6 +143,7 @@ impl Supernode {
             next_operation: 0,
             metrics: Arc::default(),
             listen_addresses: Vec::new(),
+            known: Arc::default(),
         };
         for address in config.bootstrap {
             node.add_supernode(&address);
@@ -153,6 +157,12 @@ impl Supernode {
 
     pub fn metrics(&self) -> Arc<SupernodeMetrics> {
         Arc::clone(&self.metrics)
+    }
+
+    /// Other supernodes this one knows (multiaddrs with `/p2p/`), updated every few seconds,
+    /// for the operator's host cache so a restart needs no bootstrap list.
+    pub fn known_supernodes_handle(&self) -> Arc<std::sync::Mutex<Vec<String>>> {
+        Arc::clone(&self.known)
     }
 
     /// Drives the swarm until it listens; returns the dialable address with `/p2p/PEER_ID`.
@@ -195,6 +205,10 @@ impl Supernode {
                     self.index.expire(UnixTime::now());
                     self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
                     self.lookup_cache.retain(|_, (at, _)| at.elapsed() < LOOKUP_CACHE_TTL);
+                    let known = self.known_supernodes(crate::host_cache::MAX_HOSTS);
+                    if let Ok(mut slot) = self.known.lock() {
+                        *slot = known;
+                    }
                     if !bootstrapped && !self.connected.is_empty() {
                         if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
                             bootstrapped = kad.bootstrap().is_ok();
@@ -293,7 +307,10 @@ impl Supernode {
     fn start_closest_query(&mut self, username: &Username, purpose: QueryPurpose) -> bool {
         match self.swarm.behaviour_mut().kad.as_mut() {
             Some(kad) => {
-                let id = kad.get_closest_peers(index_key(username).to_vec());
+                // Only the few supernodes responsible for the key are needed, not Kademlia's
+                // default twenty: fewer hops per lookup and publish.
+                let wanted = NonZeroUsize::new(REPLICATION.max(LOOKUP_FANOUT)).unwrap_or(NonZeroUsize::MIN);
+                let id = kad.get_n_closest_peers(index_key(username).to_vec(), wanted);
                 self.queries.insert(id, purpose);
                 true
             }

@@ -16,10 +16,11 @@ use crate::protocol::{
     MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, OVERLAY_PROTOCOL,
 };
 
-/// How often connections are pinged; a parent that stops answering is noticed within
-/// `PING_INTERVAL + PING_TIMEOUT`.
-pub const PING_INTERVAL: Duration = Duration::from_secs(2);
-pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often connections are pinged; a parent that stops answering without closing its
+/// connection is noticed within `PING_INTERVAL + PING_TIMEOUT`. (A parent that crashes closes
+/// its TCP connections and is noticed at once.)
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Client connections to their parent are kept open as long as both live.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);

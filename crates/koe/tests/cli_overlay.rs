@@ -50,7 +50,11 @@ fn users_on_different_supernodes_find_each_other_and_chat() {
 
     let found = ok(run(&alice, &["lookup", "bob"], ""));
     assert!(found.contains("bob: 1 device(s) online"), "{found}");
-    assert!(ok(run(&alice, &["lookup", "nobody"], "")).contains("nobody is offline"));
+    let carol = network.home("carol");
+    ok(run(&carol, &["signup", "carol", "--network", net.to_str().unwrap(), "--password-stdin"], "carol's password
+"));
+    assert!(ok(run(&alice, &["lookup", "carol"], "")).contains("carol is offline"));
+    assert!(fails(run(&alice, &["lookup", "nobody"], "")).contains("no such user: nobody"));
     assert!(fails(run(&alice, &["lookup", "Not A Name"], "")).contains("no such user"));
 
     assert!(ok(run(&alice, &["contacts", "add", "bob"], "")).contains("delivered to bob"));
@@ -64,9 +68,19 @@ fn users_on_different_supernodes_find_each_other_and_chat() {
     let sent = ok(run(&alice, &["messages"], ""));
     assert!(sent.contains("alice → bob: hello bob [delivered]"), "{sent}");
 
+    let error = fails(run(&alice, &["chat", "carol", "hi"], ""));
+    assert!(error.contains("not delivered to carol: carol is offline"), "{error}");
+    assert!(ok(run(&alice, &["messages", "carol"], "")).contains("[undelivered]"));
     let error = fails(run(&alice, &["chat", "nobody", "hi"], ""));
-    assert!(error.contains("not delivered to nobody") && error.contains("offline"), "{error}");
-    assert!(ok(run(&alice, &["messages", "nobody"], "")).contains("[undelivered]"));
+    assert!(error.contains("no such user: nobody"), "{error}");
+
+    // Away, then invisible: bob's lookup shows the status, then nothing.
+    ok(run(&alice, &["set-status", "away"], ""));
+    wait_until(Duration::from_secs(5), || stdout(&run(&bob, &["lookup", "alice"], "")).contains("away"));
+    ok(run(&alice, &["set-status", "invisible"], ""));
+    wait_until(Duration::from_secs(5), || stdout(&run(&bob, &["lookup", "alice"], "")).contains("alice is offline"));
+    ok(run(&alice, &["set-status", "online"], ""));
+    assert!(fails(run(&alice, &["set-status", "busy"], "")).contains("unknown status"));
 
     // A second daemon for the same profile is refused.
     let second = common::koe().arg("--home").arg(&alice).arg("up").output().unwrap();

@@ -20,6 +20,7 @@ fn the_demo_runs_a_network_and_places_every_step() {
         "bob accepted alice's request",
         "alice sent bob a chat message: delivered to bob",
         "carol is offline",
+        "no such user: dave",
         "Removed the demo's files",
     ] {
         assert!(out.contains(expected), "the demo did not say {expected:?}:\n{out}");

@@ -172,6 +172,7 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     let network = supernodes.network.clone();
     let alice = DemoUser::join(dir, &network, "alice", narrator).await?;
     let bob = DemoUser::join(dir, &network, "bob", narrator).await?;
+    let _carol = DemoUser::join(dir, &network, "carol", narrator).await?;
 
     let now = UnixTime::now();
     for (checker, subject) in [(&alice, &bob), (&bob, &alice)] {
@@ -221,10 +222,6 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
         renewed.not_after()
     ));
 
-    // The login server is not needed for anything that follows.
-    login_server.stop().await?;
-    narrator.step("Stopped the login server: from here on, the network runs on its supernodes alone.");
-
     let alice_up = DemoClient::up(&alice, &supernodes.addresses[0], narrator).await?;
     let bob_up = DemoClient::up(&bob, &supernodes.addresses[SUPERNODES - 1], narrator).await?;
 
@@ -258,7 +255,9 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     narrator.detail("The supernodes routed only ciphertext sealed to bob's device key.");
 
     let refused = alice_up.ask_expecting_failure(ControlRequest::Chat { username: "carol".into(), text: "hello?".into() }).await?;
-    narrator.step(format!("A message to carol, who is not online, is reported, not lost: {refused}."));
+    narrator.step(format!("A message to carol, who has an account but is not online, is reported, not lost: {refused}."));
+    let nobody = alice_up.ask_expecting_failure(ControlRequest::Lookup { username: "dave".into() }).await?;
+    narrator.step(format!("Looking up dave, who has no account, says so (the login server knows accounts): {nobody}."));
 
     alice_up.stop().await;
     bob_up.stop().await;
@@ -268,6 +267,8 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
         "Stopped alice's and bob's clients. The supernodes relayed envelopes {routed} times (each message passes two) and hold {held} copies of presence records (each is kept by several supernodes); they expire on their own."
     ));
     supernodes.stop().await;
+    login_server.stop().await?;
+    narrator.step("Stopped the supernodes and the login server.");
     Ok(())
 }
 
@@ -288,7 +289,7 @@ impl DemoSupernodes {
         let mut this = Self { network: network.clone(), addresses: Vec::new(), metrics: Vec::new(), stops: Vec::new(), tasks: Vec::new() };
         for _ in 0..count {
             let listen = SocketAddr::from(([127, 0, 0, 1], 0));
-            let (node, address) = start_supernode(&network, DeviceKey::generate(), listen).await?;
+            let (node, address) = start_supernode(&network, DeviceKey::generate(), listen, &[]).await?;
             network.bootstrap.push(address.to_string());
             this.metrics.push(node.metrics());
             let (stop, stopped) = oneshot::channel::<()>();

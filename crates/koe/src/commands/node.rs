@@ -20,6 +20,8 @@ use crate::cli::NodeArgs;
 use crate::profile::Profile;
 
 const NODE_KEY_FILE: &str = "node.key";
+/// Supernodes this node knew when it last ran, so it can rejoin without the network file's list.
+const NODE_HOST_CACHE_FILE: &str = "supernodes.json";
 
 /// The supernode's identity, created once and kept in the profile.
 pub fn node_identity(home: &Path) -> Result<DeviceKey> {
@@ -45,17 +47,29 @@ pub fn socket_multiaddr(address: SocketAddr) -> Multiaddr {
         .unwrap_or_else(|e| unreachable!("an IP and port always make a multiaddr: {e}"))
 }
 
-fn bootstrap_addresses(network: &NetworkFile) -> Vec<Multiaddr> {
-    network.bootstrap.iter().filter_map(|a| a.parse().ok()).collect()
+fn bootstrap_addresses(network: &NetworkFile, remembered: &[String]) -> Vec<Multiaddr> {
+    network.bootstrap.iter().chain(remembered).filter_map(|a| a.parse().ok()).collect()
+}
+
+fn remembered_supernodes(home: &Path) -> Vec<String> {
+    std::fs::read(home.join(NODE_HOST_CACHE_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
 }
 
 /// Builds and starts a supernode; returns it with its dialable address.
-pub async fn start_supernode(network: &NetworkFile, identity: DeviceKey, listen: SocketAddr) -> Result<(Supernode, Multiaddr)> {
+pub async fn start_supernode(
+    network: &NetworkFile,
+    identity: DeviceKey,
+    listen: SocketAddr,
+    remembered: &[String],
+) -> Result<(Supernode, Multiaddr)> {
     let mut node = Supernode::new(SupernodeConfig {
         network: network.clone(),
         identity,
         listen: socket_multiaddr(listen),
-        bootstrap: bootstrap_addresses(network),
+        bootstrap: bootstrap_addresses(network, remembered),
     })?;
     let address = node.listening_address().await;
     Ok((node, address))
@@ -65,7 +79,8 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
     let profile = Profile::locate(home)?;
     let network = load_network_file(&args.network)?;
     let identity = node_identity(profile.home())?;
-    let (node, address) = start_supernode(&network, identity, args.listen).await?;
+    let remembered = remembered_supernodes(profile.home());
+    let (node, address) = start_supernode(&network, identity, args.listen, &remembered).await?;
     // The first line on stdout is the address, for scripts and `koe network add-bootstrap`.
     println!("{address}");
     let metrics = node.metrics();
@@ -74,12 +89,20 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
     }
     let summary_metrics = Arc::clone(&metrics);
     let every = args.summary_every;
+    let known = node.known_supernodes_handle();
+    let cache_path = profile.home().join(NODE_HOST_CACHE_FILE);
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         ticks.tick().await;
         loop {
             ticks.tick().await;
             println!("{}", summary_metrics.summary());
+            let known = known.lock().map(|k| k.clone()).unwrap_or_default();
+            if !known.is_empty() {
+                if let Ok(bytes) = serde_json::to_vec_pretty(&known) {
+                    let _ = replace_private_file(&cache_path, &bytes);
+                }
+            }
         }
     });
     node.run(shutdown).await;

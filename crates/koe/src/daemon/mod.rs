@@ -17,7 +17,8 @@ use koe_auth::renewal::{renewal_state, RenewalState};
 use koe_overlay::client::{ClientConfig, ClientEvent, ClientHandle, ClientNode, SendOutcome};
 use koe_overlay::host_cache::HostCache;
 use koe_overlay::{OpenedEnvelope, PresenceStatus};
-use koe_types::{Certificate, UnixTime, Username};
+use koe_auth::LoginClient;
+use koe_types::{Certificate, NetworkFile, UnixTime, Username};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -57,6 +58,7 @@ pub fn parse_status(text: &str) -> Result<Option<PresenceStatus>, String> {
 /// Shared by the control connections and the event loop.
 pub struct DaemonState {
     me: Username,
+    network: NetworkFile,
     home: std::path::PathBuf,
     history: Mutex<History>,
     client: ClientHandle,
@@ -82,9 +84,29 @@ impl DaemonState {
         self.history.lock().map_err(|_| "the history database is unavailable".to_string())
     }
 
+    /// Sends to every online device of `to`. When nobody is online, asks the login server
+    /// whether `to` exists at all, so the answer can be "no such user" rather than "offline".
     async fn send(&self, to: &Username, payload: &Payload) -> SendOutcome {
         let bytes = serde_json::to_vec(payload).unwrap_or_default();
-        self.client.send(to.clone(), bytes).await
+        match self.client.send(to.clone(), bytes).await {
+            SendOutcome::Undelivered { reason } if reason.ends_with("is offline") => {
+                SendOutcome::Undelivered { reason: self.absence(to).await }
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// Why nobody answers for `to`: offline, or no such account.
+    async fn absence(&self, to: &Username) -> String {
+        match LoginClient::new(self.network.clone())
+            .with_timeout(Duration::from_secs(5))
+            .user_exists(to.as_str())
+            .await
+        {
+            Ok(true) => format!("{to} is offline"),
+            Ok(false) => format!("no such user: {to}"),
+            Err(error) => format!("{to} is offline (the login server could not say whether the account exists: {error})"),
+        }
     }
 
     /// Answers one control request.
@@ -114,7 +136,11 @@ impl DaemonState {
                 let username = user(&username)?;
                 let records = self.client.lookup(username.clone()).await?;
                 if records.is_empty() {
-                    return Ok(ControlResponse::ok(format!("{username} is offline")));
+                    let absence = self.absence(&username).await;
+                    if absence.starts_with("no such user") {
+                        return Err(absence);
+                    }
+                    return Ok(ControlResponse::ok(absence));
                 }
                 let mut out = format!("{username}: {} device(s) online\n", records.len());
                 for record in &records {
@@ -360,6 +386,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
     }));
     let state = Arc::new(DaemonState {
         me: me.clone(),
+        network: network.clone(),
         home: home.clone(),
         history: Mutex::new(history),
         client,
