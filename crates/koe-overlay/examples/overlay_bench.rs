@@ -4,7 +4,14 @@
 //! time to be findable again after a parent dies, and (with `--koe PATH`) the memory a
 //! supernode process spends per attached client. Prints Markdown tables.
 //!
+//! A process may hold only 20,000 file descriptors here, so most clients run in worker
+//! processes (this same binary with `--worker`); the orchestrator runs the supernodes and a
+//! thousand clients of its own, from which it measures. Every key derives from one seed, so
+//! the orchestrator knows every user's device key without asking the workers.
+//!
 //! Run by `bench/overlay.sh` (release build).
+
+#![allow(clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -28,15 +35,42 @@ struct Options {
     route_seconds: u64,
     koe: Option<String>,
     memory_clients: usize,
+    workers: usize,
+    worker: Option<Worker>,
 }
 
+/// What a worker process runs: users `from..from + count` attached to the listed supernodes.
+struct Worker {
+    seed: [u8; 32],
+    supernodes_file: String,
+    from: usize,
+    count: usize,
+}
+
+const OWN_CLIENTS: usize = 1000;
+
 fn options() -> Result<Options, String> {
-    let mut options = Options { supernodes: 100, users: 10_000, lookups: 2_000, route_seconds: 10, koe: None, memory_clients: 2_000 };
+    let mut options = Options {
+        supernodes: 100,
+        users: 10_000,
+        lookups: 2_000,
+        route_seconds: 10,
+        koe: None,
+        memory_clients: 2_000,
+        workers: 3,
+        worker: None,
+    };
+    let mut worker = (None, None, None, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         let number = || value.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
+            "--worker-seed" => worker.0 = Some(parse_seed(&value)?),
+            "--worker-supernodes" => worker.1 = Some(value.clone()),
+            "--worker-from" => worker.2 = Some(number()?),
+            "--worker-count" => worker.3 = Some(number()?),
+            "--workers" => options.workers = number()?.max(1),
             "--supernodes" => options.supernodes = number()?,
             "--users" => options.users = number()?,
             "--lookups" => options.lookups = number()?,
@@ -46,7 +80,115 @@ fn options() -> Result<Options, String> {
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
+    if let (Some(seed), Some(supernodes_file), Some(from), Some(count)) = worker {
+        options.worker = Some(Worker { seed, supernodes_file, from, count });
+    }
     Ok(options)
+}
+
+fn parse_seed(hex: &str) -> Result<[u8; 32], String> {
+    let mut seed = [0u8; 32];
+    if hex.len() != 64 {
+        return Err("a seed is 64 hex digits".into());
+    }
+    for (i, byte) in seed.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(seed)
+}
+
+fn seed_hex(seed: &[u8; 32]) -> String {
+    seed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// User `index`'s device key, the same in every process of one run.
+fn device_of(seed: &[u8; 32], index: usize) -> DeviceKey {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(seed);
+    hasher.update((index as u64).to_be_bytes());
+    DeviceKey::from_seed(hasher.finalize().into())
+}
+
+fn username_of(index: usize) -> String {
+    format!("user{index:05}")
+}
+
+fn network_of(seed: &[u8; 32]) -> Network {
+    let key = NetworkSigningKey::from_seed(*seed);
+    Network {
+        file: NetworkFile {
+            name: NetworkName::parse("koe-bench").expect("name"),
+            login_url: LoginUrl { host: "127.0.0.1".into(), port: 9 },
+            login_tls_fingerprint: TlsFingerprint([0; 32]),
+            signing_key: key.public_key(),
+            bootstrap: vec![],
+        },
+        key,
+    }
+}
+
+/// Worker mode: run the given users until stdin closes.
+async fn run_worker(worker: Worker) -> Result<(), String> {
+    let network = network_of(&worker.seed);
+    let supernodes: Vec<String> = std::fs::read_to_string(&worker.supernodes_file)
+        .map_err(|e| e.to_string())?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut users = Vec::new();
+    for index in worker.from..worker.from + worker.count {
+        let choice = vec![supernodes[random(supernodes.len())].clone()];
+        users.push(start_user(&network, index, device_of(&worker.seed, index), &choice));
+        if users.len() % 250 == 0 {
+            // Pace the handshakes so the supernodes are not swamped all at once.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for user in &mut users {
+        if tokio::time::timeout(Duration::from_secs(120), wait_attached(user)).await.is_err() {
+            return Err(format!("{} did not attach within 120 s", user.username));
+        }
+    }
+    println!("attached {}", users.len());
+    // Until the orchestrator closes our stdin (or dies).
+    let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
+    Ok(())
+}
+
+/// Starts a worker process for users `from..from + count`; the receiver fires once all of
+/// them are attached.
+async fn spawn_worker(
+    seed: &[u8; 32],
+    supernodes_file: &std::path::Path,
+    from: usize,
+    count: usize,
+) -> Result<(tokio::process::Child, tokio::sync::oneshot::Receiver<()>), String> {
+    let mut child = tokio::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+        .args(["--worker-seed", &seed_hex(seed)])
+        .arg("--worker-supernodes")
+        .arg(supernodes_file)
+        .args(["--worker-from", &from.to_string(), "--worker-count", &count.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (ready, attached) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready);
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("worker {from}..{}: {line}", from + count);
+            if line.starts_with("attached") {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            }
+        }
+    });
+    Ok((child, attached))
 }
 
 fn random(below: usize) -> usize {
@@ -96,10 +238,9 @@ async fn start_supernode(network: &Network, bootstrap: Vec<Multiaddr>) -> Runnin
     RunningSupernode { address, metrics, task }
 }
 
-fn start_user(network: &Network, name: &str, supernodes: &[String]) -> User {
-    let device = DeviceKey::generate();
+fn start_user(network: &Network, index: usize, device: DeviceKey, supernodes: &[String]) -> User {
     let now = UnixTime::now();
-    let username = Username::parse_existing(name).expect("name");
+    let username = Username::parse_existing(&username_of(index)).expect("name");
     let certificate = CertificateBody {
         network: network.file.name.clone(),
         username: username.clone(),
@@ -161,17 +302,12 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let options = options()?;
-    let key = NetworkSigningKey::generate();
-    let network = Network {
-        file: NetworkFile {
-            name: NetworkName::parse("koe-bench").map_err(|e| e.to_string())?,
-            login_url: LoginUrl { host: "127.0.0.1".into(), port: 9 },
-            login_tls_fingerprint: TlsFingerprint([0; 32]),
-            signing_key: key.public_key(),
-            bootstrap: vec![],
-        },
-        key,
-    };
+    if let Some(worker) = options.worker {
+        return run_worker(worker).await;
+    }
+    let mut seed = [0u8; 32];
+    OsRng.fill_bytes(&mut seed);
+    let network = network_of(&seed);
 
     // Supernodes, each joining through up to three earlier ones.
     let started = Instant::now();
@@ -183,40 +319,67 @@ async fn main() -> Result<(), String> {
     eprintln!("{} supernodes up in {:?}; letting Kademlia settle", supernodes.len(), started.elapsed());
     tokio::time::sleep(Duration::from_secs(if options.supernodes > 20 { 15 } else { 2 })).await;
     let addresses: Vec<String> = supernodes.iter().map(|s| s.address.to_string()).collect();
+    let work = std::env::temp_dir().join(format!("koe-overlay-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let supernodes_file = work.join("supernodes.txt");
+    std::fs::write(&supernodes_file, addresses.join("\n")).map_err(|e| e.to_string())?;
 
-    // Users, attaching to a random supernode each, in batches.
+    // Users: a thousand here to measure from, the rest in worker processes.
     let started = Instant::now();
-    let mut users = Vec::with_capacity(options.users);
-    for batch in (0..options.users).collect::<Vec<_>>().chunks(500) {
-        let first = users.len();
-        for i in batch {
-            let choice = vec![addresses[random(addresses.len())].clone()];
-            users.push(start_user(&network, &format!("user{i:05}"), &choice));
+    let own = OWN_CLIENTS.min(options.users);
+    let mut users = Vec::with_capacity(own);
+    for index in 0..own {
+        let choice = vec![addresses[random(addresses.len())].clone()];
+        users.push(start_user(&network, index, device_of(&seed, index), &choice));
+    }
+    for user in &mut users {
+        if tokio::time::timeout(Duration::from_secs(120), wait_attached(user)).await.is_err() {
+            return Err(format!("{} did not attach within 120 s", user.username));
         }
-        for user in &mut users[first..] {
-            if tokio::time::timeout(Duration::from_secs(60), wait_attached(user)).await.is_err() {
-                return Err(format!("{} did not attach within 60 s", user.username));
-            }
+    }
+    let remote = options.users - own;
+    let mut workers = Vec::new();
+    let per_worker = remote.div_ceil(options.workers);
+    let mut from = own;
+    while from < options.users {
+        let count = per_worker.min(options.users - from);
+        workers.push(spawn_worker(&seed, &supernodes_file, from, count).await?.0);
+        from += count;
+    }
+    // Workers say "attached" on stdout; wait until every user is in the index.
+    let expected_records = options.users as u64;
+    loop {
+        let held_users: u64 = supernodes.iter().map(|s| s.metrics.attached_clients.load(Ordering::Relaxed)).sum();
+        if held_users >= expected_records {
+            break;
         }
-        eprintln!("{} users attached after {:?}", users.len(), started.elapsed());
+        if started.elapsed() > Duration::from_secs(900) {
+            return Err(format!("only {held_users} of {expected_records} users attached in 15 min"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let attach_time = started.elapsed();
-    // Let the last publishes land.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let stored: u64 = supernodes.iter().map(|s| s.metrics.records_stored.load(Ordering::Relaxed)).sum();
     let queries_before: u64 = supernodes.iter().map(|s| s.metrics.kad_queries.load(Ordering::Relaxed)).sum();
     let requests_before: u64 = supernodes.iter().map(|s| s.metrics.kad_query_requests.load(Ordering::Relaxed)).sum();
-    eprintln!("{} users attached and published in {attach_time:?}", users.len());
+    eprintln!("{} users attached and published in {attach_time:?}", options.users);
 
-    // Lookups between random pairs.
+    // Lookups from this process's clients of random users anywhere.
     let mut latencies = Vec::new();
     let mut missing = 0;
     for _ in 0..options.lookups {
-        let (from, to) = (&users[random(users.len())], &users[random(users.len())]);
+        let from = &users[random(users.len())];
+        let target = random(options.users);
+        let expected = device_of(&seed, target).public_key();
         let began = Instant::now();
-        let found = from.handle.lookup(to.username.clone()).await.unwrap_or_default();
+        let found = from
+            .handle
+            .lookup(Username::parse_existing(&username_of(target)).expect("name"))
+            .await
+            .unwrap_or_default();
         latencies.push(began.elapsed());
-        if !found.iter().any(|r| r.body().certificate.device_key() == &to.device.public_key()) {
+        if !found.iter().any(|r| r.body().certificate.device_key() == &expected) {
             missing += 1;
         }
     }
@@ -225,14 +388,16 @@ async fn main() -> Result<(), String> {
     let requests: u64 =
         supernodes.iter().map(|s| s.metrics.kad_query_requests.load(Ordering::Relaxed)).sum::<u64>() - requests_before;
 
-    // Routing throughput: many senders at once, to random recipients.
+    // Routing throughput: many senders at once, to random recipients anywhere.
     let routed_before: Vec<u64> = supernodes.iter().map(|s| s.metrics.envelopes_routed.load(Ordering::Relaxed)).collect();
-    let deadline = Instant::now() + Duration::from_secs(options.route_seconds);
+    let route_started = Instant::now();
+    let deadline = route_started + Duration::from_secs(options.route_seconds);
     let senders = 200.min(users.len());
     let mut tasks = Vec::new();
-    for _ in 0..senders {
-        let from = users[random(users.len())].handle.clone();
-        let recipients: Vec<Username> = (0..64).map(|_| users[random(users.len())].username.clone()).collect();
+    for sender in 0..senders {
+        let from = users[sender * users.len() / senders].handle.clone();
+        let recipients: Vec<Username> =
+            (0..64).map(|_| Username::parse_existing(&username_of(random(options.users))).expect("name")).collect();
         tasks.push(tokio::spawn(async move {
             let (mut delivered, mut failed, mut i) = (0u64, 0u64, 0usize);
             while Instant::now() < deadline {
@@ -251,6 +416,7 @@ async fn main() -> Result<(), String> {
         delivered += d;
         failed += f;
     }
+    let route_time = route_started.elapsed().as_secs_f64();
     let busiest = supernodes
         .iter()
         .zip(&routed_before)
@@ -258,7 +424,8 @@ async fn main() -> Result<(), String> {
         .max()
         .unwrap_or(0);
 
-    // Kill the busiest parent; time until each of its clients is findable through a new one.
+    // Kill the parent of most of this process's clients; time until each of them is findable
+    // through a new parent.
     let mut children: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, user) in users.iter().enumerate() {
         if let Some(parent) = user.parent.borrow().clone() {
@@ -271,6 +438,7 @@ async fn main() -> Result<(), String> {
         Some(koe_overlay::multiaddr_protocol::P2p(peer)) => peer.to_bytes(),
         _ => Vec::new(),
     };
+    let victim_children = supernodes[victim].metrics.attached_clients.load(Ordering::Relaxed);
     supernodes[victim].task.abort();
     let killed = Instant::now();
     let observer = users
@@ -278,18 +446,31 @@ async fn main() -> Result<(), String> {
         .find(|u| u.parent.borrow().as_deref() != Some(victim_address.as_str()))
         .map(|u| u.handle.clone())
         .ok_or("no observer")?;
-    let mut recovery = Vec::new();
+    // One poller per orphan, so the measurement itself does not queue.
+    let mut pollers = Vec::new();
     for &i in &orphans {
-        loop {
-            let records = observer.lookup(users[i].username.clone()).await.unwrap_or_default();
-            let moved = records.iter().any(|r| {
-                r.body().certificate.device_key() == &users[i].device.public_key() && r.body().parent.peer_id != victim_peer
-            });
-            if moved || killed.elapsed() > Duration::from_secs(30) {
-                recovery.push(killed.elapsed());
-                break;
+        let observer = observer.clone();
+        let username = users[i].username.clone();
+        let device = users[i].device.public_key();
+        let victim_peer = victim_peer.clone();
+        pollers.push(tokio::spawn(async move {
+            while killed.elapsed() < Duration::from_secs(60) {
+                let records = observer.lookup(username.clone()).await.unwrap_or_default();
+                if records
+                    .iter()
+                    .any(|r| r.body().certificate.device_key() == &device && r.body().parent.peer_id != victim_peer)
+                {
+                    return Some(killed.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            None
+        }));
+    }
+    let mut recovery = Vec::new();
+    for poller in pollers {
+        if let Ok(Some(elapsed)) = poller.await {
+            recovery.push(elapsed);
         }
     }
     recovery.sort();
@@ -297,25 +478,27 @@ async fn main() -> Result<(), String> {
     let own_rss = rss_kib(std::process::id());
     println!("| overlay | value |");
     println!("|---|---|");
-    println!("| supernodes / online users | {} / {} |", options.supernodes, users.len());
-    println!("| users attached and published | {:.1} s ({:.0} per second) |", attach_time.as_secs_f64(), users.len() as f64 / attach_time.as_secs_f64());
-    println!("| presence records stored (parent + replicas) | {stored} ({:.2} per user) |", stored as f64 / users.len() as f64);
-    println!("| lookups | {} ({missing} without the device) |", latencies.len());
+    println!("| supernodes / online users | {} / {} ({} worker processes) |", options.supernodes, options.users, workers.len());
+    println!("| users attached and published | {:.1} s ({:.0} per second) |", attach_time.as_secs_f64(), options.users as f64 / attach_time.as_secs_f64());
+    println!("| presence records stored (parent + replicas) | {stored} ({:.2} per user) |", stored as f64 / options.users as f64);
+    println!("| lookups of random users | {} ({missing} without the device) |", latencies.len());
     println!("| lookup latency p50 / p99 / max | {} / {} / {} ms |", ms(percentile(&latencies, 0.5)), ms(percentile(&latencies, 0.99)), ms(percentile(&latencies, 1.0)));
     println!("| supernodes contacted per Kademlia query (hops) | {:.1} |", requests as f64 / queries.max(1) as f64);
-    println!("| messages routed end to end | {delivered} in {} s = {:.0}/s with {senders} senders ({failed} failed) |", options.route_seconds, delivered as f64 / options.route_seconds as f64);
-    println!("| busiest supernode relayed | {:.0} envelopes/s |", busiest as f64 / options.route_seconds as f64);
-    println!("| parent killed: its clients findable via a new parent, p50 / p99 / max | {} / {} / {} ms ({} clients) |", ms(percentile(&recovery, 0.5)), ms(percentile(&recovery, 0.99)), ms(percentile(&recovery, 1.0)), recovery.len());
-    println!("| this benchmark process RSS (all nodes) | {} MiB |", own_rss / 1024);
+    println!("| messages delivered end to end (lookup + seal + route + ack) | {delivered} in {route_time:.1} s = {:.0}/s with {senders} senders ({failed} failed) |", delivered as f64 / route_time);
+    println!("| busiest supernode relayed | {:.0} envelopes/s |", busiest as f64 / route_time);
+    println!("| parent with {victim_children} clients killed: its clients findable via a new parent, p50 / p99 / max | {} / {} / {} ms ({} of {} measured) |", ms(percentile(&recovery, 0.5)), ms(percentile(&recovery, 0.99)), ms(percentile(&recovery, 1.0)), recovery.len(), orphans.len());
+    println!("| orchestrator process RSS (supernodes + {} clients) | {} MiB |", users.len(), own_rss / 1024);
+    drop(workers);
 
     if let Some(koe) = options.koe {
-        memory_per_client(&koe, &network, options.memory_clients).await?;
+        memory_per_client(&koe, &seed, &network, options.memory_clients).await?;
     }
+    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
 /// Memory of a real `koe node` process before and after `count` clients attach to it.
-async fn memory_per_client(koe: &str, network: &Network, count: usize) -> Result<(), String> {
+async fn memory_per_client(koe: &str, seed: &[u8; 32], network: &Network, count: usize) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("koe-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let network_path = dir.join("network.toml");
@@ -341,14 +524,15 @@ async fn memory_per_client(koe: &str, network: &Network, count: usize) -> Result
     let pid = child.id().ok_or("no pid")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = rss_kib(pid);
-    let mut users = Vec::new();
-    for i in 0..count {
-        users.push(start_user(network, &format!("memory{i:05}"), std::slice::from_ref(&address)));
-    }
-    for user in &mut users {
-        wait_attached(user).await;
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let address_file = dir.join("supernode.txt");
+    std::fs::write(&address_file, &address).map_err(|e| e.to_string())?;
+    let (_clients, attached) = spawn_worker(seed, &address_file, 50_000, count).await?;
+    tokio::time::timeout(Duration::from_secs(300), attached)
+        .await
+        .map_err(|_| "the memory clients did not attach in 5 min")?
+        .map_err(|_| "the memory worker died")?;
+    // Let presence publishing and first pings settle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let after = rss_kib(pid);
     println!();
     println!("| supernode process (`koe node`) | value |");
