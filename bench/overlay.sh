@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The overlay at scale on this machine: supernodes and clients as real libp2p nodes with real
-# TCP sockets on loopback (crates/koe-overlay/examples/overlay_bench.rs): the supernodes and a
-# thousand measuring clients in one process, the other clients in worker processes, plus a real
-# `koe node` process for memory per attached client. Prints Markdown tables.
+# TCP sockets on loopback (crates/koe-overlay/examples/overlay_bench.rs): every supernode a real
+# `koe node` process (metrics scraped from --metrics), a thousand measuring clients in the
+# benchmark process, the other clients in worker processes (a process may hold only 20,000
+# descriptors here). Prints Markdown tables.
 #
 #   bench/overlay.sh [SUPERNODES] [USERS]        (defaults: 100 10000)
 set -euo pipefail
@@ -15,4 +16,4 @@ ulimit -n "$(ulimit -Hn)"
 echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -sr)"
 echo
 target/release/examples/overlay_bench --supernodes "$supernodes" --users "$users" \
-    --lookups 2000 --route-seconds 10 --workers 4 --koe target/release/koe --memory-clients 2000
+    --lookups 2000 --route-seconds 10 --workers 3 --koe target/release/koe --memory-clients 2000

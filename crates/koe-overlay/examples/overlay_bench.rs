@@ -14,14 +14,10 @@
 #![allow(clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use koe_overlay::client::{ClientConfig, ClientEvent, ClientHandle, ClientNode, SendOutcome};
 use koe_overlay::host_cache::HostCache;
-use koe_overlay::metrics::SupernodeMetrics;
-use koe_overlay::supernode::{Supernode, SupernodeConfig};
 use koe_overlay::{Multiaddr, PresenceStatus};
 use koe_types::network::{LoginUrl, TlsFingerprint};
 use koe_types::{CertificateBody, DeviceKey, NetworkFile, NetworkName, NetworkSigningKey, UnixTime, Username};
@@ -211,10 +207,65 @@ struct Network {
     key: NetworkSigningKey,
 }
 
+/// A `koe node` process with its metrics endpoint.
 struct RunningSupernode {
     address: Multiaddr,
-    metrics: Arc<SupernodeMetrics>,
-    task: tokio::task::JoinHandle<()>,
+    metrics_port: u16,
+    child: tokio::process::Child,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn start_supernode(koe: &str, home: &std::path::Path, network_file: &std::path::Path) -> Result<RunningSupernode, String> {
+    let metrics_port = free_port();
+    let mut child = tokio::process::Command::new(koe)
+        .arg("--home")
+        .arg(home)
+        .args(["node", "--network"])
+        .arg(network_file)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--summary-every", "3600s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {koe}: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let address = lines.next_line().await.map_err(|e| e.to_string())?.ok_or("koe node printed nothing")?;
+    let address = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    Ok(RunningSupernode { address, metrics_port, child })
+}
+
+/// One metric from a supernode's Prometheus endpoint (0 if it cannot be read).
+async fn scrape(port: u16, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return 0 };
+    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let mut page = String::new();
+    let _ = stream.read_to_string(&mut page).await;
+    page.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn each(supernodes: &[RunningSupernode], name: &str) -> Vec<u64> {
+    let mut values = Vec::new();
+    for supernode in supernodes {
+        values.push(scrape(supernode.metrics_port, name).await);
+    }
+    values
+}
+
+async fn total(supernodes: &[RunningSupernode], name: &str) -> u64 {
+    each(supernodes, name).await.iter().sum()
 }
 
 struct User {
@@ -222,20 +273,6 @@ struct User {
     device: DeviceKey,
     handle: ClientHandle,
     parent: watch::Receiver<Option<String>>,
-}
-
-async fn start_supernode(network: &Network, bootstrap: Vec<Multiaddr>) -> RunningSupernode {
-    let mut node = Supernode::new(SupernodeConfig {
-        network: network.file.clone(),
-        identity: DeviceKey::generate(),
-        listen: "/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr"),
-        bootstrap,
-    })
-    .expect("supernode");
-    let address = node.listening_address().await;
-    let metrics = node.metrics();
-    let task = tokio::spawn(node.run(std::future::pending()));
-    RunningSupernode { address, metrics, task }
 }
 
 fn start_user(network: &Network, index: usize, device: DeviceKey, supernodes: &[String]) -> User {
@@ -309,18 +346,26 @@ async fn main() -> Result<(), String> {
     OsRng.fill_bytes(&mut seed);
     let network = network_of(&seed);
 
-    // Supernodes, each joining through up to three earlier ones.
+    // Supernodes: real `koe node` processes; the first three are the network's bootstrap list.
+    let koe = options.koe.clone().ok_or("--koe PATH (the koe binary) is required: supernodes are koe node processes")?;
+    let work = std::env::temp_dir().join(format!("koe-overlay-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let network_file = work.join("network.toml");
+    let mut file = network.file.clone();
+    std::fs::write(&network_file, file.to_toml()).map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut supernodes: Vec<RunningSupernode> = Vec::new();
     for i in 0..options.supernodes {
-        let bootstrap = (0..i.min(3)).map(|_| supernodes[random(i)].address.clone()).collect();
-        supernodes.push(start_supernode(&network, bootstrap).await);
+        let node = start_supernode(&koe, &work.join(format!("node{i}")), &network_file).await?;
+        if i < 3 {
+            file.bootstrap.push(node.address.to_string());
+            std::fs::write(&network_file, file.to_toml()).map_err(|e| e.to_string())?;
+        }
+        supernodes.push(node);
     }
     eprintln!("{} supernodes up in {:?}; letting Kademlia settle", supernodes.len(), started.elapsed());
     tokio::time::sleep(Duration::from_secs(if options.supernodes > 20 { 15 } else { 2 })).await;
     let addresses: Vec<String> = supernodes.iter().map(|s| s.address.to_string()).collect();
-    let work = std::env::temp_dir().join(format!("koe-overlay-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let supernodes_file = work.join("supernodes.txt");
     std::fs::write(&supernodes_file, addresses.join("\n")).map_err(|e| e.to_string())?;
 
@@ -349,20 +394,20 @@ async fn main() -> Result<(), String> {
     // Workers say "attached" on stdout; wait until every user is in the index.
     let expected_records = options.users as u64;
     loop {
-        let held_users: u64 = supernodes.iter().map(|s| s.metrics.attached_clients.load(Ordering::Relaxed)).sum();
+        let held_users = total(&supernodes, "koe_supernode_attached_clients").await;
         if held_users >= expected_records {
             break;
         }
         if started.elapsed() > Duration::from_secs(900) {
             return Err(format!("only {held_users} of {expected_records} users attached in 15 min"));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let attach_time = started.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let stored: u64 = supernodes.iter().map(|s| s.metrics.records_stored.load(Ordering::Relaxed)).sum();
-    let queries_before: u64 = supernodes.iter().map(|s| s.metrics.kad_queries.load(Ordering::Relaxed)).sum();
-    let requests_before: u64 = supernodes.iter().map(|s| s.metrics.kad_query_requests.load(Ordering::Relaxed)).sum();
+    let stored = total(&supernodes, "koe_supernode_presence_stored_total").await;
+    let queries_before = total(&supernodes, "koe_supernode_kad_queries_total").await;
+    let requests_before = total(&supernodes, "koe_supernode_kad_query_requests_total").await;
     eprintln!("{} users attached and published in {attach_time:?}", options.users);
 
     // Lookups from this process's clients of random users anywhere.
@@ -384,12 +429,11 @@ async fn main() -> Result<(), String> {
         }
     }
     latencies.sort();
-    let queries: u64 = supernodes.iter().map(|s| s.metrics.kad_queries.load(Ordering::Relaxed)).sum::<u64>() - queries_before;
-    let requests: u64 =
-        supernodes.iter().map(|s| s.metrics.kad_query_requests.load(Ordering::Relaxed)).sum::<u64>() - requests_before;
+    let queries = total(&supernodes, "koe_supernode_kad_queries_total").await - queries_before;
+    let requests = total(&supernodes, "koe_supernode_kad_query_requests_total").await - requests_before;
 
     // Routing throughput: many senders at once, to random recipients anywhere.
-    let routed_before: Vec<u64> = supernodes.iter().map(|s| s.metrics.envelopes_routed.load(Ordering::Relaxed)).collect();
+    let routed_before = each(&supernodes, "koe_supernode_envelopes_routed_total").await;
     let route_started = Instant::now();
     let deadline = route_started + Duration::from_secs(options.route_seconds);
     let senders = 200.min(users.len());
@@ -417,10 +461,11 @@ async fn main() -> Result<(), String> {
         failed += f;
     }
     let route_time = route_started.elapsed().as_secs_f64();
-    let busiest = supernodes
+    let busiest = each(&supernodes, "koe_supernode_envelopes_routed_total")
+        .await
         .iter()
         .zip(&routed_before)
-        .map(|(s, before)| s.metrics.envelopes_routed.load(Ordering::Relaxed) - before)
+        .map(|(after, before)| after - before)
         .max()
         .unwrap_or(0);
 
@@ -438,8 +483,8 @@ async fn main() -> Result<(), String> {
         Some(koe_overlay::multiaddr_protocol::P2p(peer)) => peer.to_bytes(),
         _ => Vec::new(),
     };
-    let victim_children = supernodes[victim].metrics.attached_clients.load(Ordering::Relaxed);
-    supernodes[victim].task.abort();
+    let victim_children = scrape(supernodes[victim].metrics_port, "koe_supernode_attached_clients").await;
+    let _ = supernodes[victim].child.kill().await;
     let killed = Instant::now();
     let observer = users
         .iter()
@@ -487,12 +532,18 @@ async fn main() -> Result<(), String> {
     println!("| messages delivered end to end (lookup + seal + route + ack) | {delivered} in {route_time:.1} s = {:.0}/s with {senders} senders ({failed} failed) |", delivered as f64 / route_time);
     println!("| busiest supernode relayed | {:.0} envelopes/s |", busiest as f64 / route_time);
     println!("| parent with {victim_children} clients killed: its clients findable via a new parent, p50 / p99 / max | {} / {} / {} ms ({} of {} measured) |", ms(percentile(&recovery, 0.5)), ms(percentile(&recovery, 0.99)), ms(percentile(&recovery, 1.0)), recovery.len(), orphans.len());
-    println!("| orchestrator process RSS (supernodes + {} clients) | {} MiB |", users.len(), own_rss / 1024);
+    let mut supernode_rss = Vec::new();
+    for supernode in &supernodes {
+        if let Some(pid) = supernode.child.id() {
+            supernode_rss.push(rss_kib(pid));
+        }
+    }
+    println!("| supernode process RSS, mean / max | {} / {} MiB |", supernode_rss.iter().sum::<u64>() / supernode_rss.len().max(1) as u64 / 1024, supernode_rss.iter().max().unwrap_or(&0) / 1024);
+    println!("| measuring process RSS ({} clients) | {} MiB |", users.len(), own_rss / 1024);
     drop(workers);
 
-    if let Some(koe) = options.koe {
-        memory_per_client(&koe, &seed, &network, options.memory_clients).await?;
-    }
+    drop(supernodes);
+    memory_per_client(&koe, &seed, &network, options.memory_clients).await?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

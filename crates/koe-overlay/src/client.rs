@@ -335,6 +335,19 @@ impl ClientNode {
         self.try_attach(0);
     }
 
+    /// A parent that keeps its connection but does not answer (overloaded, or dropping
+    /// traffic) is as good as gone: demote it in the host cache and attach elsewhere.
+    fn abandon_unresponsive_parent(&mut self, peer: PeerId) {
+        if let Parent::Attached { address, .. } = &self.parent {
+            warn!(parent = %address, "parent supernode stopped answering; switching");
+            let address = address.clone();
+            self.config.host_cache.failed(&address);
+            self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
+        }
+        let _ = self.swarm.disconnect_peer_id(peer);
+        self.detach("parent supernode stopped answering".into());
+    }
+
     fn parent_peer(&self) -> Option<PeerId> {
         match self.parent {
             Parent::Attached { peer, .. } => Some(peer),
@@ -401,8 +414,12 @@ impl ClientNode {
                 message: request_response::Message::Response { request_id, response },
                 ..
             } => self.handle_response(request_id, Ok(response)),
-            request_response::Event::OutboundFailure { request_id, error, .. } => {
+            request_response::Event::OutboundFailure { request_id, error, peer, .. } => {
+                let timed_out = matches!(error, request_response::OutboundFailure::Timeout);
                 self.handle_response(request_id, Err(error.to_string()));
+                if timed_out && Some(peer) == self.parent_peer() {
+                    self.abandon_unresponsive_parent(peer);
+                }
             }
             _ => {}
         }

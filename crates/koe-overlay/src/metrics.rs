@@ -71,6 +71,8 @@ impl SupernodeMetrics {
             ("koe_supernode_lookups_total", "User lookups served", &self.lookups),
             ("koe_supernode_envelopes_routed_total", "Envelopes delivered end to end", &self.envelopes_routed),
             ("koe_supernode_envelopes_undelivered_total", "Envelopes that could not be delivered", &self.envelopes_undelivered),
+            ("koe_supernode_kad_queries_total", "Kademlia closest-peer queries finished", &self.kad_queries),
+            ("koe_supernode_kad_query_requests_total", "Requests those queries sent", &self.kad_query_requests),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));

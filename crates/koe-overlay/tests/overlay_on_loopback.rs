@@ -61,6 +61,18 @@ async fn twenty_clients_on_five_supernodes_find_and_reach_each_other() {
         assert_eq!(received[0].sender.username(), &alice.username);
     }
 
+    // One user on two devices: both show up, both get the message.
+    let laptop = RunningClient::start(&network, "carol", &addresses[..1]).await;
+    let phone = RunningClient::start(&network, "carol", &addresses[3..4]).await;
+    for device in [&laptop, &phone] {
+        wait_findable(alice, device, Duration::from_secs(10)).await;
+    }
+    assert_eq!(alice.handle.lookup(laptop.username.clone()).await.unwrap().len(), 2);
+    let outcome = alice.handle.send(laptop.username.clone(), b"to every device".to_vec()).await;
+    assert_eq!(outcome, SendOutcome::Delivered { devices: 2 });
+    assert_eq!(laptop.received.lock().unwrap().len(), 1);
+    assert_eq!(phone.received.lock().unwrap().len(), 1);
+
     // A user nobody has seen online.
     let outcome = alice.handle.send(Username::parse("nobody").unwrap(), b"hi".to_vec()).await;
     assert!(matches!(outcome, SendOutcome::Undelivered { ref reason } if reason.contains("offline")), "{outcome:?}");

@@ -82,6 +82,17 @@ fn users_on_different_supernodes_find_each_other_and_chat() {
     ok(run(&alice, &["set-status", "online"], ""));
     assert!(fails(run(&alice, &["set-status", "busy"], "")).contains("unknown status"));
 
+    // Garbage on the control socket gets an error and harms nothing.
+    {
+        use std::io::{Read, Write};
+        let mut socket = std::os::unix::net::UnixStream::connect(alice.join("control.sock")).unwrap();
+        socket.write_all(b"\x00\xffnot json at all\n").unwrap();
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).unwrap();
+        assert!(answer.contains("malformed request"), "{answer}");
+    }
+    assert!(ok(run(&alice, &["lookup", "bob"], "")).contains("online"));
+
     // A second daemon for the same profile is refused.
     let second = common::koe().arg("--home").arg(&alice).arg("up").output().unwrap();
     assert!(!second.status.success());
@@ -96,6 +107,39 @@ fn users_on_different_supernodes_find_each_other_and_chat() {
     });
     eprintln!("bob reachable again {elapsed:?} after his supernode died");
     assert_ne!(parent(&bob), bob_parent);
+}
+
+#[test]
+fn a_supernode_serves_prometheus_metrics() {
+    use std::io::{Read, Write};
+    let network = TestNetwork::init();
+    let metrics_port = common::free_port();
+    let mut child = common::koe()
+        .arg("--home")
+        .arg(network.home("supernode"))
+        .args(["node", "--network"])
+        .arg(network.network_file())
+        .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
+        .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    assert!(first.contains("/p2p/"));
+    let mut page = String::new();
+    wait_until(Duration::from_secs(5), || {
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) else { return false };
+        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        page.clear();
+        stream.read_to_string(&mut page).is_ok() && page.contains("200 OK")
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    for metric in ["koe_supernode_attached_clients 0", "koe_supernode_presence_records", "koe_supernode_refused_total"] {
+        assert!(page.contains(metric), "{metric} missing from:\n{page}");
+    }
 }
 
 #[test]
