@@ -136,14 +136,20 @@ async fn run_worker(worker: Worker) -> Result<(), String> {
     for index in worker.from..worker.from + worker.count {
         let choice = vec![supernodes[random(supernodes.len())].clone()];
         users.push(start_user(&network, index, device_of(&worker.seed, index), &choice));
-        if users.len() % 250 == 0 {
-            // Pace the handshakes so the supernodes are not swamped all at once.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if users.len() % 100 == 0 {
+            // Pace the handshakes so two cores are not swamped all at once: wait for this
+            // hundred to attach before starting the next.
+            let batch = users.len() - 100;
+            for user in &mut users[batch..] {
+                if tokio::time::timeout(Duration::from_secs(300), wait_attached(user)).await.is_err() {
+                    return Err(format!("{} did not attach within 300 s", user.username));
+                }
+            }
         }
     }
     for user in &mut users {
-        if tokio::time::timeout(Duration::from_secs(120), wait_attached(user)).await.is_err() {
-            return Err(format!("{} did not attach within 120 s", user.username));
+        if tokio::time::timeout(Duration::from_secs(300), wait_attached(user)).await.is_err() {
+            return Err(format!("{} did not attach within 300 s", user.username));
         }
     }
     println!("attached {}", users.len());
@@ -398,8 +404,8 @@ async fn main() -> Result<(), String> {
         if held_users >= expected_records {
             break;
         }
-        if started.elapsed() > Duration::from_secs(900) {
-            return Err(format!("only {held_users} of {expected_records} users attached in 15 min"));
+        if started.elapsed() > Duration::from_secs(1500) {
+            return Err(format!("only {held_users} of {expected_records} users attached in 25 min"));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -168,6 +168,9 @@ type AckFuture = Pin<Box<dyn Future<Output = (ResponseChannel<OverlayResponse>, 
 pub struct ClientNode {
     swarm: Swarm<OverlayBehaviour>,
     config: ClientConfig,
+    /// The supernodes the client started with (network file and saved host cache): relearned
+    /// whenever failures have emptied the host cache, so a client never gives up for good.
+    initial_supernodes: Vec<String>,
     envelope_key: EnvelopeKey,
     replay_guard: ReplayGuard,
     parent: Parent,
@@ -196,8 +199,10 @@ impl ClientNode {
         for address in &config.network.bootstrap {
             host_cache.learn(address);
         }
+        let initial_supernodes = host_cache.candidates().map(|h| h.address.clone()).collect();
         let node = Self {
             swarm,
+            initial_supernodes,
             envelope_key: EnvelopeKey::for_device(&config.device_key),
             config: ClientConfig { host_cache, ..config },
             replay_guard: ReplayGuard::default(),
@@ -276,6 +281,11 @@ impl ClientNode {
 
     /// Dials the `attempt`-th candidate of the host cache.
     fn try_attach(&mut self, attempt: usize) {
+        if self.config.host_cache.is_empty() {
+            for address in &self.initial_supernodes {
+                self.config.host_cache.learn(address);
+            }
+        }
         let candidates = self.candidates();
         if candidates.is_empty() || attempt >= candidates.len() {
             self.parent = Parent::Detached { retry_at: Instant::now() + RETRY_ATTACH_AFTER };
