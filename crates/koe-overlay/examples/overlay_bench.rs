@@ -141,15 +141,15 @@ async fn run_worker(worker: Worker) -> Result<(), String> {
             // hundred to attach before starting the next.
             let batch = users.len() - 100;
             for user in &mut users[batch..] {
-                if tokio::time::timeout(Duration::from_secs(300), wait_attached(user)).await.is_err() {
-                    return Err(format!("{} did not attach within 300 s", user.username));
+                if tokio::time::timeout(Duration::from_secs(600), wait_attached(user)).await.is_err() {
+                    return Err(format!("{} did not attach within 600 s", user.username));
                 }
             }
         }
     }
     for user in &mut users {
-        if tokio::time::timeout(Duration::from_secs(300), wait_attached(user)).await.is_err() {
-            return Err(format!("{} did not attach within 300 s", user.username));
+        if tokio::time::timeout(Duration::from_secs(600), wait_attached(user)).await.is_err() {
+            return Err(format!("{} did not attach within 600 s", user.username));
         }
     }
     println!("attached {}", users.len());
@@ -237,6 +237,8 @@ async fn start_supernode(koe: &str, home: &std::path::Path, network_file: &std::
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
         .args(["--summary-every", "3600s"])
+        // A hundred supernodes share two cores: one runtime thread each is plenty.
+        .env("TOKIO_WORKER_THREADS", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
