@@ -80,6 +80,11 @@ pub enum ClientCommand {
         reply: oneshot::Sender<ClientStatus>,
     },
     RenewedCertificate(Box<Certificate>),
+    /// Asks the parent to dial `address` (this device's would-be supernode) from outside.
+    ConfirmReachable {
+        address: String,
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
 }
 
 #[derive(Debug)]
@@ -125,6 +130,11 @@ impl ClientHandle {
         self.ask(|reply| ClientCommand::Status { reply }).await
     }
 
+    /// Whether the parent supernode can connect to `address` (a supernode of this device).
+    pub async fn confirm_reachable(&self, address: String) -> Result<bool, String> {
+        self.ask(|reply| ClientCommand::ConfirmReachable { address, reply }).await?
+    }
+
     pub async fn renewed_certificate(&self, certificate: Certificate) {
         let _ = self.commands.send(ClientCommand::RenewedCertificate(Box::new(certificate))).await;
     }
@@ -161,6 +171,7 @@ enum Outstanding {
     Lookup(oneshot::Sender<Result<Vec<PresenceRecord>, String>>),
     SendLookup(u64),
     SendRoute(u64),
+    DialBack(oneshot::Sender<Result<bool, String>>),
 }
 
 type AckFuture = Pin<Box<dyn Future<Output = (ResponseChannel<OverlayResponse>, Result<(), String>)> + Send>>;
@@ -425,7 +436,10 @@ impl ClientNode {
                 ..
             } => self.handle_response(request_id, Ok(response)),
             request_response::Event::OutboundFailure { request_id, error, peer, .. } => {
-                let timed_out = matches!(error, request_response::OutboundFailure::Timeout);
+                // A dial-back may legitimately outlast the request timeout (the parent is
+                // waiting on an unreachable address); that says nothing about the parent.
+                let dial_back = matches!(self.outstanding.get(&request_id), Some(Outstanding::DialBack(_)));
+                let timed_out = matches!(error, request_response::OutboundFailure::Timeout) && !dial_back;
                 self.handle_response(request_id, Err(error.to_string()));
                 if timed_out && Some(peer) == self.parent_peer() {
                     self.abandon_unresponsive_parent(peer);
@@ -519,6 +533,18 @@ impl ClientNode {
                 self.route_send(send, records);
             }
             (Outstanding::SendRoute(send), response) => self.route_answered(send, response),
+            (Outstanding::DialBack(reply), response) => {
+                let answer = match response {
+                    Ok(OverlayResponse::DialedBack { reachable, detail }) => {
+                        debug!(reachable, %detail, "dial-back answered");
+                        Ok(reachable)
+                    }
+                    Ok(OverlayResponse::Refused { reason }) => Err(reason),
+                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Err(error) => Err(error),
+                };
+                let _ = reply.send(answer);
+            }
         }
     }
 
@@ -620,6 +646,15 @@ impl ClientNode {
                     known_supernodes: self.candidates(),
                 });
             }
+            ClientCommand::ConfirmReachable { address, reply } => match self.parent_peer() {
+                Some(parent) => {
+                    let id = self.swarm.behaviour_mut().overlay.send_request(&parent, OverlayRequest::DialBack { address });
+                    self.outstanding.insert(id, Outstanding::DialBack(reply));
+                }
+                None => {
+                    let _ = reply.send(Err("not attached to a supernode".into()));
+                }
+            },
             ClientCommand::RenewedCertificate(certificate) => {
                 self.config.certificate = *certificate;
                 self.publish();

@@ -12,6 +12,7 @@
 //! | `Fetch` | supernode → supernode near the index key | `Presence` |
 //! | `Forward` | sender's parent → recipient's parent | `Delivered` / `Undelivered` |
 //! | `Deliver` | parent → attached client | `Delivered` / `Undelivered` |
+//! | `DialBack` | client → parent: "can you reach my supernode here?" | `DialedBack` |
 
 use libp2p::identity::{ed25519, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
@@ -54,6 +55,9 @@ pub enum OverlayRequest {
         #[serde(with = "serde_bytes_vec")]
         envelope: Vec<u8>,
     },
+    /// Before a client promotes itself to supernode, its parent checks from outside that the
+    /// address (`…/p2p/PEER`, on the client's own IP) really accepts connections.
+    DialBack { address: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +74,7 @@ pub enum OverlayResponse {
     Delivered,
     Undelivered { reason: String },
     Refused { reason: String },
+    DialedBack { reachable: bool, detail: String },
 }
 
 /// Bytes that serialise compactly in CBOR.

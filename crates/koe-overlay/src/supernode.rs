@@ -29,6 +29,14 @@ use crate::presence::{index_key, PresenceRecord};
 use crate::protocol::{peer_id_of, ByteString, OverlayRequest, OverlayResponse, KADEMLIA_PROTOCOL};
 use crate::swarm::{self, OverlayBehaviour, OverlayBehaviourEvent, SwarmError};
 
+fn ip_of(address: &Multiaddr) -> Option<std::net::IpAddr> {
+    address.iter().find_map(|protocol| match protocol {
+        Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
 /// How many supernodes near a key hold each presence record.
 pub const REPLICATION: usize = 3;
 /// How many supernodes a lookup asks.
@@ -112,6 +120,10 @@ pub struct Supernode {
     listen_addresses: Vec<Multiaddr>,
     /// Other supernodes' addresses, refreshed periodically for the node's host cache file.
     known: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Where each connected peer connects from, to keep dial-backs to the asker's own address.
+    remote_ips: HashMap<PeerId, std::net::IpAddr>,
+    /// Dial-backs in progress, by the peer being dialled.
+    dial_backs: HashMap<PeerId, ResponseChannel<OverlayResponse>>,
 }
 
 impl std::fmt::Debug for Supernode {
@@ -144,6 +156,8 @@ impl Supernode {
             metrics: Arc::default(),
             listen_addresses: Vec::new(),
             known: Arc::default(),
+            remote_ips: HashMap::new(),
+            dial_backs: HashMap::new(),
         };
         for address in config.bootstrap {
             node.add_supernode(&address);
@@ -227,7 +241,17 @@ impl Supernode {
                 info!(%address, "listening");
                 self.listen_addresses.push(address);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                if let Some(channel) = self.dial_backs.remove(&peer_id) {
+                    if endpoint.is_dialer() {
+                        self.respond(channel, OverlayResponse::DialedBack { reachable: true, detail: "connected".into() });
+                    } else {
+                        self.dial_backs.insert(peer_id, channel);
+                    }
+                }
+                if let Some(ip) = ip_of(endpoint.get_remote_address()) {
+                    self.remote_ips.insert(peer_id, ip);
+                }
                 self.connected.insert(peer_id);
                 self.metrics.connected_peers.store(self.connected.len() as u64, Ordering::Relaxed);
             }
@@ -237,6 +261,7 @@ impl Supernode {
                 ..
             } => {
                 self.connected.remove(&peer_id);
+                self.remote_ips.remove(&peer_id);
                 if let Some(client) = self.attached.remove(&peer_id) {
                     info!(user = %client.certificate.username(), "client detached");
                 }
@@ -266,6 +291,11 @@ impl Supernode {
             SwarmEvent::Behaviour(OverlayBehaviourEvent::Overlay(event)) => self.handle_overlay_event(event),
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 debug!(%error, "incoming connection failed");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                if let Some(channel) = self.dial_backs.remove(&peer) {
+                    self.respond(channel, OverlayResponse::DialedBack { reachable: false, detail: error.to_string() });
+                }
             }
             _ => {}
         }
@@ -402,6 +432,7 @@ impl Supernode {
                 }
             },
             OverlayRequest::Deliver { .. } => self.refuse(channel, "supernodes do not take deliveries"),
+            OverlayRequest::DialBack { address } => self.dial_back(peer, &address, channel),
         }
     }
 
@@ -704,6 +735,36 @@ impl Supernode {
             .overlay
             .send_request_with_addresses(&parent_peer, OverlayRequest::Forward { envelope }, addresses);
         self.outstanding.insert(id, Outstanding::Relay(channel));
+    }
+
+    /// Dials a client's would-be supernode address from here. Only the asker's own IP is
+    /// dialled, so supernodes cannot be used to probe anyone else.
+    fn dial_back(&mut self, peer: PeerId, address: &str, channel: ResponseChannel<OverlayResponse>) {
+        if !self.attached.contains_key(&peer) {
+            return self.refuse(channel, "attach first");
+        }
+        let Ok(address) = address.parse::<Multiaddr>() else {
+            return self.refuse(channel, "not a multiaddr");
+        };
+        let Some(Protocol::P2p(target)) = address.iter().last() else {
+            return self.refuse(channel, "the address must end in /p2p/PEER_ID");
+        };
+        if ip_of(&address).is_none() || ip_of(&address) != self.remote_ips.get(&peer).copied() {
+            return self.refuse(channel, "only the address you connect from can be dialled back");
+        }
+        if self.dial_backs.contains_key(&target) {
+            return self.refuse(channel, "a dial-back to that peer is already in progress");
+        }
+        let options = libp2p::swarm::dial_opts::DialOpts::peer_id(target)
+            .addresses(vec![address])
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .build();
+        match self.swarm.dial(options) {
+            Ok(()) => {
+                self.dial_backs.insert(target, channel);
+            }
+            Err(error) => self.respond(channel, OverlayResponse::DialedBack { reachable: false, detail: error.to_string() }),
+        }
     }
 
     fn deliver(&mut self, client: PeerId, envelope: Vec<u8>, channel: ResponseChannel<OverlayResponse>) {

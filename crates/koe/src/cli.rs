@@ -140,6 +140,9 @@ pub struct NodeArgs {
 pub enum SupernodeMode {
     /// Only a client
     Never,
+    /// Serve as a supernode once up for --promote-after, if the parent confirms from outside
+    /// that --node-listen is reachable, and unless --metered
+    Auto,
     /// Also serve as a supernode (needs a publicly reachable --node-listen address)
     Always,
 }
@@ -152,9 +155,15 @@ pub struct UpArgs {
     /// Serve as a supernode too
     #[arg(long, value_enum, default_value = "never")]
     pub supernode: SupernodeMode,
-    /// Where the built-in supernode listens (with --supernode always)
+    /// Where the built-in supernode listens (with --supernode always or auto)
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:4100")]
     pub node_listen: SocketAddr,
+    /// With --supernode auto: how long to be up before offering to serve
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub promote_after: Duration,
+    /// This connection is metered or on battery: never serve as a supernode under auto
+    #[arg(long)]
+    pub metered: bool,
 }
 
 #[derive(Debug, Args)]

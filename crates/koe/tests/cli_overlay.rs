@@ -151,3 +151,45 @@ fn commands_without_a_running_client_say_so() {
     let error = fails(run(&home, &["up"], ""));
     assert!(error.contains("no network") || error.contains("not logged in"), "{error}");
 }
+
+#[test]
+fn a_reachable_client_promotes_itself_to_supernode_unless_metered() {
+    let network = TestNetwork::init();
+    let _login = network.serve();
+    let net = network.network_file();
+    let seed = KoeProcess::node(&network.home("seed"), &net);
+    ok(common::koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&seed.first_line).output().unwrap());
+
+    let alice = network.home("alice");
+    ok(run(&alice, &["signup", "alice", "--network", net.to_str().unwrap(), "--password-stdin"], "correct horse\n"));
+    let port = common::free_port();
+    let _alice_up = KoeProcess::up_with(
+        &alice,
+        &["--supernode", "auto", "--promote-after", "1s", "--node-listen", &format!("127.0.0.1:{port}")],
+    );
+    wait_until(Duration::from_secs(15), || stdout(&run(&alice, &["status"], "")).contains("serving:     as a supernode"));
+    let status = stdout(&run(&alice, &["status"], ""));
+    let own = status.lines().find(|l| l.starts_with("serving:")).unwrap().split_whitespace().last().unwrap().to_string();
+    assert!(own.contains(&format!("/tcp/{port}/p2p/")), "{status}");
+
+    // Bob joins through alice's supernode alone and finds her.
+    let bob_net = network.dir.path().join("bob-network.toml");
+    let mut file = koe_types::NetworkFile::from_toml(&std::fs::read_to_string(&net).unwrap()).unwrap();
+    file.bootstrap = vec![own.clone()];
+    std::fs::write(&bob_net, file.to_toml()).unwrap();
+    let bob = network.home("bob");
+    ok(run(&bob, &["signup", "bob", "--network", bob_net.to_str().unwrap(), "--password-stdin"], "battery staple\n"));
+    let _bob_up = KoeProcess::up(&bob);
+    assert!(stdout(&run(&bob, &["status"], "")).contains(&own), "bob's parent is alice's supernode");
+    wait_until(Duration::from_secs(10), || stdout(&run(&bob, &["lookup", "alice"], "")).contains("1 device(s) online"));
+
+    // A metered client never offers.
+    let carol = network.home("carol");
+    ok(run(&carol, &["signup", "carol", "--network", net.to_str().unwrap(), "--password-stdin"], "carol's password\n"));
+    let _carol_up = KoeProcess::up_with(
+        &carol,
+        &["--supernode", "auto", "--metered", "--promote-after", "1s", "--node-listen", &format!("127.0.0.1:{}", common::free_port())],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!stdout(&run(&carol, &["status"], "")).contains("serving:"));
+}

@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 
 use crate::cli::{ContactsCommand, SupernodeMode, UpArgs};
 use crate::daemon::control::{ask, ControlRequest};
-use crate::daemon::{self, parse_status, DaemonOptions};
+use crate::daemon::{self, parse_status, DaemonOptions, Promotion};
 use crate::profile::Profile;
 
 use super::node::{node_identity, start_supernode};
@@ -24,7 +24,16 @@ pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
             let _ = stopped.await;
         }))));
     }
-    let result = daemon::run(profile, DaemonOptions { status, preferred_supernodes: preferred }, shutdown_signal()).await;
+    let promotion = match args.supernode {
+        SupernodeMode::Auto if args.metered => {
+            tracing::info!("metered connection: not offering to serve as a supernode");
+            None
+        }
+        SupernodeMode::Auto => Some(Promotion { after: args.promote_after, listen: args.node_listen }),
+        _ => None,
+    };
+    let options = DaemonOptions { status, preferred_supernodes: preferred, promotion };
+    let result = daemon::run(profile, options, shutdown_signal()).await;
     if let Some((stop, task)) = supernode {
         let _ = stop.send(());
         let _ = task.await;

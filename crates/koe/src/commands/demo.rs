@@ -336,6 +336,7 @@ impl DemoClient {
         let options = DaemonOptions {
             status: Some(PresenceStatus::Online),
             preferred_supernodes: vec![supernode.to_string()],
+            promotion: None,
         };
         let task = tokio::spawn(daemon::run(user.profile.clone(), options, async {
             let _ = stopped.await;

@@ -5,7 +5,7 @@ mod auth;
 mod client;
 mod demo;
 mod network;
-mod node;
+pub mod node;
 
 use std::io::BufRead;
 

@@ -63,6 +63,8 @@ pub struct DaemonState {
     history: Mutex<History>,
     client: ClientHandle,
     contact_presence: Mutex<HashMap<String, String>>,
+    /// This device's own supernode address, once promoted.
+    serving: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -126,6 +128,9 @@ impl DaemonState {
                 let presence = status.status.map_or("invisible".to_string(), |s| s.to_string());
                 let _ = writeln!(out, "me:          {} ({presence})", self.me);
                 let _ = writeln!(out, "parent:      {}", status.parent.as_deref().unwrap_or("none: attaching…"));
+                if let Some(address) = self.serving.lock().ok().and_then(|s| s.clone()) {
+                    let _ = writeln!(out, "serving:     as a supernode at {address}");
+                }
                 let _ = writeln!(out, "supernodes:  {} known", status.known_supernodes.len());
                 for supernode in status.known_supernodes.iter().take(10) {
                     let _ = writeln!(out, "  {supernode}");
@@ -342,6 +347,63 @@ pub struct DaemonOptions {
     pub status: Option<PresenceStatus>,
     /// Supernodes to try before the host cache (e.g. one started in this process).
     pub preferred_supernodes: Vec<String>,
+    /// `--supernode auto`: when and where to offer to serve as a supernode.
+    pub promotion: Option<Promotion>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Promotion {
+    pub after: Duration,
+    pub listen: std::net::SocketAddr,
+}
+
+/// How long an unreachable client waits before checking again.
+const PROMOTION_RETRY: Duration = Duration::from_secs(3600);
+
+/// `--supernode auto`: after `after`, start a supernode and ask the parent to connect to it
+/// from outside; keep it only if that works (the address is publicly reachable).
+async fn promote_when_ready(state: Arc<DaemonState>, network: NetworkFile, promotion: Promotion) {
+    tokio::time::sleep(promotion.after).await;
+    loop {
+        let attempt = async {
+            let identity = crate::commands::node::node_identity(&state.home).map_err(|e| e.to_string())?;
+            let (node, address) = crate::commands::node::start_supernode(&network, identity, promotion.listen, &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            // The supernode must be running to answer the parent's dial-back.
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(node.run(async {
+                let _ = stopped.await;
+            }));
+            match state.client.confirm_reachable(address.to_string()).await {
+                Ok(true) => Ok((task, stop, address)),
+                outcome => {
+                    let _ = stop.send(());
+                    let _ = task.await;
+                    Err(match outcome {
+                        Err(reason) => reason,
+                        _ => format!("the parent supernode could not connect to {address}"),
+                    })
+                }
+            }
+        };
+        match attempt.await {
+            Ok((task, stop, address)) => {
+                info!(%address, "publicly reachable: now also serving as a supernode");
+                if let Ok(mut serving) = state.serving.lock() {
+                    *serving = Some(address.to_string());
+                }
+                // Runs until the daemon stops (which aborts this task and with it `stop`).
+                let _keep = stop;
+                let _ = task.await;
+                return;
+            }
+            Err(reason) => {
+                info!(%reason, "not serving as a supernode; will check again in an hour");
+                tokio::time::sleep(PROMOTION_RETRY).await;
+            }
+        }
+    }
 }
 
 pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
@@ -391,7 +453,11 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         history: Mutex::new(history),
         client,
         contact_presence: Mutex::new(HashMap::new()),
+        serving: Mutex::new(None),
     });
+    let promotion_task = options
+        .promotion
+        .map(|promotion| tokio::spawn(promote_when_ready(Arc::clone(&state), network.clone(), promotion)));
     info!("{me} on network {:?}; attaching to a supernode…", network.name.as_str());
 
     tokio::pin!(shutdown);
@@ -419,6 +485,9 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
             }
             () = &mut shutdown => break,
         }
+    }
+    if let Some(task) = promotion_task {
+        task.abort();
     }
     let _ = stop_node.send(());
     let _ = node_task.await;

@@ -189,10 +189,16 @@ impl KoeProcess {
 
     /// `koe up` for the profile in `home`; waits until `koe status` shows a parent.
     pub fn up(home: &Path) -> Self {
+        Self::up_with(home, &[])
+    }
+
+    /// `koe up EXTRA…`; waits until `koe status` shows a parent.
+    pub fn up_with(home: &Path, extra: &[&str]) -> Self {
         let child = koe()
             .arg("--home")
             .arg(home)
             .arg("up")
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
