@@ -47,7 +47,7 @@ pub enum Command {
     Passwd(PasswdArgs),
     /// Delete your account for good
     DeleteAccount(DeleteAccountArgs),
-    /// Run a supernode (and relay, later): part of the overlay that holds the global index
+    /// Run a supernode: part of the overlay that holds the global index and routes messages
     Node(NodeArgs),
     /// Run the client: attach to the network, be reachable, keep history (foreground)
     Up(UpArgs),
