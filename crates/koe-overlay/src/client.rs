@@ -36,6 +36,7 @@ pub const SEND_DEADLINE: Duration = Duration::from_secs(15);
 const RETRY_ATTACH_AFTER: Duration = Duration::from_millis(500);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
 const SEND_RETRY_PAUSE: Duration = Duration::from_millis(300);
+const REATTACH_JITTER_MS: u64 = 500;
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -179,6 +180,8 @@ type AckFuture = Pin<Box<dyn Future<Output = (ResponseChannel<OverlayResponse>, 
 pub struct ClientNode {
     swarm: Swarm<OverlayBehaviour>,
     config: ClientConfig,
+    /// Requests to the parent that timed out in a row; two mean the parent is not answering.
+    parent_timeouts: u32,
     /// The supernodes the client started with (network file and saved host cache): relearned
     /// whenever failures have emptied the host cache, so a client never gives up for good.
     initial_supernodes: Vec<String>,
@@ -213,6 +216,7 @@ impl ClientNode {
         let initial_supernodes = host_cache.candidates().map(|h| h.address.clone()).collect();
         let node = Self {
             swarm,
+            parent_timeouts: 0,
             initial_supernodes,
             envelope_key: EnvelopeKey::for_device(&config.device_key),
             config: ClientConfig { host_cache, ..config },
@@ -235,9 +239,16 @@ impl ClientNode {
         tokio::pin!(shutdown);
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
         loop {
+            let reattach_at = match self.parent {
+                Parent::Detached { retry_at } => Some(tokio::time::Instant::from_std(retry_at)),
+                _ => None,
+            };
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
                 Some(command) = self.commands.recv() => self.handle_command(command),
+                () = tokio::time::sleep_until(reattach_at.unwrap_or_else(tokio::time::Instant::now)), if reattach_at.is_some() => {
+                    self.try_attach(0);
+                }
                 Some((channel, result)) = self.acks.next(), if !self.acks.is_empty() => {
                     let response = match result {
                         Ok(()) => OverlayResponse::Delivered,
@@ -348,12 +359,16 @@ impl ClientNode {
         self.try_attach(attempt);
     }
 
+    /// Attaches elsewhere after a short random pause: when a supernode dies, all its clients
+    /// notice at the same instant, and spreading their handshakes keeps the next supernodes
+    /// answering.
     fn detach(&mut self, reason: String) {
         info!(%reason, "lost the parent supernode; attaching to another");
-        self.parent = Parent::Detached { retry_at: Instant::now() };
+        let jitter = Duration::from_millis(rand_core::RngCore::next_u64(&mut rand_core::OsRng) % REATTACH_JITTER_MS);
+        self.parent = Parent::Detached { retry_at: Instant::now() + jitter };
+        self.parent_timeouts = 0;
         self.next_publish = None;
         self.emit(ClientEvent::Detached { reason });
-        self.try_attach(0);
     }
 
     /// A parent that keeps its connection but does not answer (overloaded, or dropping
@@ -432,9 +447,15 @@ impl ClientNode {
                 ..
             } => self.handle_request(peer, request, channel),
             request_response::Event::Message {
+                peer,
                 message: request_response::Message::Response { request_id, response },
                 ..
-            } => self.handle_response(request_id, Ok(response)),
+            } => {
+                if Some(peer) == self.parent_peer() {
+                    self.parent_timeouts = 0;
+                }
+                self.handle_response(request_id, Ok(response));
+            }
             request_response::Event::OutboundFailure { request_id, error, peer, .. } => {
                 // A dial-back may legitimately outlast the request timeout (the parent is
                 // waiting on an unreachable address); that says nothing about the parent.
@@ -442,7 +463,13 @@ impl ClientNode {
                 let timed_out = matches!(error, request_response::OutboundFailure::Timeout) && !dial_back;
                 self.handle_response(request_id, Err(error.to_string()));
                 if timed_out && Some(peer) == self.parent_peer() {
-                    self.abandon_unresponsive_parent(peer);
+                    // One slow answer can be a busy moment; a second in a row is a parent
+                    // that has stopped answering. (Switching on every timeout made a busy
+                    // network busier: every switch is a handshake and a publish.)
+                    self.parent_timeouts += 1;
+                    if self.parent_timeouts >= 2 {
+                        self.abandon_unresponsive_parent(peer);
+                    }
                 }
             }
             _ => {}
