@@ -515,7 +515,9 @@ async fn main() -> Result<(), String> {
                 {
                     return Some(killed.elapsed());
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Every orphan polled at 20 ms made the observer's own parent the bottleneck
+                // (hundreds of lookups a second): 200 ms keeps the measurement out of the way.
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             None
         }));
