@@ -182,6 +182,8 @@ pub struct ClientNode {
     config: ClientConfig,
     /// Requests to the parent that timed out in a row; two mean the parent is not answering.
     parent_timeouts: u32,
+    /// Pings to the parent that failed in a row.
+    parent_ping_failures: u32,
     /// The supernodes the client started with (network file and saved host cache): relearned
     /// whenever failures have emptied the host cache, so a client never gives up for good.
     initial_supernodes: Vec<String>,
@@ -217,6 +219,7 @@ impl ClientNode {
         let node = Self {
             swarm,
             parent_timeouts: 0,
+            parent_ping_failures: 0,
             initial_supernodes,
             envelope_key: EnvelopeKey::for_device(&config.device_key),
             config: ClientConfig { host_cache, ..config },
@@ -367,6 +370,7 @@ impl ClientNode {
         let jitter = Duration::from_millis(rand_core::RngCore::next_u64(&mut rand_core::OsRng) % REATTACH_JITTER_MS);
         self.parent = Parent::Detached { retry_at: Instant::now() + jitter };
         self.parent_timeouts = 0;
+        self.parent_ping_failures = 0;
         self.next_publish = None;
         self.emit(ClientEvent::Detached { reason });
     }
@@ -421,6 +425,7 @@ impl ClientNode {
             }
             SwarmEvent::Behaviour(OverlayBehaviourEvent::Ping(ping::Event { peer, result, .. })) => match result {
                 Ok(rtt) => {
+                    self.parent_ping_failures = 0;
                     if let Parent::Attached { peer: parent, address, .. } = &self.parent {
                         if *parent == peer {
                             let address = address.clone();
@@ -430,8 +435,12 @@ impl ClientNode {
                 }
                 Err(ping::Failure::Unsupported) => {}
                 Err(error) => {
-                    debug!(%peer, %error, "ping failed; disconnecting");
-                    let _ = self.swarm.disconnect_peer_id(peer);
+                    self.parent_ping_failures += 1;
+                    if self.parent_ping_failures >= swarm::PING_FAILURES_BEFORE_DISCONNECT {
+                        debug!(%peer, %error, "pings keep failing; disconnecting");
+                        self.parent_ping_failures = 0;
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
                 }
             },
             SwarmEvent::Behaviour(OverlayBehaviourEvent::Overlay(event)) => self.handle_overlay_event(event),

@@ -124,6 +124,8 @@ pub struct Supernode {
     remote_ips: HashMap<PeerId, std::net::IpAddr>,
     /// Dial-backs in progress, by the peer being dialled.
     dial_backs: HashMap<PeerId, ResponseChannel<OverlayResponse>>,
+    /// Pings failed in a row, per peer.
+    ping_failures: HashMap<PeerId, u32>,
 }
 
 impl std::fmt::Debug for Supernode {
@@ -158,6 +160,7 @@ impl Supernode {
             known: Arc::default(),
             remote_ips: HashMap::new(),
             dial_backs: HashMap::new(),
+            ping_failures: HashMap::new(),
         };
         for address in config.bootstrap {
             node.add_supernode(&address);
@@ -262,6 +265,7 @@ impl Supernode {
             } => {
                 self.connected.remove(&peer_id);
                 self.remote_ips.remove(&peer_id);
+                self.ping_failures.remove(&peer_id);
                 if let Some(client) = self.attached.remove(&peer_id) {
                     info!(user = %client.certificate.username(), "client detached");
                 }
@@ -284,8 +288,16 @@ impl Supernode {
                 result: Err(error),
                 ..
             })) if !matches!(error, ping::Failure::Unsupported) => {
-                debug!(%peer, %error, "ping failed; disconnecting");
-                let _ = self.swarm.disconnect_peer_id(peer);
+                let failures = self.ping_failures.entry(peer).or_default();
+                *failures += 1;
+                if *failures >= swarm::PING_FAILURES_BEFORE_DISCONNECT {
+                    debug!(%peer, %error, "pings keep failing; disconnecting");
+                    self.ping_failures.remove(&peer);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+            SwarmEvent::Behaviour(OverlayBehaviourEvent::Ping(ping::Event { peer, result: Ok(_), .. })) => {
+                self.ping_failures.remove(&peer);
             }
             SwarmEvent::Behaviour(OverlayBehaviourEvent::Kad(event)) => self.handle_kad_event(event),
             SwarmEvent::Behaviour(OverlayBehaviourEvent::Overlay(event)) => self.handle_overlay_event(event),
