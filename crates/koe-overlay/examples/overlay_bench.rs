@@ -564,25 +564,9 @@ async fn memory_per_client(koe: &str, seed: &[u8; 32], network: &Network, count:
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let network_path = dir.join("network.toml");
     std::fs::write(&network_path, network.file.to_toml()).map_err(|e| e.to_string())?;
-    let port = {
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        socket.local_addr().map_err(|e| e.to_string())?.port()
-    };
-    let mut child = tokio::process::Command::new(koe)
-        .arg("--home")
-        .arg(dir.join("node"))
-        .args(["node", "--network"])
-        .arg(&network_path)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {koe}: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let address = lines.next_line().await.map_err(|e| e.to_string())?.ok_or("koe node printed nothing")?;
-    let pid = child.id().ok_or("no pid")?;
+    let mut node = start_supernode(koe, &dir.join("node"), &network_path).await?;
+    let address = node.address.to_string();
+    let pid = node.child.id().ok_or("no pid")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = rss_kib(pid);
     let address_file = dir.join("supernode.txt");
@@ -600,7 +584,7 @@ async fn memory_per_client(koe: &str, seed: &[u8; 32], network: &Network, count:
     println!("|---|---|");
     println!("| RSS idle / with {count} attached clients | {} / {} MiB |", before / 1024, after / 1024);
     println!("| memory per attached client (connection, presence record, state) | {:.1} KiB |", (after.saturating_sub(before)) as f64 / count as f64);
-    let _ = child.kill().await;
+    let _ = node.child.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
