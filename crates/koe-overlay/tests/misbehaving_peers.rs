@@ -9,19 +9,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RunningSupernode, TestNetwork};
+use common::{raw_overlay_swarm, RawBehaviour, RunningSupernode, TestNetwork};
 use futures::StreamExt;
-use koe_overlay::protocol::{OverlayRequest, OverlayResponse, OVERLAY_PROTOCOL};
+use koe_overlay::protocol::{OverlayRequest, OverlayResponse};
 use koe_overlay::{ParentSupernode, PresenceBody, PresenceRecord, PresenceStatus};
 use koe_types::{DeviceKey, UnixTime};
 use koe_wire::Codec;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, cbor, ProtocolSupport};
+use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::io::AsyncWriteExt;
-
-type RawBehaviour = cbor::Behaviour<OverlayRequest, OverlayResponse>;
 
 /// A peer that sends whatever the test tells it to.
 struct MisbehavingPeer {
@@ -31,17 +29,7 @@ struct MisbehavingPeer {
 
 impl MisbehavingPeer {
     async fn connect(identity: &DeviceKey, supernode: &Multiaddr) -> Self {
-        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(identity.seed()).unwrap();
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-            .with_tokio()
-            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-            .unwrap()
-            .with_behaviour(|_| {
-                RawBehaviour::new([(OVERLAY_PROTOCOL, ProtocolSupport::Full)], request_response::Config::default())
-            })
-            .unwrap()
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
+        let mut swarm = raw_overlay_swarm(identity, Duration::from_secs(60));
         let Some(Protocol::P2p(target)) = supernode.iter().last() else { panic!("no /p2p in {supernode}") };
         swarm.dial(supernode.clone()).unwrap();
         loop {

@@ -8,35 +8,20 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{wait_findable, RunningClient, RunningSupernode, TestNetwork};
+use common::{raw_overlay_swarm, wait_findable, RunningClient, RunningSupernode, TestNetwork};
 use futures::StreamExt;
 use koe_overlay::client::SendOutcome;
-use koe_overlay::protocol::{OverlayRequest, OverlayResponse, OVERLAY_PROTOCOL};
+use koe_overlay::protocol::{OverlayRequest, OverlayResponse};
 use koe_types::DeviceKey;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, cbor, ProtocolSupport};
+use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{noise, tcp, yamux, Multiaddr};
-
-type RawBehaviour = cbor::Behaviour<OverlayRequest, OverlayResponse>;
+use libp2p::Multiaddr;
 
 /// Answers `Attach` like a supernode, then never answers anything again.
 async fn start_black_hole() -> Multiaddr {
     let identity = DeviceKey::generate();
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(identity.seed()).unwrap();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-        .unwrap()
-        .with_behaviour(|_| {
-            RawBehaviour::new(
-                [(OVERLAY_PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(3600)),
-            )
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
-        .build();
+    let mut swarm = raw_overlay_swarm(&identity, Duration::from_secs(3600));
     swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
     let address = loop {
         if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {

@@ -187,3 +187,27 @@ pub async fn wait_findable_where(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The bare overlay protocol, for peers written for a test to misbehave.
+pub type RawBehaviour =
+    libp2p::request_response::cbor::Behaviour<koe_overlay::protocol::OverlayRequest, koe_overlay::protocol::OverlayResponse>;
+
+/// A libp2p swarm that speaks only the overlay protocol, with `identity` as its key; requests
+/// and idle connections last `patience`.
+pub fn raw_overlay_swarm(identity: &DeviceKey, patience: Duration) -> libp2p::Swarm<RawBehaviour> {
+    use libp2p::request_response::{self, ProtocolSupport};
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(identity.seed()).unwrap();
+    libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(libp2p::tcp::Config::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|_| {
+            RawBehaviour::new(
+                [(koe_overlay::protocol::OVERLAY_PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(patience),
+            )
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(patience))
+        .build()
+}

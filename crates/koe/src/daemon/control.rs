@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -66,7 +66,8 @@ pub async fn ask(home: &Path, request: &ControlRequest) -> Result<ControlRespons
 pub async fn read_request(stream: &mut BufReader<UnixStream>) -> Result<ControlRequest, String> {
     let mut line = Vec::new();
     let mut limited = (&mut *stream).take(MAX_CONTROL_LINE_BYTES as u64 + 1);
-    tokio::io::AsyncBufReadExt::read_until(&mut limited, b'\n', &mut line)
+    limited
+        .read_until(b'\n', &mut line)
         .await
         .map_err(|e| e.to_string())?;
     if line.len() > MAX_CONTROL_LINE_BYTES {
@@ -75,4 +76,3 @@ pub async fn read_request(stream: &mut BufReader<UnixStream>) -> Result<ControlR
     serde_json::from_slice(&line).map_err(|e| format!("malformed request: {e}"))
 }
 
-use tokio::io::AsyncReadExt as _;
