@@ -412,13 +412,16 @@ impl ClientNode {
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
-                let was_parent = match &self.parent {
-                    Parent::Attached { peer, .. } | Parent::Attaching { peer, .. } | Parent::Connecting { peer, .. } => {
-                        *peer == peer_id
-                    }
-                    Parent::Detached { .. } => false,
+                let lost_parent = match &self.parent {
+                    Parent::Attached { peer, address, .. }
+                    | Parent::Attaching { peer, address, .. }
+                    | Parent::Connecting { peer, address, .. } => (*peer == peer_id).then(|| address.clone()),
+                    Parent::Detached { .. } => None,
                 };
-                if was_parent {
+                if let Some(address) = lost_parent {
+                    // Most likely it crashed: try the others before dialling it again.
+                    self.config.host_cache.failed(&address);
+                    self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
                     let reason = cause.map_or("connection closed".to_string(), |c| c.to_string());
                     self.detach(format!("parent supernode gone: {reason}"));
                 }
