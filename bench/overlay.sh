@@ -5,7 +5,8 @@
 # benchmark process, the other clients in worker processes (a process may hold only 20,000
 # descriptors here). Prints Markdown tables.
 #
-#   bench/overlay.sh [SUPERNODES] [USERS]        (defaults: 100 10000)
+#   bench/overlay.sh [SUPERNODES] [USERS]        (defaults: 100 10000; SUPERNODES=0: only the
+#                                                memory-per-client table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 supernodes=${1:-100}

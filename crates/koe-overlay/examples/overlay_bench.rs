@@ -356,6 +356,10 @@ async fn main() -> Result<(), String> {
 
     // Supernodes: real `koe node` processes; the first three are the network's bootstrap list.
     let koe = options.koe.clone().ok_or("--koe PATH (the koe binary) is required: supernodes are koe node processes")?;
+    if options.supernodes == 0 {
+        // Only the memory table (`--supernodes 0`).
+        return memory_per_client(&koe, &seed, &network, options.memory_clients).await;
+    }
     let work = std::env::temp_dir().join(format!("koe-overlay-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let network_file = work.join("network.toml");

@@ -49,7 +49,7 @@ impl HostCache {
         Self { hosts: Vec::new(), salt }
     }
 
-    /// Adds a supernode heard of (from the network file, identify or a lookup), unless known.
+    /// Adds a supernode heard of (from the network file or a parent's list), unless known.
     pub fn learn(&mut self, address: &str) {
         if self.hosts.iter().any(|h| h.address == address) {
             return;

@@ -13,6 +13,7 @@
 //! | `Forward` | sender's parent → recipient's parent | `Delivered` / `Undelivered` |
 //! | `Deliver` | parent → attached client | `Delivered` / `Undelivered` |
 //! | `DialBack` | client → parent: "can you reach my supernode here?" | `DialedBack` |
+//! | `Hello` | supernode → supernode it dialled: "I listen here" | `Welcome` / `Refused` |
 
 use libp2p::identity::{ed25519, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
@@ -22,7 +23,6 @@ use koe_types::DevicePublicKey;
 
 pub const OVERLAY_PROTOCOL: StreamProtocol = StreamProtocol::new("/koe/overlay/1");
 pub const KADEMLIA_PROTOCOL: StreamProtocol = StreamProtocol::new("/koe/kad/1");
-pub const IDENTIFY_PROTOCOL_VERSION: &str = "/koe/1";
 /// Larger than any record or envelope plus framing.
 pub const MAX_REQUEST_BYTES: u64 = 128 * 1024;
 pub const MAX_RESPONSE_BYTES: u64 = 512 * 1024;
@@ -58,6 +58,9 @@ pub enum OverlayRequest {
     /// Before a client promotes itself to supernode, its parent checks from outside that the
     /// address (`…/p2p/PEER`, on the client's own IP) really accepts connections.
     DialBack { address: String },
+    /// A supernode tells a supernode it dialled where it listens, so that the other adds it
+    /// to its Kademlia routing table (an inbound connection shows only an ephemeral port).
+    Hello { listen: Vec<String> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +78,8 @@ pub enum OverlayResponse {
     Undelivered { reason: String },
     Refused { reason: String },
     DialedBack { reachable: bool, detail: String },
+    /// `Hello` taken: this many of the announced addresses were added.
+    Welcome { added: u32 },
 }
 
 /// Bytes that serialise compactly in CBOR.

@@ -19,14 +19,14 @@ use koe_wire::Codec;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{identify, kad, ping, Multiaddr, PeerId, Swarm};
+use libp2p::{kad, ping, Multiaddr, PeerId, Swarm};
 use tracing::{debug, info, warn};
 
 use crate::envelope::Envelope;
 use crate::index::PresenceIndex;
 use crate::metrics::SupernodeMetrics;
 use crate::presence::{index_key, PresenceRecord};
-use crate::protocol::{peer_id_of, ByteString, OverlayRequest, OverlayResponse, KADEMLIA_PROTOCOL};
+use crate::protocol::{peer_id_of, ByteString, OverlayRequest, OverlayResponse};
 use crate::swarm::{self, OverlayBehaviour, OverlayBehaviourEvent, SwarmError};
 
 fn ip_of(address: &Multiaddr) -> Option<std::net::IpAddr> {
@@ -46,6 +46,8 @@ const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// A parent remembers what its clients looked up this long, to route envelopes without a
 /// second lookup.
 const LOOKUP_CACHE_TTL: Duration = Duration::from_secs(30);
+/// At most this many addresses of one `Hello` are considered.
+const MAX_ANNOUNCED_ADDRESSES: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct SupernodeConfig {
@@ -102,6 +104,7 @@ enum Outstanding {
     Fetch(u64),
     /// A Forward or Deliver whose answer goes back unchanged to whoever asked.
     Relay(ResponseChannel<OverlayResponse>),
+    Hello,
 }
 
 pub struct Supernode {
@@ -255,6 +258,11 @@ impl Supernode {
                 if let Some(ip) = ip_of(endpoint.get_remote_address()) {
                     self.remote_ips.insert(peer_id, ip);
                 }
+                if endpoint.is_dialer() {
+                    // Only supernodes are dialled (Kademlia, bootstrap, dial-backs of would-be
+                    // supernodes): tell them where to dial back.
+                    self.say_hello(peer_id);
+                }
                 self.connected.insert(peer_id);
                 self.metrics.connected_peers.store(self.connected.len() as u64, Ordering::Relaxed);
             }
@@ -271,17 +279,6 @@ impl Supernode {
                 }
                 self.metrics.connected_peers.store(self.connected.len() as u64, Ordering::Relaxed);
                 self.metrics.attached_clients.store(self.attached.len() as u64, Ordering::Relaxed);
-            }
-            SwarmEvent::Behaviour(OverlayBehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                ..
-            })) if info.protocols.contains(&KADEMLIA_PROTOCOL) => {
-                if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-                    for address in info.listen_addrs {
-                        kad.add_address(&peer_id, address);
-                    }
-                }
             }
             SwarmEvent::Behaviour(OverlayBehaviourEvent::Ping(ping::Event {
                 peer,
@@ -445,7 +442,46 @@ impl Supernode {
             },
             OverlayRequest::Deliver { .. } => self.refuse(channel, "supernodes do not take deliveries"),
             OverlayRequest::DialBack { address } => self.dial_back(peer, &address, channel),
+            OverlayRequest::Hello { listen } => self.welcome(peer, &listen, channel),
         }
+    }
+
+    fn say_hello(&mut self, peer: PeerId) {
+        let listen = self.listen_addresses.iter().map(ToString::to_string).collect();
+        let id = self.swarm.behaviour_mut().overlay.send_request(&peer, OverlayRequest::Hello { listen });
+        self.outstanding.insert(id, Outstanding::Hello);
+    }
+
+    /// Adds a supernode that dialled in to the routing table at the addresses it announced,
+    /// only those on the IP it connects from, so nobody can plant a third party's address.
+    fn welcome(&mut self, peer: PeerId, listen: &[String], channel: ResponseChannel<OverlayResponse>) {
+        if self.attached.contains_key(&peer) {
+            return self.refuse(channel, "an attached client is not a supernode");
+        }
+        let remote_ip = self.remote_ips.get(&peer).copied();
+        let addresses: Vec<Multiaddr> = listen
+            .iter()
+            .take(MAX_ANNOUNCED_ADDRESSES)
+            .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .filter(|a| remote_ip.is_some() && ip_of(a) == remote_ip)
+            .map(|a| match a.iter().last() {
+                Some(Protocol::P2p(_)) => a.with_p2p(peer).unwrap_or_else(|a| a),
+                _ => a,
+            })
+            .collect();
+        if addresses.is_empty() {
+            self.metrics.refused("hello", "no_address");
+            return self.refuse(channel, "no announced address is on the IP you connect from");
+        }
+        let mut added = 0;
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            for address in addresses {
+                if !matches!(kad.add_address(&peer, address), kad::RoutingUpdate::Failed) {
+                    added += 1;
+                }
+            }
+        }
+        self.respond(channel, OverlayResponse::Welcome { added });
     }
 
     /// Checks a presence record from the network, counting refusals by reason.
@@ -662,7 +698,7 @@ impl Supernode {
                 }
                 self.respond(channel, response);
             }
-            None => {}
+            Some(Outstanding::Hello) | None => {}
         }
     }
 

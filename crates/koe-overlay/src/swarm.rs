@@ -1,6 +1,8 @@
 //! The libp2p stack shared by supernodes and clients: TCP + Noise + Yamux, Kademlia (server
-//! mode on supernodes, absent on clients, which leave the DHT to their parent), identify,
-//! ping, and request-response for the overlay protocol.
+//! mode on supernodes, absent on clients, which leave the DHT to their parent), ping, and
+//! request-response for the overlay protocol. There is no identify: its per-connection
+//! handler alone cost a supernode ~3.4 KiB per attached client, and the one thing it did
+//! here (telling a supernode where another listens) is the overlay's `Hello` (ADR 0003).
 
 use std::time::Duration;
 
@@ -9,11 +11,11 @@ use libp2p::kad::store::MemoryStore;
 use libp2p::request_response::{self, cbor, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identify, kad, noise, ping, tcp, yamux, Swarm};
+use libp2p::{kad, noise, ping, tcp, yamux, Swarm};
 
 use crate::protocol::{
-    OverlayRequest, OverlayResponse, IDENTIFY_PROTOCOL_VERSION, KADEMLIA_PROTOCOL,
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, OVERLAY_PROTOCOL,
+    OverlayRequest, OverlayResponse, KADEMLIA_PROTOCOL, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+    OVERLAY_PROTOCOL,
 };
 
 /// How often connections are pinged; a parent that stops answering without closing its
@@ -32,7 +34,6 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 #[derive(NetworkBehaviour)]
 pub(crate) struct OverlayBehaviour {
     pub kad: Toggle<kad::Behaviour<MemoryStore>>,
-    pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub overlay: cbor::Behaviour<OverlayRequest, OverlayResponse>,
 }
@@ -71,10 +72,6 @@ pub(crate) fn build(identity: &DeviceKey, supernode: bool) -> Result<Swarm<Overl
                 .set_response_size_maximum(MAX_RESPONSE_BYTES);
             OverlayBehaviour {
                 kad: kad.into(),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    IDENTIFY_PROTOCOL_VERSION.to_string(),
-                    key.public(),
-                )),
                 ping: ping::Behaviour::new(
                     ping::Config::new()
                         .with_interval(PING_INTERVAL)
@@ -94,3 +91,4 @@ pub(crate) fn build(identity: &DeviceKey, supernode: bool) -> Result<Swarm<Overl
         .build();
     Ok(swarm)
 }
+

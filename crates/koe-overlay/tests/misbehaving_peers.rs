@@ -174,3 +174,26 @@ async fn impostors_and_garbage_are_refused_and_the_supernode_keeps_serving() {
         OverlayResponse::Published { .. }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supernode_announcements_are_only_taken_for_the_announcers_own_address() {
+    let network = TestNetwork::new();
+    let supernode = RunningSupernode::start(&network, vec![]).await;
+    let metrics = &supernode.metrics;
+    let mallory = DeviceKey::generate();
+    let mut peer = MisbehavingPeer::connect(&mallory, &supernode.address).await;
+
+    // Planting someone else's address (or garbage) in the routing table is refused.
+    let elsewhere = vec!["/ip4/10.9.8.7/tcp/4000".to_string(), "not a multiaddr".to_string()];
+    assert!(refused(peer.ask(OverlayRequest::Hello { listen: elsewhere }).await).contains("IP you connect from"));
+    assert_eq!(metrics.refused_count("hello", "no_address"), 1);
+
+    // Its own address is taken.
+    let own = vec!["/ip4/127.0.0.1/tcp/4000".to_string(), "/ip4/10.9.8.7/tcp/4000".to_string()];
+    assert!(matches!(peer.ask(OverlayRequest::Hello { listen: own.clone() }).await, OverlayResponse::Welcome { added: 1 }));
+
+    // An attached client is not a supernode.
+    let certificate = network.certificate("mallory", &mallory).to_bytes();
+    assert!(matches!(peer.ask(OverlayRequest::Attach { certificate }).await, OverlayResponse::Attached { .. }));
+    assert!(refused(peer.ask(OverlayRequest::Hello { listen: own }).await).contains("not a supernode"));
+}

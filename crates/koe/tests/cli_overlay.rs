@@ -26,16 +26,20 @@ fn users_on_different_supernodes_find_each_other_and_chat() {
             .unwrap());
         supernodes.push(node);
     }
-    // Bob's copy of the network file lists the supernodes the other way round, so his parent
-    // differs from alice's.
-    let bob_net = network.dir.path().join("bob-network.toml");
-    let text = std::fs::read_to_string(&net).unwrap();
-    let mut file = koe_types::NetworkFile::from_toml(&text).unwrap();
-    file.bootstrap.reverse();
-    std::fs::write(&bob_net, file.to_toml()).unwrap();
+    // Alice's and bob's copies of the network file list one supernode each (the first, the
+    // last), so their parents differ; each learns the others from its parent.
+    let copy_with_one_supernode = |name: &str, pick: fn(&[String]) -> Option<&String>| {
+        let path = network.dir.path().join(name);
+        let mut file = koe_types::NetworkFile::from_toml(&std::fs::read_to_string(&net).unwrap()).unwrap();
+        file.bootstrap = pick(&file.bootstrap).into_iter().cloned().collect();
+        std::fs::write(&path, file.to_toml()).unwrap();
+        path
+    };
+    let alice_net = copy_with_one_supernode("alice-network.toml", |all| all.first());
+    let bob_net = copy_with_one_supernode("bob-network.toml", |all| all.last());
 
     let (alice, bob) = (network.home("alice"), network.home("bob"));
-    ok(run(&alice, &["signup", "alice", "--network", net.to_str().unwrap(), "--password-stdin"], "correct horse\n"));
+    ok(run(&alice, &["signup", "alice", "--network", alice_net.to_str().unwrap(), "--password-stdin"], "correct horse\n"));
     ok(run(&bob, &["signup", "bob", "--network", bob_net.to_str().unwrap(), "--password-stdin"], "battery staple\n"));
     let _alice_up = KoeProcess::up(&alice);
     let _bob_up = KoeProcess::up(&bob);

@@ -101,11 +101,16 @@ pub struct RunningClient {
 }
 
 impl RunningClient {
+    /// A client that knows `supernodes`; the first is where it was attached last time, so it
+    /// is tried first (the others in the host cache's own order).
     pub async fn start(network: &TestNetwork, username: &str, supernodes: &[Multiaddr]) -> Self {
         let device = DeviceKey::generate();
         let mut host_cache = HostCache::default();
         for address in supernodes {
             host_cache.learn(&address.to_string());
+        }
+        if let Some(first) = supernodes.first() {
+            host_cache.succeeded(&first.to_string(), None, koe_types::UnixTime::now());
         }
         let (node, handle, mut events) = ClientNode::new(ClientConfig {
             network: network.file.clone(),
