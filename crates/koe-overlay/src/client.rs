@@ -37,6 +37,15 @@ const RETRY_ATTACH_AFTER: Duration = Duration::from_millis(500);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
 const SEND_RETRY_PAUSE: Duration = Duration::from_millis(300);
 const REATTACH_JITTER_MS: u64 = 500;
+const PUBLISH_RETRY_FIRST: Duration = Duration::from_secs(2);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The pause before retrying a publish after `failures` failures in a row: 2 s doubling up to
+/// 60 s, each between half and all of that (`random` spreads clients that failed together).
+fn publish_retry_pause(failures: u32, random: u64) -> Duration {
+    let full = PUBLISH_RETRY_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(PUBLISH_RETRY_MAX);
+    full / 2 + Duration::from_millis(random % (full.as_millis() as u64 / 2).max(1))
+}
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -192,6 +201,9 @@ pub struct ClientNode {
     parent: Parent,
     sequence: u64,
     next_publish: Option<Instant>,
+    /// Publishes that failed in a row: each doubles the pause before the next try, so an
+    /// overloaded overlay is not flooded with retries.
+    publish_failures: u32,
     outstanding: HashMap<OutboundRequestId, Outstanding>,
     sends: HashMap<u64, PendingSend>,
     next_send: u64,
@@ -228,6 +240,7 @@ impl ClientNode {
             // Milliseconds since the epoch: strictly increasing across restarts of this device.
             sequence: UnixTime::now().as_secs().saturating_mul(1000),
             next_publish: None,
+            publish_failures: 0,
             outstanding: HashMap::new(),
             sends: HashMap::new(),
             next_send: 0,
@@ -559,10 +572,13 @@ impl ClientNode {
             }
             (Outstanding::Publish, Ok(OverlayResponse::Published { replicas })) => {
                 debug!(replicas, "presence published");
+                self.publish_failures = 0;
             }
             (Outstanding::Publish, other) => {
-                warn!(?other, "presence not published; retrying shortly");
-                self.next_publish = Some(Instant::now() + Duration::from_secs(2));
+                self.publish_failures += 1;
+                let pause = publish_retry_pause(self.publish_failures, rand_core::RngCore::next_u64(&mut rand_core::OsRng));
+                warn!(?other, ?pause, "presence not published; retrying");
+                self.next_publish = Some(Instant::now() + pause);
             }
             (Outstanding::Lookup(reply), response) => {
                 let _ = reply.send(self.presence_from(response));
@@ -828,5 +844,18 @@ impl ClientNode {
         if let Some(send) = self.sends.remove(&id) {
             let _ = send.reply.send(outcome);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_retries_back_off_and_spread() {
+        let pause = |failures, random| publish_retry_pause(failures, random).as_millis();
+        assert_eq!((pause(1, 0), pause(1, 999)), (1_000, 1_999));
+        assert_eq!((pause(2, 0), pause(3, 0), pause(5, 0)), (2_000, 4_000, 16_000));
+        assert_eq!((pause(6, 0), pause(40, u64::MAX)), (30_000, 30_000 + u64::MAX as u128 % 30_000));
     }
 }

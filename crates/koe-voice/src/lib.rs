@@ -1,0 +1,27 @@
+//! Koe's voice engine. Everything here is sans-IO: frames of samples and payload bytes go in
+//! and out, time is a parameter, and the drivers (calls over str0m, WAV files, sound cards)
+//! live elsewhere.
+//!
+//! - [`codec`]: Opus (48 kHz mono, 20 ms) behind [`codec::VoiceEncoder`] /
+//!   [`codec::VoiceDecoder`]; the pure-Rust backend by default.
+//! - [`payload`]: the voice payload with copies of earlier frames.
+//! - [`sender`]: encoding, and redundancy that follows the loss the receiver reports.
+//! - [`jitter`]: the adaptive jitter buffer; [`receiver`]: it with the decoder.
+//! - [`quality`]: the E-model MOS estimate; [`impairment`]: a seeded bad network;
+//!   [`simulate`]: one direction of a call in virtual time; [`wav`]: WAV in and out.
+
+pub mod codec;
+pub mod impairment;
+pub mod jitter;
+pub mod payload;
+pub mod quality;
+pub mod receiver;
+pub mod sender;
+pub mod simulate;
+pub mod wav;
+
+pub use codec::{Backend, CodecError, VoiceDecoder, VoiceEncoder, FRAME_SAMPLES, SAMPLE_RATE};
+pub use jitter::{JitterBuffer, JitterConfig, JitterStats, Playout};
+pub use payload::{PayloadError, VoicePayload};
+pub use receiver::{ReceiverStats, VoiceReceiver};
+pub use sender::{SenderStats, VoiceSender};
