@@ -109,6 +109,8 @@ pub struct JitterStats {
     pub playout_delay: Duration,
     /// Fraction of recent frames whose own packet never came (before any recovery).
     pub loss_before_recovery: f64,
+    /// Mean length of the recent runs of lost packets (1.0 for isolated losses).
+    pub mean_burst: f64,
 }
 
 impl JitterStats {
@@ -120,6 +122,15 @@ impl JitterStats {
             self.concealed as f64 / self.frames as f64
         }
     }
+}
+
+/// The receiver's view of the path, sent back to the sender now and then.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LossReport {
+    /// Fraction of packets lost (before recovery), 0.0–1.0.
+    pub loss: f64,
+    /// Mean length of runs of lost packets.
+    pub mean_burst: f64,
 }
 
 #[derive(Debug)]
@@ -142,6 +153,8 @@ pub struct JitterBuffer {
     received: VecDeque<u64>,
     /// Frames concealed for want of anything newer, oldest first.
     underrun_frames: VecDeque<u64>,
+    /// How far back the copies in the newest payload reach, nearest first.
+    copy_distances: Vec<u32>,
     target_micros: i64,
     stats: JitterStats,
 }
@@ -157,6 +170,7 @@ impl JitterBuffer {
             transits: VecDeque::with_capacity(TRANSIT_WINDOW),
             received: VecDeque::new(),
             underrun_frames: VecDeque::new(),
+            copy_distances: Vec::new(),
             target_micros: config.margin.as_micros() as i64,
             stats: JitterStats::default(),
         }
@@ -166,9 +180,10 @@ impl JitterBuffer {
         self.stats
     }
 
-    /// Fraction of recent frames lost before recovery, for the sender's redundancy.
-    pub fn loss_report(&self) -> f64 {
-        self.stats.loss_before_recovery
+    /// What the sender needs to choose its copies: recent loss before recovery and how
+    /// bursty it is.
+    pub fn loss_report(&self) -> LossReport {
+        LossReport { loss: self.stats.loss_before_recovery, mean_burst: self.stats.mean_burst }
     }
 
     fn micros_since_epoch(&mut self, now: Instant) -> i64 {
@@ -240,6 +255,11 @@ impl JitterBuffer {
                 }
             }
         }
+        if self.highest == Some(frame) {
+            let mut distances: Vec<u32> = payload.copies.iter().map(|(n, _)| payload.frame.wrapping_sub(*n)).collect();
+            distances.sort_unstable();
+            self.copy_distances = distances;
+        }
         for (number, opus) in payload.copies {
             let number = self.unwrap(number);
             if playable(number, self.next_play) && !self.frames.contains_key(&number) {
@@ -257,13 +277,13 @@ impl JitterBuffer {
         // Loss before recovery over the recent window of frame numbers.
         if let (Some(&first), Some(highest)) = (self.received.front(), self.highest) {
             let span = (highest - first + 1) as f64;
-            let unique = {
-                let mut seen: Vec<u64> = self.received.iter().copied().collect();
-                seen.sort_unstable();
-                seen.dedup();
-                seen.len() as f64
-            };
-            self.stats.loss_before_recovery = (1.0 - unique / span).max(0.0);
+            let mut seen: Vec<u64> = self.received.iter().copied().collect();
+            seen.sort_unstable();
+            seen.dedup();
+            self.stats.loss_before_recovery = (1.0 - seen.len() as f64 / span).max(0.0);
+            let gaps: Vec<u64> = seen.windows(2).map(|w| w[1] - w[0] - 1).filter(|&g| g > 0).collect();
+            self.stats.mean_burst =
+                if gaps.is_empty() { 0.0 } else { gaps.iter().sum::<u64>() as f64 / gaps.len() as f64 };
         }
         let Some(min) = self.transits.iter().map(|(_, t)| *t).min() else {
             return;
@@ -281,7 +301,14 @@ impl JitterBuffer {
         } else {
             copies_worth_waiting(self.stats.loss_before_recovery)
         };
-        let target = jitter + self.config.margin.as_micros() as i64 + copies_waited as i64 * FRAME_MICROS;
+        // Waiting for the n-th copy means waiting for the packet that carries it, as many
+        // frames later as its distance.
+        let frames_waited = if copies_waited == 0 {
+            0
+        } else {
+            self.copy_distances.get(copies_waited - 1).copied().unwrap_or(copies_waited as u32)
+        };
+        let target = jitter + self.config.margin.as_micros() as i64 + i64::from(frames_waited) * FRAME_MICROS;
         self.target_micros = target.min(self.config.max_delay.as_micros() as i64);
         self.stats.target_delay = Duration::from_micros(self.target_micros.max(0) as u64);
     }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::codec::{CodecError, VoiceDecoder, FRAME_SAMPLES};
-use crate::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout};
+use crate::jitter::{JitterBuffer, JitterConfig, JitterStats, LossReport, Playout};
 use crate::payload::PayloadError;
 
 /// A frame counts as quiet (a good moment to adjust delay) below this RMS (about −45 dBFS)
@@ -77,8 +77,8 @@ impl VoiceReceiver {
         Ok(())
     }
 
-    /// Fraction of recent packets lost before recovery, to report to the sender.
-    pub fn loss_report(&self) -> f64 {
+    /// Recent loss before recovery and its burstiness, to report to the sender.
+    pub fn loss_report(&self) -> LossReport {
         self.buffer.loss_report()
     }
 

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 
 use crate::codec::{CodecError, VoiceEncoder, MAX_OPUS_PACKET};
+use crate::jitter::LossReport;
 use crate::payload::{VoicePayload, MAX_REDUNDANCY};
 
 /// How many earlier frames to repeat for a reported loss fraction (0.0–1.0). A frame is then
@@ -20,6 +21,15 @@ pub fn redundancy_for_loss(loss: f64) -> usize {
 }
 
 const INITIAL_REDUNDANCY: usize = 1;
+/// Frames kept for copies: as far back as the farthest distance.
+const HISTORY: usize = 7;
+
+/// How far back copies reach. Isolated losses: the frames just before. Bursts (runs of
+/// lost packets two or more long on average): spread out, so that one burst does not take a
+/// frame and all its copies.
+const CONSECUTIVE: [u32; MAX_REDUNDANCY] = [1, 2, 3, 4];
+const SPREAD: [u32; MAX_REDUNDANCY] = [1, 3, 5, 7];
+const BURSTY_FROM: f64 = 1.8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SenderStats {
@@ -34,6 +44,7 @@ pub struct VoiceSender {
     /// The last frames sent, newest last, for copies.
     history: VecDeque<(u32, Vec<u8>)>,
     redundancy: usize,
+    distances: &'static [u32; MAX_REDUNDANCY],
     /// Fixed by the caller (`None`: follow the reported loss).
     fixed_redundancy: Option<usize>,
     stats: SenderStats,
@@ -53,10 +64,11 @@ impl VoiceSender {
         Self {
             encoder,
             next_frame: 0,
-            history: VecDeque::with_capacity(MAX_REDUNDANCY + 1),
+            history: VecDeque::with_capacity(HISTORY),
             // One copy until the first loss report shows the path is clean: the first
             // second of a call on a lossy path is protected too.
             redundancy: INITIAL_REDUNDANCY,
+            distances: &CONSECUTIVE,
             fixed_redundancy: None,
             stats: SenderStats::default(),
         }
@@ -70,9 +82,10 @@ impl VoiceSender {
         }
     }
 
-    /// The receiver's latest loss report (fraction of packets lost before recovery).
-    pub fn on_loss_report(&mut self, loss: f64) {
-        let loss = if loss.is_finite() { loss.clamp(0.0, 1.0) } else { 0.0 };
+    /// The receiver's latest loss report.
+    pub fn on_loss_report(&mut self, report: LossReport) {
+        let loss = if report.loss.is_finite() { report.loss.clamp(0.0, 1.0) } else { 0.0 };
+        self.distances = if report.mean_burst >= BURSTY_FROM { &SPREAD } else { &CONSECUTIVE };
         if self.fixed_redundancy.is_none() {
             self.redundancy = redundancy_for_loss(loss);
         }
@@ -94,13 +107,13 @@ impl VoiceSender {
         opus.truncate(length);
         let number = self.next_frame;
         self.next_frame = self.next_frame.wrapping_add(1);
-        let copies: Vec<(u32, &[u8])> = self
-            .history
+        let copies: Vec<(u32, &[u8])> = self.distances[..self.redundancy]
             .iter()
             .rev()
-            .take(self.redundancy)
-            .rev()
-            .map(|(n, bytes)| (*n, bytes.as_slice()))
+            .filter_map(|&distance| {
+                let wanted = number.wrapping_sub(distance);
+                self.history.iter().find(|(n, _)| *n == wanted).map(|(n, bytes)| (*n, bytes.as_slice()))
+            })
             .collect();
         let mut payload = Vec::with_capacity(5 + opus.len() * (copies.len() + 1) + 3 * copies.len());
         VoicePayload { frame: number, opus: &opus, copies }
@@ -109,7 +122,7 @@ impl VoiceSender {
         self.stats.frames += 1;
         self.stats.payload_bytes += payload.len() as u64;
         self.stats.redundancy = self.redundancy;
-        if self.history.len() == MAX_REDUNDANCY {
+        if self.history.len() == HISTORY {
             self.history.pop_front();
         }
         self.history.push_back((number, opus));
@@ -135,7 +148,7 @@ mod tests {
             let parsed = VoicePayload::parse(&payload).map_err(|e| CodecError::Decode(e.to_string()))?;
             assert_eq!((parsed.frame, parsed.copies.len()), (number, copies), "one copy until a report");
         }
-        sender.on_loss_report(0.20);
+        sender.on_loss_report(LossReport { loss: 0.20, mean_burst: 1.0 });
         for expected in [3, 3, 3] {
             let payload = sender.encode(&frame)?;
             let parsed = VoicePayload::parse(&payload).map_err(|e| CodecError::Decode(e.to_string()))?;
@@ -144,11 +157,20 @@ mod tests {
             let wanted: Vec<u32> = (parsed.frame - expected as u32..parsed.frame).collect();
             assert_eq!(numbers, wanted, "the copies are the frames just before");
         }
-        sender.on_loss_report(0.0);
+        sender.on_loss_report(LossReport::default());
         let payload = sender.encode(&frame)?;
         assert_eq!(VoicePayload::parse(&payload).map(|p| p.copies.len()), Ok(0));
-        sender.on_loss_report(f64::NAN);
+        sender.on_loss_report(LossReport { loss: f64::NAN, mean_burst: f64::NAN });
         assert_eq!(sender.stats().redundancy, 0);
+        // Bursty loss spreads the copies out.
+        sender.on_loss_report(LossReport { loss: 0.20, mean_burst: 3.0 });
+        for _ in 0..8 {
+            sender.encode(&frame)?;
+        }
+        let payload = sender.encode(&frame)?;
+        let parsed = VoicePayload::parse(&payload).map_err(|e| CodecError::Decode(e.to_string()))?;
+        let distances: Vec<u32> = parsed.copies.iter().map(|(n, _)| parsed.frame - n).collect();
+        assert_eq!(distances, [5, 3, 1], "oldest first");
         Ok(())
     }
 }
