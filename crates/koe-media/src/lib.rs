@@ -1,0 +1,252 @@
+//! One call's media path, sans-IO: str0m's ICE, DTLS-SRTP and RTP/RTCP carrying Koe voice
+//! payloads (`koe_voice::payload`) as one Opus RTP stream each way.
+//!
+//! Each side makes a [`MediaSession`], puts its [`MediaDescription`] (ICE credentials, DTLS
+//! fingerprint, candidates, SSRC) into the signed call offer or answer, and gives the other
+//! side's to [`MediaSession::start`]. The driver then feeds datagrams in
+//! ([`MediaSession::receive`]), sends what [`MediaSession::poll`] says, wakes it at the
+//! deadline it names, and writes one voice payload every 20 ms with
+//! [`MediaSession::send_voice`]. Candidates are host candidates here; server-reflexive and
+//! relayed ones enter through the same [`MediaSession::add_local_candidate`].
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use str0m::change::DirectApi;
+use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::Ssrc;
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+
+/// The one audio stream of a call.
+const MID: &str = "0";
+/// How long ICE may take to find a path before the call is given up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Koe clients send a frame every 20 ms for the whole call (silence and mute included), so
+/// this long without one means the other side or the path is gone.
+pub const VOICE_TIMEOUT: Duration = Duration::from_secs(4);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("the other side's media description is invalid: {0}")]
+    BadDescription(String),
+    #[error("the media engine failed: {0}")]
+    Engine(String),
+    #[error("no audio stream: the call's media was not set up")]
+    NoStream,
+}
+
+/// What one side tells the other about its media, inside the signed call offer or answer
+/// (so the DTLS fingerprint is bound to the caller's certificate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaDescription {
+    pub ice_ufrag: String,
+    pub ice_pwd: String,
+    /// `sha-256 AB:CD:…`
+    pub dtls_fingerprint: String,
+    /// ICE candidates in SDP form (`candidate:…`).
+    pub candidates: Vec<String>,
+    pub ssrc: u32,
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum MediaOutput {
+    /// Send this datagram from `source` (one of the local candidates) to `destination`.
+    Transmit { source: SocketAddr, destination: SocketAddr, datagram: Vec<u8> },
+    /// A voice payload from the other side.
+    Voice { payload: Vec<u8>, arrived: Instant },
+    /// ICE and DTLS are up: voice can flow.
+    Connected,
+    /// The path is gone (ICE disconnected for good) or never came up.
+    Failed { reason: String },
+    /// Nothing more until this instant (or a datagram).
+    WaitUntil(Instant),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    Host,
+    ServerReflexive,
+    PeerReflexive,
+    Relayed,
+}
+
+pub struct MediaSession {
+    rtc: Rtc,
+    local_candidates: Vec<Candidate>,
+    mid: Mid,
+    pt: Option<Pt>,
+    ssrc: Ssrc,
+    started_at: Instant,
+    /// When voice last arrived (or the session connected).
+    last_voice: Option<Instant>,
+    connected: bool,
+    failed: bool,
+    media_time: u64,
+}
+
+impl std::fmt::Debug for MediaSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MediaSession").field("connected", &self.connected).finish_non_exhaustive()
+    }
+}
+
+fn install_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| str0m::crypto::from_feature_flags().install_process_default());
+}
+
+impl MediaSession {
+    /// A session whose host candidates are `local` (the addresses of its UDP sockets).
+    pub fn new(now: Instant, local: &[SocketAddr]) -> Result<Self, MediaError> {
+        install_crypto();
+        let mut rtc = RtcConfig::new()
+            // Emit every packet at once: Koe's own jitter buffer does the reordering.
+            .set_reordering_size_audio(0)
+            .build(now);
+        let mut local_candidates = Vec::new();
+        for address in local {
+            let candidate = Candidate::host(*address, "udp").map_err(|e| MediaError::Engine(e.to_string()))?;
+            rtc.add_local_candidate(candidate.clone());
+            local_candidates.push(candidate);
+        }
+        let mid = Mid::from(MID);
+        let ssrc = {
+            let mut api = rtc.direct_api();
+            api.declare_media(mid, MediaKind::Audio);
+            let ssrc = api.new_ssrc();
+            api.declare_stream_tx(ssrc, None, mid, None);
+            ssrc
+        };
+        let pt = rtc.codec_config().find(|p| p.spec().codec == str0m::format::Codec::Opus).map(|p| p.pt());
+        Ok(Self { rtc, local_candidates, mid, pt, ssrc, started_at: now, last_voice: None, connected: false, failed: false, media_time: 0 })
+    }
+
+    /// Adds a candidate found later (server-reflexive from a supernode, relayed from a relay).
+    pub fn add_local_candidate(&mut self, candidate: Candidate) {
+        self.rtc.add_local_candidate(candidate.clone());
+        self.local_candidates.push(candidate);
+    }
+
+    pub fn local_description(&mut self) -> MediaDescription {
+        let candidates = self.local_candidates.iter().map(Candidate::to_sdp_string).collect();
+        let api = self.rtc.direct_api();
+        let creds = api.local_ice_credentials();
+        MediaDescription {
+            ice_ufrag: creds.ufrag,
+            ice_pwd: creds.pass,
+            dtls_fingerprint: api.local_dtls_fingerprint().to_string(),
+            candidates,
+            ssrc: *self.ssrc,
+        }
+    }
+
+    /// Starts ICE and DTLS towards the other side. The caller controls ICE and is the DTLS
+    /// client.
+    pub fn start(&mut self, remote: &MediaDescription, caller: bool) -> Result<(), MediaError> {
+        let bad = |what: &str, error: String| MediaError::BadDescription(format!("{what}: {error}"));
+        let fingerprint = remote
+            .dtls_fingerprint
+            .parse()
+            .map_err(|e| bad("DTLS fingerprint", format!("{e:?}")))?;
+        let mut candidates = Vec::new();
+        for text in remote.candidates.iter().take(32) {
+            candidates.push(Candidate::from_sdp_string(text).map_err(|e| bad("candidate", e.to_string()))?);
+        }
+        if candidates.is_empty() {
+            return Err(MediaError::BadDescription("no candidates".into()));
+        }
+        if remote.ice_ufrag.is_empty() || remote.ice_pwd.len() < 22 {
+            return Err(MediaError::BadDescription("ICE credentials too short".into()));
+        }
+        for candidate in candidates {
+            self.rtc.add_remote_candidate(candidate);
+        }
+        let mid = self.mid;
+        let mut api: DirectApi = self.rtc.direct_api();
+        api.set_remote_fingerprint(fingerprint);
+        api.set_remote_ice_credentials(str0m::IceCreds { ufrag: remote.ice_ufrag.clone(), pass: remote.ice_pwd.clone() });
+        api.set_ice_controlling(caller);
+        api.expect_stream_rx(Ssrc::from(remote.ssrc), None, mid, None);
+        api.start_dtls(caller).map_err(|e| MediaError::Engine(e.to_string()))
+    }
+
+    /// A datagram that arrived on the local socket `destination` from `source`.
+    pub fn receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
+        let Ok(contents) = datagram.try_into() else {
+            return; // Not STUN, DTLS or RTP: ignore.
+        };
+        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
+        if self.rtc.accepts(&input) {
+            let _ = self.rtc.handle_input(input);
+        }
+    }
+
+    /// Sends one voice payload (20 ms of audio).
+    pub fn send_voice(&mut self, now: Instant, payload: &[u8]) -> Result<(), MediaError> {
+        let pt = self.pt.ok_or(MediaError::NoStream)?;
+        let time = MediaTime::new(self.media_time, Frequency::FORTY_EIGHT_KHZ);
+        self.media_time += 960;
+        let writer = self.rtc.writer(self.mid).ok_or(MediaError::NoStream)?;
+        writer.write(pt, now, time, payload.to_vec()).map_err(|e| MediaError::Engine(e.to_string()))
+    }
+
+    /// What to do next; call until it returns [`MediaOutput::WaitUntil`].
+    pub fn poll(&mut self, now: Instant) -> MediaOutput {
+        if !self.connected && !self.failed && now.saturating_duration_since(self.started_at) > CONNECT_TIMEOUT {
+            self.failed = true;
+            return MediaOutput::Failed { reason: "no network path to the other side was found".into() };
+        }
+        if self.connected && !self.failed && self.last_voice.is_some_and(|at| now.saturating_duration_since(at) > VOICE_TIMEOUT) {
+            self.failed = true;
+            return MediaOutput::Failed {
+                reason: format!("no audio from the other side for {} s: it or the network went away", VOICE_TIMEOUT.as_secs()),
+            };
+        }
+        loop {
+            let output = match self.rtc.poll_output() {
+                Ok(output) => output,
+                Err(error) => {
+                    self.failed = true;
+                    return MediaOutput::Failed { reason: error.to_string() };
+                }
+            };
+            match output {
+                Output::Timeout(at) => {
+                    if at <= now {
+                        let _ = self.rtc.handle_input(Input::Timeout(now));
+                        continue;
+                    }
+                    return MediaOutput::WaitUntil(at.min(now + Duration::from_millis(100)));
+                }
+                Output::Transmit(transmit) => {
+                    return MediaOutput::Transmit {
+                        source: transmit.source,
+                        destination: transmit.destination,
+                        datagram: transmit.contents.to_vec(),
+                    };
+                }
+                Output::Event(Event::Connected) => {
+                    self.connected = true;
+                    self.last_voice = Some(now);
+                    return MediaOutput::Connected;
+                }
+                Output::Event(Event::MediaData(data)) => {
+                    self.last_voice = Some(now.max(data.network_time));
+                    return MediaOutput::Voice { payload: data.data.to_vec(), arrived: data.network_time };
+                }
+                Output::Event(Event::IceConnectionStateChange(IceConnectionState::Disconnected)) if self.connected => {
+                    self.failed = true;
+                    return MediaOutput::Failed { reason: "the network path to the other side was lost".into() };
+                }
+                Output::Event(_) => continue,
+            }
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+}
