@@ -9,45 +9,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use koe_media::{MediaDescription, MediaOutput, MediaSession};
+use koe_voice::signal::{best_lag, correlation, speechlike};
 use koe_voice::{Backend, JitterConfig, VoiceReceiver, VoiceSender, FRAME_SAMPLES, SAMPLE_RATE};
 use tokio::net::UdpSocket;
-
-fn speechlike(seconds: usize) -> Vec<f32> {
-    let rate = SAMPLE_RATE as f32;
-    (0..seconds * SAMPLE_RATE as usize)
-        .map(|i| {
-            let t = i as f32 / rate;
-            let syllable = (t * 4.0).fract();
-            let envelope = if syllable < 0.7 { (syllable / 0.7 * std::f32::consts::PI).sin() } else { 0.0 };
-            let pitch = 140.0 + 30.0 * (t * 1.3).sin();
-            let voice: f32 = (1..8).map(|h| (2.0 * std::f32::consts::PI * pitch * h as f32 * t).sin() / h as f32).sum();
-            0.25 * envelope * voice
-        })
-        .collect()
-}
-
-fn correlation(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let energy = |x: &[f32]| x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
-    dot / (energy(a) * energy(b)).sqrt().max(f64::EPSILON)
-}
-
-/// The lag (samples, ±500 ms) at which `later` best matches `earlier`.
-fn lag_of(earlier: &[f32], later: &[f32]) -> isize {
-    let at = |lag: isize| {
-        if lag >= 0 {
-            correlation(earlier, later.get(lag as usize..).unwrap_or(&[]))
-        } else {
-            correlation(earlier.get(lag.unsigned_abs()..).unwrap_or(&[]), later)
-        }
-    };
-    let window = SAMPLE_RATE as isize / 2;
-    // Coarsely, then sample by sample around the best (harmonics are a few samples apart).
-    let coarse = (-window..window).step_by(24).max_by(|&x, &y| at(x).total_cmp(&at(y))).unwrap_or(0);
-    (coarse - 24..coarse + 24).max_by(|&x, &y| at(x).total_cmp(&at(y))).unwrap_or(coarse)
-}
 
 struct Side {
     session: MediaSession,
@@ -182,7 +146,7 @@ async fn speech_crosses_a_real_udp_path_encrypted() {
         decoder.decode(koe_voice::VoicePayload::parse(payload).unwrap().opus, &mut out).unwrap();
         direct.extend_from_slice(&out);
     }
-    let offset = lag_of(&direct[..FRAME_SAMPLES * 25], &b.played);
+    let (offset, _) = best_lag(&direct[..FRAME_SAMPLES * 25], &b.played, SAMPLE_RATE as usize / 2);
     let speaking: Vec<usize> = (0..speech.len() / FRAME_SAMPLES)
         .filter(|i| direct[i * FRAME_SAMPLES..(i + 1) * FRAME_SAMPLES].iter().any(|s| s.abs() > 0.05))
         .collect();
@@ -200,8 +164,7 @@ async fn speech_crosses_a_real_udp_path_encrypted() {
     assert!(found * 100 >= speaking.len() * 95, "{found} of {} speech blocks arrived intact", speaking.len());
     // And it is the speech: the codec keeps its waveform over the first second and a half.
     let half = speech.len() / 2;
-    let lag = lag_of(&speech[..half], &direct).max(0) as usize;
-    let similarity = correlation(&speech[..half], &direct[lag..]);
+    let (_, similarity) = best_lag(&speech[..half], &direct, SAMPLE_RATE as usize / 2);
     assert!(similarity > 0.8, "correlation with the sent speech {similarity:.3}");
 }
 

@@ -8,7 +8,8 @@
 //! - [`sender`]: encoding, and redundancy that follows the loss the receiver reports.
 //! - [`jitter`]: the adaptive jitter buffer; [`receiver`]: it with the decoder.
 //! - [`quality`]: the E-model MOS estimate; [`impairment`]: a seeded bad network;
-//!   [`simulate`]: one direction of a call in virtual time; [`wav`]: WAV in and out.
+//!   [`simulate`]: one direction of a call in virtual time; [`wav`]: WAV in and out;
+//!   [`signal`]: a speech-like test signal and sent-versus-played comparisons.
 
 pub mod codec;
 pub mod impairment;
@@ -17,6 +18,7 @@ pub mod payload;
 pub mod quality;
 pub mod receiver;
 pub mod sender;
+pub mod signal;
 pub mod simulate;
 pub mod wav;
 

@@ -7,56 +7,21 @@
 use std::time::Duration;
 
 use koe_voice::impairment::{Impairment, LossModel};
+use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::simulate::{CallSimulation, SimulationResult};
 use koe_voice::SAMPLE_RATE;
 
-/// Six seconds of something speech-like: a voiced harmonic sound in syllables with pauses.
-fn speechlike() -> Vec<f32> {
-    let rate = SAMPLE_RATE as f32;
-    (0..6 * SAMPLE_RATE as usize)
-        .map(|i| {
-            let t = i as f32 / rate;
-            let syllable = (t * 4.0).fract();
-            let envelope = if syllable < 0.7 { (syllable / 0.7 * std::f32::consts::PI).sin() } else { 0.0 };
-            let pitch = 140.0 + 30.0 * (t * 1.3).sin();
-            let voice: f32 = (1..8).map(|h| (2.0 * std::f32::consts::PI * pitch * h as f32 * t).sin() / h as f32).sum();
-            0.25 * envelope * voice
-        })
-        .collect()
-}
-
-/// The best normalised cross-correlation of `played` against `sent` over lags up to 500 ms,
-/// and that lag.
+/// The best normalised cross-correlation of `played` against `sent` (played lagging by up to
+/// 500 ms), and that lag.
 fn alignment(sent: &[f32], played: &[f32]) -> (f64, Duration) {
-    let step = 48; // 1 ms
-    let mut best = (f64::MIN, 0);
-    let energy = |x: &[f32]| x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
-    for lag in (0..SAMPLE_RATE as usize / 2).step_by(step) {
-        let n = sent.len().min(played.len().saturating_sub(lag));
-        let (a, b) = (&sent[..n], &played[lag..lag + n]);
-        let dot: f64 = a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
-        let score = dot / (energy(a) * energy(b)).sqrt().max(f64::EPSILON);
-        if score > best.0 {
-            best = (score, lag);
-        }
-    }
-    // Refine to the sample around the best millisecond.
-    for lag in best.1.saturating_sub(step)..best.1 + step {
-        let n = sent.len().min(played.len().saturating_sub(lag));
-        let (a, b) = (&sent[..n], &played[lag..lag + n]);
-        let dot: f64 = a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
-        let score = dot / (energy(a) * energy(b)).sqrt().max(f64::EPSILON);
-        if score > best.0 {
-            best = (score, lag);
-        }
-    }
-    (best.0, Duration::from_micros(best.1 as u64 * 1_000_000 / u64::from(SAMPLE_RATE)))
+    let (lag, score) = best_lag(sent, played, SAMPLE_RATE as usize / 2);
+    (score, Duration::from_micros(lag.max(0) as u64 * 1_000_000 / u64::from(SAMPLE_RATE)))
 }
 
 /// Runs the call; the correlation and lag are measured over the second half, once the
 /// buffer has settled (each delay adjustment shifts what follows by a frame).
 fn run(impairment: Impairment, fixed_redundancy: Option<usize>) -> (SimulationResult, f64, Duration) {
-    let speech = speechlike();
+    let speech = speechlike(6);
     let simulation = CallSimulation { impairment, fixed_redundancy, seed: 42, ..CallSimulation::default() };
     let result = simulation.run(&speech).unwrap();
     let half = speech.len() / 2;
