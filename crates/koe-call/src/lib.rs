@@ -250,11 +250,9 @@ impl Call {
             return;
         }
         match (self.role, &self.state, signal) {
-            (Role::Caller, State::Dialing { ringing }, CallSignal::Ringing { .. }) => {
-                if !ringing {
-                    self.state = State::Dialing { ringing: true };
-                    self.outputs.push(CallOutput::Event(CallEvent::Ringing));
-                }
+            (Role::Caller, State::Dialing { ringing: false }, CallSignal::Ringing { .. }) => {
+                self.state = State::Dialing { ringing: true };
+                self.outputs.push(CallOutput::Event(CallEvent::Ringing));
             }
             (Role::Caller, State::Dialing { .. }, CallSignal::Answer { device, media, .. }) => {
                 self.state = State::InCall { device: device.clone() };

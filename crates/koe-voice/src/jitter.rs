@@ -388,7 +388,7 @@ impl JitterBuffer {
 /// How many copies of a lost frame are worth waiting for (20 ms each) at this loss rate:
 /// the fewest after which fewer than [`RESIDUAL_LOSS_GOAL`] of frames stay lost.
 pub fn copies_worth_waiting(loss: f64) -> usize {
-    if !(loss > 0.0) {
+    if loss.is_nan() || loss <= 0.0 {
         return 0;
     }
     let limit = crate::sender::redundancy_for_loss(loss).max(1);
