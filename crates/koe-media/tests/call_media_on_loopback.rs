@@ -25,6 +25,9 @@ struct Side {
     wake: Instant,
     speaking: bool,
     sent: Vec<Vec<u8>>,
+    /// Flip a bit in every n-th SRTP packet this side sends (an attacker on the path).
+    tamper_every: Option<usize>,
+    srtp_sent: usize,
 }
 
 impl Side {
@@ -43,13 +46,23 @@ impl Side {
             wake: Instant::now(),
             speaking: true,
             sent: Vec::new(),
+            tamper_every: None,
+            srtp_sent: 0,
         }
     }
 
     async fn drive(&mut self) {
         loop {
             match self.session.poll(Instant::now()) {
-                MediaOutput::Transmit { destination, datagram, .. } => {
+                MediaOutput::Transmit { destination, mut datagram, .. } => {
+                    // SRTP (RFC 7983: first byte 128–191), media-sized.
+                    if (128..192).contains(&datagram[0]) && datagram.len() > 60 {
+                        self.srtp_sent += 1;
+                        if self.tamper_every.is_some_and(|n| self.srtp_sent % n == 0) {
+                            let middle = datagram.len() / 2;
+                            datagram[middle] ^= 0x10;
+                        }
+                    }
                     let _ = self.socket.send_to(&datagram, destination).await;
                 }
                 MediaOutput::Voice { payload, arrived } => {
@@ -203,4 +216,18 @@ async fn garbage_datagrams_change_nothing_and_a_vanished_peer_is_noticed() {
     let reason = b.failed.expect("the callee noticed within 10 s");
     assert!(reason.contains("no audio from the other side"), "{reason}");
     assert!(started.elapsed() < Duration::from_secs(6), "noticed in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn tampered_srtp_packets_are_dropped_and_copies_fill_the_gaps() {
+    let (mut a, mut b) = connected_pair(false).await;
+    a.tamper_every = Some(7);
+    let speech = speechlike(3);
+    run(&mut a, &mut b, &speech, Duration::from_secs(4)).await;
+    let stats = b.receiver.stats().jitter;
+    eprintln!("{stats:?}; {} SRTP packets sent, every 7th altered", a.srtp_sent);
+    assert!(b.failed.is_none(), "altered packets do not break the call");
+    assert_eq!(stats.malformed, 0, "no altered packet reached the voice engine: SRTP authentication dropped them");
+    assert!(stats.loss_before_recovery > 0.08, "about one packet in seven was dropped: {stats:?}");
+    assert!(stats.from_copies > 10, "the copies in the next packets filled the gaps: {stats:?}");
 }
