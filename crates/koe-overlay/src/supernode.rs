@@ -464,10 +464,8 @@ impl Supernode {
             .take(MAX_ANNOUNCED_ADDRESSES)
             .filter_map(|a| a.parse::<Multiaddr>().ok())
             .filter(|a| remote_ip.is_some() && ip_of(a) == remote_ip)
-            .map(|a| match a.iter().last() {
-                Some(Protocol::P2p(_)) => a.with_p2p(peer).unwrap_or_else(|a| a),
-                _ => a,
-            })
+            // An address naming another peer is not this one's.
+            .filter(|a| !matches!(a.iter().last(), Some(Protocol::P2p(other)) if other != peer))
             .collect();
         if addresses.is_empty() {
             self.metrics.refused("hello", "no_address");

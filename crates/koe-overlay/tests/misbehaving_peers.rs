@@ -188,6 +188,12 @@ async fn supernode_announcements_are_only_taken_for_the_announcers_own_address()
     assert!(refused(peer.ask(OverlayRequest::Hello { listen: elsewhere }).await).contains("IP you connect from"));
     assert_eq!(metrics.refused_count("hello", "no_address"), 1);
 
+    // Nor an address on its IP that names another peer.
+    let someone_else = PeerId::random();
+    let theirs = vec![format!("/ip4/127.0.0.1/tcp/4001/p2p/{someone_else}")];
+    refused(peer.ask(OverlayRequest::Hello { listen: theirs }).await);
+    assert_eq!(metrics.refused_count("hello", "no_address"), 2);
+
     // Its own address is taken.
     let own = vec!["/ip4/127.0.0.1/tcp/4000".to_string(), "/ip4/10.9.8.7/tcp/4000".to_string()];
     assert!(matches!(peer.ask(OverlayRequest::Hello { listen: own.clone() }).await, OverlayResponse::Welcome { added: 1 }));
