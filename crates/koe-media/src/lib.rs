@@ -6,12 +6,15 @@
 //! side's to [`MediaSession::start`]. The driver then feeds datagrams in
 //! ([`MediaSession::receive`]), sends what [`MediaSession::poll`] says, wakes it at the
 //! deadline it names, and writes one voice payload every 20 ms with
-//! [`MediaSession::send_voice`]. Candidates are host candidates here; server-reflexive and
+//! [`MediaSession::send_voice`]. About once a second each side sends the other its
+//! receiver's [`LossReport`] ([`MediaSession::send_loss_report`]) inside SRTCP, so each sender's
+//! copies follow what the other end sees. Candidates are host candidates here; server-reflexive and
 //! relayed ones enter through the same [`MediaSession::add_local_candidate`].
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use koe_voice::jitter::LossReport;
 use serde::{Deserialize, Serialize};
 use str0m::change::DirectApi;
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
@@ -21,6 +24,8 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig}
 
 /// The one audio stream of a call.
 const MID: &str = "0";
+/// Marks Koe's loss report inside an RTCP application feedback message.
+const LOSS_REPORT_TAG: &[u8; 4] = b"koeL";
 /// How long ICE may take to find a path before the call is given up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Koe clients send a frame every 20 ms for the whole call (silence and mute included), so
@@ -57,6 +62,8 @@ pub enum MediaOutput {
     Transmit { source: SocketAddr, destination: SocketAddr, datagram: Vec<u8> },
     /// A voice payload from the other side.
     Voice { payload: Vec<u8>, arrived: Instant },
+    /// The other side's receiver says how it hears us: for our sender's copies.
+    LossReport(LossReport),
     /// ICE and DTLS are up: voice can flow.
     Connected,
     /// The path is gone (ICE disconnected for good) or never came up.
@@ -79,6 +86,7 @@ pub struct MediaSession {
     mid: Mid,
     pt: Option<Pt>,
     ssrc: Ssrc,
+    remote_ssrc: Option<Ssrc>,
     started_at: Instant,
     /// When voice last arrived (or the session connected).
     last_voice: Option<Instant>,
@@ -121,7 +129,7 @@ impl MediaSession {
             ssrc
         };
         let pt = rtc.codec_config().find(|p| p.spec().codec == str0m::format::Codec::Opus).map(|p| p.pt());
-        Ok(Self { rtc, local_candidates, mid, pt, ssrc, started_at: now, last_voice: None, connected: false, failed: false, media_time: 0 })
+        Ok(Self { rtc, local_candidates, mid, pt, ssrc, remote_ssrc: None, started_at: now, last_voice: None, connected: false, failed: false, media_time: 0 })
     }
 
     /// Adds a candidate found later (server-reflexive from a supernode, relayed from a relay).
@@ -170,6 +178,7 @@ impl MediaSession {
         api.set_remote_ice_credentials(str0m::IceCreds { ufrag: remote.ice_ufrag.clone(), pass: remote.ice_pwd.clone() });
         api.set_ice_controlling(caller);
         api.expect_stream_rx(Ssrc::from(remote.ssrc), None, mid, None);
+        self.remote_ssrc = Some(Ssrc::from(remote.ssrc));
         api.start_dtls(caller).map_err(|e| MediaError::Engine(e.to_string()))
     }
 
@@ -191,6 +200,18 @@ impl MediaSession {
         self.media_time += 960;
         let writer = self.rtc.writer(self.mid).ok_or(MediaError::NoStream)?;
         writer.write(pt, now, time, payload.to_vec()).map_err(|e| MediaError::Engine(e.to_string()))
+    }
+
+    /// Tells the other side how its audio arrives here (sent inside SRTCP).
+    pub fn send_loss_report(&mut self, report: LossReport) {
+        let Some(remote) = self.remote_ssrc else {
+            return;
+        };
+        let mut payload = LOSS_REPORT_TAG.to_vec();
+        payload.extend_from_slice(&(report.loss as f32).to_be_bytes());
+        payload.extend_from_slice(&(report.mean_burst as f32).to_be_bytes());
+        let ssrc = self.ssrc;
+        self.rtc.direct_api().send_app_specific_feedback(ssrc, remote, payload);
     }
 
     /// What to do next; call until it returns [`MediaOutput::WaitUntil`].
@@ -237,6 +258,11 @@ impl MediaSession {
                     self.last_voice = Some(now.max(data.network_time));
                     return MediaOutput::Voice { payload: data.data.to_vec(), arrived: data.network_time };
                 }
+                Output::Event(Event::AppSpecificFeedback(feedback)) => {
+                    if let Some(report) = parse_loss_report(&feedback.payload) {
+                        return MediaOutput::LossReport(report);
+                    }
+                }
                 Output::Event(Event::IceConnectionStateChange(IceConnectionState::Disconnected)) if self.connected => {
                     self.failed = true;
                     return MediaOutput::Failed { reason: "the network path to the other side was lost".into() };
@@ -248,5 +274,33 @@ impl MediaSession {
 
     pub fn is_connected(&self) -> bool {
         self.connected
+    }
+}
+
+/// A loss report from the other side, if the feedback is one and its numbers make sense.
+fn parse_loss_report(payload: &[u8]) -> Option<LossReport> {
+    let rest = payload.strip_prefix(LOSS_REPORT_TAG.as_slice())?;
+    let (loss, burst) = rest.split_first_chunk::<4>()?;
+    let burst = burst.first_chunk::<4>()?;
+    let (loss, mean_burst) = (f64::from(f32::from_be_bytes(*loss)), f64::from(f32::from_be_bytes(*burst)));
+    ((0.0..=1.0).contains(&loss) && (0.0..=1000.0).contains(&mean_burst)).then_some(LossReport { loss, mean_burst })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_reports_are_read_only_when_well_formed() {
+        let mut good = LOSS_REPORT_TAG.to_vec();
+        good.extend_from_slice(&0.25f32.to_be_bytes());
+        good.extend_from_slice(&3.0f32.to_be_bytes());
+        assert_eq!(parse_loss_report(&good), Some(LossReport { loss: 0.25, mean_burst: 3.0 }));
+        assert_eq!(parse_loss_report(&good[..10]), None, "truncated");
+        assert_eq!(parse_loss_report(b"xxxx\0\0\0\0\0\0\0\0"), None, "another application's feedback");
+        let mut nonsense = LOSS_REPORT_TAG.to_vec();
+        nonsense.extend_from_slice(&f32::NAN.to_be_bytes());
+        nonsense.extend_from_slice(&1.0f32.to_be_bytes());
+        assert_eq!(parse_loss_report(&nonsense), None, "NaN loss");
     }
 }

@@ -28,6 +28,8 @@ struct Side {
     /// Flip a bit in every n-th SRTP packet this side sends (an attacker on the path).
     tamper_every: Option<usize>,
     srtp_sent: usize,
+    /// Loss reports received from the other side.
+    reports: usize,
 }
 
 impl Side {
@@ -48,6 +50,7 @@ impl Side {
             sent: Vec::new(),
             tamper_every: None,
             srtp_sent: 0,
+            reports: 0,
         }
     }
 
@@ -67,6 +70,10 @@ impl Side {
                 }
                 MediaOutput::Voice { payload, arrived } => {
                     let _ = self.receiver.receive(arrived, &payload);
+                }
+                MediaOutput::LossReport(report) => {
+                    self.sender.on_loss_report(report);
+                    self.reports += 1;
                 }
                 MediaOutput::Connected => self.connected = Some(Instant::now()),
                 MediaOutput::Failed { reason } => {
@@ -115,6 +122,11 @@ async fn run(a: &mut Side, b: &mut Side, speech: &[f32], duration: Duration) {
                 if b.connected.is_some() {
                     b.receiver.play(now, &mut out).unwrap();
                     b.played.extend_from_slice(&out);
+                    if b.played.len() % (50 * FRAME_SAMPLES) == 0 {
+                        // Once a second, as the real driver does.
+                        let report = b.receiver.loss_report();
+                        b.session.send_loss_report(report);
+                    }
                 }
             },
             () = tokio::time::sleep_until(wake) => {},
@@ -149,6 +161,8 @@ async fn speech_crosses_a_real_udp_path_encrypted() {
     assert!(stats.frames >= 140, "{stats:?}");
     assert_eq!(stats.concealed, 0, "nothing lost on loopback: {stats:?}");
     assert_eq!(stats.malformed, 0);
+    assert!(a.reports >= 2, "the callee's loss reports reached the caller over SRTCP: {}", a.reports);
+    assert_eq!(a.sender.stats().redundancy, 0, "a clean path needs no copies once reported");
     // What the callee played is what the caller encoded: every 20 ms block of the caller's
     // frames, decoded directly, is found in the callee's playout (a delay adjustment may
     // shift blocks by a frame, so each is looked up near where it should be).
@@ -230,4 +244,5 @@ async fn tampered_srtp_packets_are_dropped_and_copies_fill_the_gaps() {
     assert_eq!(stats.malformed, 0, "no altered packet reached the voice engine: SRTP authentication dropped them");
     assert!(stats.loss_before_recovery > 0.08, "about one packet in seven was dropped: {stats:?}");
     assert!(stats.from_copies > 10, "the copies in the next packets filled the gaps: {stats:?}");
+    assert!(a.sender.stats().redundancy >= 2, "the caller's copies followed the reported loss: {:?}", a.sender.stats());
 }
