@@ -61,7 +61,7 @@ impl Side {
                     // SRTP (RFC 7983: first byte 128–191), media-sized.
                     if (128..192).contains(&datagram[0]) && datagram.len() > 60 {
                         self.srtp_sent += 1;
-                        if self.tamper_every.is_some_and(|n| self.srtp_sent % n == 0) {
+                        if self.tamper_every.is_some_and(|n| self.srtp_sent.is_multiple_of(n)) {
                             let middle = datagram.len() / 2;
                             datagram[middle] ^= 0x10;
                         }
@@ -122,7 +122,7 @@ async fn run(a: &mut Side, b: &mut Side, speech: &[f32], duration: Duration) {
                 if b.connected.is_some() {
                     b.receiver.play(now, &mut out).unwrap();
                     b.played.extend_from_slice(&out);
-                    if b.played.len() % (50 * FRAME_SAMPLES) == 0 {
+                    if b.played.len().is_multiple_of(50 * FRAME_SAMPLES) {
                         // Once a second, as the real driver does.
                         let report = b.receiver.loss_report();
                         b.session.send_loss_report(report);
