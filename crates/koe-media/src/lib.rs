@@ -11,6 +11,8 @@
 //! copies follow what the other end sees. Candidates are host candidates here; server-reflexive and
 //! relayed ones enter through the same [`MediaSession::add_local_candidate`].
 
+pub mod driver;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
