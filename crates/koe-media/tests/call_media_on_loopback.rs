@@ -155,7 +155,6 @@ async fn speech_crosses_a_real_udp_path_encrypted() {
     let connected = a.connected.expect("the caller connected");
     assert!(b.connected.is_some(), "the callee connected");
     eprintln!("connected after {:?}", connected - started);
-    assert!(connected - started < Duration::from_secs(2));
     let stats = b.receiver.stats().jitter;
     eprintln!("{stats:?}; played {} samples", b.played.len());
     assert!(stats.frames >= 140, "{stats:?}");
