@@ -78,6 +78,21 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Call a user: rings all their devices; prints ringing, answered, ended and a summary
+    Call {
+        username: String,
+        /// A WAV file sent as the microphone, in real time (silence after it ends)
+        #[arg(long, value_name = "FILE.wav")]
+        play: Option<PathBuf>,
+        /// Record everything played out (from the answer on) to this WAV file
+        #[arg(long, value_name = "FILE.wav")]
+        record: Option<PathBuf>,
+        /// Hang up this long after the answer [default: when the played file ends, else 30s]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Hang up the current call
+    Hangup,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions {
         #[arg(value_enum)]
@@ -164,6 +179,15 @@ pub struct UpArgs {
     /// This connection is metered or on battery: never serve as a supernode under auto
     #[arg(long)]
     pub metered: bool,
+    /// Answer every call at once (headless use: tests, an answering machine)
+    #[arg(long)]
+    pub auto_answer: bool,
+    /// With --auto-answer: a WAV file sent as the microphone in answered calls
+    #[arg(long, value_name = "FILE.wav")]
+    pub play: Option<PathBuf>,
+    /// With --auto-answer: record what each answered call plays out to this WAV file
+    #[arg(long, value_name = "FILE.wav")]
+    pub record: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

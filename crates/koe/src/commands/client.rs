@@ -32,7 +32,8 @@ pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
         SupernodeMode::Auto => Some(Promotion { after: args.promote_after, listen: args.node_listen }),
         _ => None,
     };
-    let options = DaemonOptions { status, preferred_supernodes: preferred, promotion };
+    let auto_answer = args.auto_answer.then(|| daemon::calls::AutoAnswer { play: args.play.clone(), record: args.record.clone() });
+    let options = DaemonOptions { status, preferred_supernodes: preferred, promotion, auto_answer };
     let result = daemon::run(profile, options, shutdown_signal()).await;
     if let Some((stop, task)) = supernode {
         let _ = stop.send(());

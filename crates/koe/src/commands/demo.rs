@@ -337,6 +337,7 @@ impl DemoClient {
             status: Some(PresenceStatus::Online),
             preferred_supernodes: vec![supernode.to_string()],
             promotion: None,
+            auto_answer: None,
         };
         let task = tokio::spawn(daemon::run(user.profile.clone(), options, async {
             let _ = stopped.await;

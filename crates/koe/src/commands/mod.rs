@@ -42,6 +42,17 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Messages { username, limit } => {
             client::control(&profile()?, ControlRequest::Messages { username, limit }).await
         }
+        Command::Call { username, play, record, duration } => {
+            let absolute = |p: std::path::PathBuf| std::path::absolute(p).map(|p| p.display().to_string());
+            let request = ControlRequest::Call {
+                username,
+                play: play.map(absolute).transpose()?,
+                record: record.map(absolute).transpose()?,
+                duration_ms: duration.map(|d| d.as_millis() as u64),
+            };
+            client::control(&profile()?, request).await
+        }
+        Command::Hangup => client::control(&profile()?, ControlRequest::Hangup).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "koe", &mut std::io::stdout());
             Ok(())

@@ -26,6 +26,9 @@ pub enum ControlRequest {
     ContactsAccept { username: String },
     ContactsDecline { username: String },
     ContactsList,
+    /// Answered when the call ends, with everything that happened.
+    Call { username: String, play: Option<String>, record: Option<String>, duration_ms: Option<u64> },
+    Hangup,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

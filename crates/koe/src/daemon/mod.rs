@@ -3,6 +3,7 @@
 //! contacts in the profile's SQLite, serves the local control socket for the other `koe`
 //! commands, watches contacts' presence and renews the certificate before it expires.
 
+pub mod calls;
 pub mod control;
 pub mod history;
 
@@ -43,6 +44,8 @@ pub enum Payload {
     ContactAccept,
     ContactDecline,
     ContactRemoved,
+    /// Call signalling (offer, ringing, answer, …), for the call it names.
+    Call { signal: koe_call::CallSignal },
 }
 
 pub fn parse_status(text: &str) -> Result<Option<PresenceStatus>, String> {
@@ -65,6 +68,9 @@ pub struct DaemonState {
     contact_presence: Mutex<HashMap<String, String>>,
     /// This device's own supernode address, once promoted.
     serving: Mutex<Option<String>>,
+    /// This device, as calls name it (its key's fingerprint).
+    device: String,
+    calls: calls::Calls,
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -241,6 +247,8 @@ impl DaemonState {
                 let _ = self.send(&them, &Payload::ContactRemoved).await;
                 Ok(ControlResponse::ok(format!("removed {them} from your contacts")))
             }
+            // Served by the control connection itself (they need the shared state).
+            ControlRequest::Call { .. } | ControlRequest::Hangup => Err("not available here".into()),
             ControlRequest::ContactsList => {
                 let contacts = self.history()?.contacts().map_err(|e| e.to_string())?;
                 if contacts.is_empty() {
@@ -275,11 +283,15 @@ impl DaemonState {
         Ok(ControlResponse::ok(format!("{verb} {them}'s request ({})", outcome_text(them, &outcome))))
     }
 
-    /// Stores what arrived; the sender hears "delivered" only if this succeeds.
-    pub fn receive(&self, envelope: &OpenedEnvelope) -> Result<(), String> {
+    /// Stores what arrived; the sender hears "delivered" only if this succeeds. A call
+    /// signal is handed back for the calls to act on.
+    pub fn receive(&self, envelope: &OpenedEnvelope) -> Result<Option<(Username, koe_call::CallSignal)>, String> {
         let from = envelope.sender.username().clone();
         let payload: Payload =
             serde_json::from_slice(&envelope.payload).map_err(|e| format!("unreadable message: {e}"))?;
+        if let Payload::Call { signal } = payload {
+            return Ok(Some((from, signal)));
+        }
         let history = self.history()?;
         let result = match payload {
             Payload::Chat { text } => {
@@ -304,8 +316,9 @@ impl DaemonState {
             }
             Payload::ContactDecline => history.set_contact(from.as_str(), ContactState::Declined),
             Payload::ContactRemoved => history.remove_contact(from.as_str()).map(drop),
+            Payload::Call { .. } => Ok(()),
         };
-        result.map_err(|e| e.to_string())
+        result.map(|()| None).map_err(|e| e.to_string())
     }
 
     /// Looks up accepted contacts and remembers how they appear.
@@ -349,6 +362,8 @@ pub struct DaemonOptions {
     pub preferred_supernodes: Vec<String>,
     /// `--supernode auto`: when and where to offer to serve as a supernode.
     pub promotion: Option<Promotion>,
+    /// `--auto-answer`: answer every call at once.
+    pub auto_answer: Option<calls::AutoAnswer>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -434,6 +449,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         host_cache.succeeded(address, Some(Duration::from_micros(rank as u64)), UnixTime::now());
     }
     let device_key = profile.device_key()?;
+    let device = device_key.public_key().fingerprint();
     let me = certificate.username().clone();
     let (node, client, mut events) = ClientNode::new(ClientConfig {
         network: network.clone(),
@@ -454,6 +470,8 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         client,
         contact_presence: Mutex::new(HashMap::new()),
         serving: Mutex::new(None),
+        device,
+        calls: calls::Calls::new(options.auto_answer),
     });
     let promotion_task = options
         .promotion
@@ -513,17 +531,22 @@ async fn renew_if_due(profile: &Profile, certificate: &Certificate) -> Option<Ce
     }
 }
 
-fn handle_event(state: &DaemonState, event: ClientEvent) {
+fn handle_event(state: &Arc<DaemonState>, event: ClientEvent) {
     match event {
         ClientEvent::Attached { parent } => info!("{} online via {parent}", state.me),
         ClientEvent::Detached { reason } => warn!("{reason}"),
-        ClientEvent::Received { envelope, ack } => {
-            let result = state.receive(&envelope);
-            if let Err(error) = &result {
-                warn!(%error, "could not store a received message");
+        ClientEvent::Received { envelope, ack } => match state.receive(&envelope) {
+            Ok(call_signal) => {
+                let _ = ack.send(Ok(()));
+                if let Some((from, signal)) = call_signal {
+                    calls::on_signal(state, from, signal);
+                }
             }
-            let _ = ack.send(result);
-        }
+            Err(error) => {
+                warn!(%error, "could not store a received message");
+                let _ = ack.send(Err(error));
+            }
+        },
         ClientEvent::HostCacheChanged(cache) => save_host_cache(&state.home, &cache),
     }
 }
@@ -531,6 +554,27 @@ fn handle_event(state: &DaemonState, event: ClientEvent) {
 async fn serve_control(state: Arc<DaemonState>, stream: tokio::net::UnixStream) {
     let mut reader = BufReader::new(stream);
     let response = match control::read_request(&mut reader).await {
+        Ok(ControlRequest::Call { username, play, record, duration_ms }) => match Username::parse_existing(&username) {
+            Ok(to) => {
+                let outcome = calls::place(
+                    Arc::clone(&state),
+                    to,
+                    play.map(Into::into),
+                    record.map(Into::into),
+                    duration_ms.map(Duration::from_millis),
+                )
+                .await;
+                match outcome {
+                    Ok(log) => ControlResponse::ok(log),
+                    Err(error) => ControlResponse::failed(error),
+                }
+            }
+            Err(error) => ControlResponse::failed(format!("no such user {username:?}: {error}")),
+        },
+        Ok(ControlRequest::Hangup) => match state.calls.hang_up_all() {
+            0 => ControlResponse::failed("no call to hang up"),
+            _ => ControlResponse::ok("hung up"),
+        },
         Ok(request) => state.handle(request).await,
         Err(error) => ControlResponse::failed(error),
     };
