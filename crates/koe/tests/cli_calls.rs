@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fails, ok, run, wait_until, KoeProcess, TestNetwork};
+use common::{fails, ok, run, stdout, wait_until, KoeProcess, TestNetwork};
 use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::{wav, SAMPLE_RATE};
 
@@ -29,7 +29,7 @@ fn alice_calls_bob_who_answers_and_records_her_speech() {
     let recording = network.dir.path().join("bob-heard.wav");
     let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--record", recording.to_str().unwrap()]);
     let _alice_up = KoeProcess::up(&alice);
-    wait_until(Duration::from_secs(10), || ok(run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
 
     let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "4s"], ""));
     for step in ["calling bob", "ringing", "answered", "talked", "MOS", "ended: you hung up"] {

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use super::node::start_supernode;
 use crate::cli::DemoArgs;
 use crate::daemon::control::{ask, ControlRequest};
+use crate::daemon::calls::AutoAnswer;
 use crate::daemon::{self, DaemonOptions};
 use crate::duration::human;
 use crate::profile::Profile;
@@ -222,8 +223,12 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
         renewed.not_after()
     ));
 
-    let alice_up = DemoClient::up(&alice, &supernodes.addresses[0], narrator).await?;
-    let bob_up = DemoClient::up(&bob, &supernodes.addresses[SUPERNODES - 1], narrator).await?;
+    // alice's client answers calls by itself and records them (what `koe up --auto-answer
+    // --record FILE` does).
+    let recording = dir.join("alice-heard.wav");
+    let answering = AutoAnswer { play: None, record: Some(recording.clone()) };
+    let alice_up = DemoClient::up(&alice, &supernodes.addresses[0], Some(answering), narrator).await?;
+    let bob_up = DemoClient::up(&bob, &supernodes.addresses[SUPERNODES - 1], None, narrator).await?;
 
     let started = Instant::now();
     let found = alice_up.ask(ControlRequest::Lookup { username: "bob".into() }).await?;
@@ -253,6 +258,28 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     let history = bob_up.ask(ControlRequest::Messages { username: Some("alice".into()), limit: 5 }).await?;
     narrator.detail(format!("bob's history: {}", history.trim()));
     narrator.detail("The supernodes routed only ciphertext sealed to bob's device key.");
+
+    let (speech, source) = demo_speech(dir)?;
+    narrator.step(format!("bob calls alice, sending {source} as his microphone ({}):", speech.display()));
+    let call = bob_up
+        .ask(ControlRequest::Call {
+            username: "alice".into(),
+            play: Some(speech.display().to_string()),
+            record: None,
+            duration_ms: None,
+        })
+        .await?;
+    for line in call.lines() {
+        narrator.detail(line.trim());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !recording.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    narrator.step(format!(
+        "alice's client answered by itself and recorded everything it played out: {} (kept with --keep).",
+        recording.display()
+    ));
 
     let refused = alice_up.ask_expecting_failure(ControlRequest::Chat { username: "carol".into(), text: "hello?".into() }).await?;
     narrator.step(format!("A message to carol, who has an account but is not online, is reported, not lost: {refused}."));
@@ -330,14 +357,14 @@ struct DemoClient {
 }
 
 impl DemoClient {
-    async fn up(user: &DemoUser, supernode: &str, narrator: &mut Narrator) -> Result<Self> {
+    async fn up(user: &DemoUser, supernode: &str, auto_answer: Option<AutoAnswer>, narrator: &mut Narrator) -> Result<Self> {
         let home = user.profile.home().to_path_buf();
         let (stop, stopped) = oneshot::channel::<()>();
         let options = DaemonOptions {
             status: Some(PresenceStatus::Online),
             preferred_supernodes: vec![supernode.to_string()],
             promotion: None,
-            auto_answer: None,
+            auto_answer,
         };
         let task = tokio::spawn(daemon::run(user.profile.clone(), options, async {
             let _ = stopped.await;
@@ -383,4 +410,30 @@ impl DemoClient {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
+}
+
+/// Speech for the demo call: a few of the voice samples Debian's alsa-utils ships, else a
+/// synthetic speech-like sound. Written to `dir` as a WAV file.
+fn demo_speech(dir: &Path) -> Result<(PathBuf, &'static str)> {
+    let samples = ["Front_Center.wav", "Front_Left.wav", "Front_Right.wav"];
+    let alsa = Path::new("/usr/share/sounds/alsa");
+    let mut speech = Vec::new();
+    for name in samples {
+        match koe_voice::wav::read_mono_48k(&alsa.join(name)) {
+            Ok(part) => speech.extend(part),
+            Err(_) => {
+                speech.clear();
+                break;
+            }
+        }
+    }
+    let source = if speech.is_empty() {
+        speech = koe_voice::signal::speechlike(4);
+        "a synthetic speech-like sound (install alsa-utils for real speech)"
+    } else {
+        "three of alsa-utils' voice samples"
+    };
+    let path = dir.join("bob-speech.wav");
+    koe_voice::wav::write_mono(&path, &speech, koe_voice::SAMPLE_RATE)?;
+    Ok((path, source))
 }
