@@ -34,7 +34,8 @@ pub struct AutoAnswer {
 /// The calls of this device, by id: where their signals go, and how to hang them up.
 #[derive(Debug, Default)]
 pub struct Calls {
-    signals: Mutex<HashMap<CallId, mpsc::Sender<CallSignal>>>,
+    /// Per call: the user on the other end (only their signals count) and where they go.
+    signals: Mutex<HashMap<CallId, (Username, mpsc::Sender<CallSignal>)>>,
     hangups: Mutex<HashMap<CallId, oneshot::Sender<()>>>,
     pub auto_answer: Option<AutoAnswer>,
 }
@@ -48,11 +49,11 @@ impl Calls {
         self.signals.lock().is_ok_and(|s| !s.is_empty())
     }
 
-    fn register(&self, id: CallId) -> (mpsc::Receiver<CallSignal>, oneshot::Receiver<()>) {
+    fn register(&self, id: CallId, peer: &Username) -> (mpsc::Receiver<CallSignal>, oneshot::Receiver<()>) {
         let (signal_tx, signal_rx) = mpsc::channel(16);
         let (hangup_tx, hangup_rx) = oneshot::channel();
         if let Ok(mut signals) = self.signals.lock() {
-            signals.insert(id, signal_tx);
+            signals.insert(id, (peer.clone(), signal_tx));
         }
         if let Ok(mut hangups) = self.hangups.lock() {
             hangups.insert(id, hangup_tx);
@@ -89,8 +90,12 @@ pub fn on_signal(state: &Arc<DaemonState>, from: Username, signal: CallSignal) {
         return;
     }
     let sender = state.calls.signals.lock().ok().and_then(|s| s.get(&signal.call()).cloned());
-    if let Some(sender) = sender {
-        let _ = sender.try_send(signal);
+    match sender {
+        Some((peer, sender)) if peer == from => {
+            let _ = sender.try_send(signal);
+        }
+        Some(_) => warn!(%from, "a call signal from someone not in that call was ignored"),
+        None => {}
     }
 }
 
@@ -172,7 +177,7 @@ pub async fn place(
     }
     let (socket, mut session) = media_socket(&state).await?;
     let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
-    let (mut signals, hangup) = state.calls.register(id);
+    let (mut signals, hangup) = state.calls.register(id, &to);
     let dialed = Instant::now();
     let mut log = format!("calling {to} ({devices} device(s) online)…\n");
     let mut call = Call::dial(id, state.device.clone(), session.local_description(), devices, dialed, UnixTime::now().as_secs());
@@ -275,7 +280,7 @@ async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSig
         info!(%from, "call refused: busy in another call");
         return;
     }
-    let (mut signals, hangup) = state.calls.register(*id);
+    let (mut signals, hangup) = state.calls.register(*id, &from);
     drain(&state, &from, &mut call, &mut log).await;
     let result = match state.calls.auto_answer.clone() {
         Some(auto) => answer_now(&state, &from, &mut call, remote_media, auto, &mut signals, hangup, &mut log).await,
