@@ -93,6 +93,17 @@ pub enum Command {
     },
     /// Hang up the current call
     Hangup,
+    /// Answer the ringing call; prints its summary when it ends
+    Answer {
+        /// A WAV file sent as the microphone, in real time (silence after it ends)
+        #[arg(long, value_name = "FILE.wav")]
+        play: Option<PathBuf>,
+        /// Record everything played out to this WAV file
+        #[arg(long, value_name = "FILE.wav")]
+        record: Option<PathBuf>,
+    },
+    /// Decline the ringing call
+    Decline,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions {
         #[arg(value_enum)]

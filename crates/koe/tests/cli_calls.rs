@@ -1,6 +1,7 @@
 //! Calls between separate `koe up` processes on loopback: alice calls bob, whose client
 //! answers by itself and records; bob's recording is alice's speech. Calling yourself, an
-//! unknown user or an offline one gets a clear answer.
+//! unknown user or an offline one gets a clear answer. Carol answers a call by hand, then
+//! declines one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -48,4 +49,28 @@ fn alice_calls_bob_who_answers_and_records_her_speech() {
     assert!(fails(run(&alice, &["call", "nobody"], "")).contains("no such user"));
     assert!(fails(run(&alice, &["call", "carol"], "")).contains("carol is offline"));
     assert!(fails(run(&alice, &["hangup"], "")).contains("no call to hang up"));
+    assert!(fails(run(&bob, &["answer"], "")).contains("no call is ringing"));
+
+    // Carol answers by hand, then declines the next call.
+    let _carol_up = KoeProcess::up(&carol);
+    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "carol"], "")).contains("1 device(s) online"));
+    let carol_heard = network.dir.path().join("carol-heard.wav");
+    let alice_home = alice.clone();
+    let caller = std::thread::spawn(move || run(&alice_home, &["call", "carol", "--duration", "2s"], ""));
+    let mut answered = String::new();
+    wait_until(Duration::from_secs(10), || {
+        let output = run(&carol, &["answer", "--record", carol_heard.to_str().unwrap()], "");
+        answered = stdout(&output);
+        output.status.success()
+    });
+    let call = ok(caller.join().unwrap());
+    assert!(call.contains("answered") && call.contains("ended: you hung up"), "{call}");
+    assert!(answered.contains("call from alice") && answered.contains("the other side hung up"), "{answered}");
+    assert!(carol_heard.exists());
+
+    let alice_home = alice.clone();
+    let caller = std::thread::spawn(move || run(&alice_home, &["call", "carol"], ""));
+    wait_until(Duration::from_secs(10), || run(&carol, &["decline"], "").status.success());
+    let call = ok(caller.join().unwrap());
+    assert!(call.contains("ended: declined"), "{call}");
 }

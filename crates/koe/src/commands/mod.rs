@@ -53,6 +53,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             client::control(&profile()?, request).await
         }
         Command::Hangup => client::control(&profile()?, ControlRequest::Hangup).await,
+        Command::Answer { play, record } => {
+            let absolute = |p: std::path::PathBuf| std::path::absolute(p).map(|p| p.display().to_string());
+            let request = ControlRequest::Answer { play: play.map(absolute).transpose()?, record: record.map(absolute).transpose()? };
+            client::control(&profile()?, request).await
+        }
+        Command::Decline => client::control(&profile()?, ControlRequest::Decline).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "koe", &mut std::io::stdout());
             Ok(())

@@ -31,12 +31,22 @@ pub struct AutoAnswer {
     pub record: Option<PathBuf>,
 }
 
+/// What the person decides about a ringing call (`koe answer`, `koe decline`).
+#[derive(Debug)]
+pub enum Decision {
+    /// Answer with these files; the call's log goes to `reply` when it ends.
+    Answer { play: Option<PathBuf>, record: Option<PathBuf>, reply: oneshot::Sender<Result<String, String>> },
+    Decline,
+}
+
 /// The calls of this device, by id: where their signals go, and how to hang them up.
 #[derive(Debug, Default)]
 pub struct Calls {
     /// Per call: the user on the other end (only their signals count) and where they go.
     signals: Mutex<HashMap<CallId, (Username, mpsc::Sender<CallSignal>)>>,
     hangups: Mutex<HashMap<CallId, oneshot::Sender<()>>>,
+    /// Calls ringing here, oldest first, with who calls and where the decision goes.
+    ringing: Mutex<Vec<(CallId, Username, mpsc::Sender<Decision>)>>,
     pub auto_answer: Option<AutoAnswer>,
 }
 
@@ -68,6 +78,15 @@ impl Calls {
         if let Ok(mut hangups) = self.hangups.lock() {
             hangups.remove(&id);
         }
+    }
+
+    /// `koe answer` / `koe decline`: hands the decision to the newest ringing call; says who
+    /// was calling.
+    pub async fn decide(&self, decision: Decision) -> Result<Username, String> {
+        let newest = self.ringing.lock().ok().and_then(|mut ringing| ringing.pop());
+        let (_, from, decisions) = newest.ok_or("no call is ringing")?;
+        decisions.send(decision).await.map_err(|_| "that call has just ended".to_string())?;
+        Ok(from)
     }
 
     /// `koe hangup`: ends every call of this device.
@@ -266,8 +285,8 @@ async fn talk_until_done(
     Ok(())
 }
 
-/// An offer arrived: busy, stale, answered at once (`--auto-answer`), or left ringing until
-/// the caller gives up (answering by hand is not built yet).
+/// An offer arrived: busy, stale, answered at once (`--auto-answer`), or ringing until the
+/// person answers or declines (`koe answer`, `koe decline`) or the caller gives up.
 async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSignal, busy: bool) {
     let CallSignal::Offer { call: id, media: remote_media, .. } = &offer else { return };
     let Some(mut call) = Call::incoming(&offer, state.device.clone(), busy, Instant::now(), UnixTime::now().as_secs()) else {
@@ -284,24 +303,56 @@ async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSig
     drain(&state, &from, &mut call, &mut log).await;
     let result = match state.calls.auto_answer.clone() {
         Some(auto) => answer_now(&state, &from, &mut call, remote_media, auto, &mut signals, hangup, &mut log).await,
-        None => {
-            info!(%from, "incoming call ringing (answer it with --auto-answer; `koe answer` is not built yet)");
-            while !call.is_over() {
-                let timeout = call.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-                tokio::select! {
-                    Some(signal) = signals.recv() => call.handle_signal(signal),
-                    () = tokio::time::sleep_until(tokio::time::Instant::from_std(timeout)) => call.handle_timeout(Instant::now()),
-                }
-                drain(&state, &from, &mut call, &mut log).await;
-            }
-            Ok(())
-        }
+        None => ring(&state, &from, &mut call, *id, remote_media, &mut signals, hangup, &mut log).await,
     };
     state.calls.forget(*id);
     match result {
         Ok(()) => info!("{}", log.trim_end().replace('\n', "; ")),
         Err(error) => warn!(%from, %error, "the call failed"),
     }
+}
+
+/// Rings until a decision, the caller's cancel, or the timeout.
+#[allow(clippy::too_many_arguments)]
+async fn ring(
+    state: &DaemonState,
+    from: &Username,
+    call: &mut Call,
+    id: CallId,
+    remote_media: &koe_media::MediaDescription,
+    signals: &mut mpsc::Receiver<CallSignal>,
+    hangup: oneshot::Receiver<()>,
+    log: &mut String,
+) -> Result<(), String> {
+    info!(%from, "incoming call: koe answer or koe decline");
+    let (decisions_tx, mut decisions) = mpsc::channel(1);
+    if let Ok(mut ringing) = state.calls.ringing.lock() {
+        ringing.push((id, from.clone(), decisions_tx));
+    }
+    let mut answer = None;
+    while !call.is_over() && answer.is_none() {
+        let timeout = call.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        tokio::select! {
+            Some(signal) = signals.recv() => call.handle_signal(signal),
+            Some(decision) = decisions.recv() => match decision {
+                Decision::Answer { play, record, reply } => answer = Some((AutoAnswer { play, record }, reply)),
+                Decision::Decline => {
+                    let _ = call.decline();
+                }
+            },
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(timeout)) => call.handle_timeout(Instant::now()),
+        }
+        drain(state, from, call, log).await;
+    }
+    if let Ok(mut ringing) = state.calls.ringing.lock() {
+        ringing.retain(|(ringing_id, _, _)| *ringing_id != id);
+    }
+    let Some((files, reply)) = answer else {
+        return Ok(());
+    };
+    let result = answer_now(state, from, call, remote_media, files, signals, hangup, log).await;
+    let _ = reply.send(result.clone().map(|()| log.clone()));
+    result
 }
 
 #[allow(clippy::too_many_arguments)]

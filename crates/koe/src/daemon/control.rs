@@ -29,6 +29,9 @@ pub enum ControlRequest {
     /// Answered when the call ends, with everything that happened.
     Call { username: String, play: Option<String>, record: Option<String>, duration_ms: Option<u64> },
     Hangup,
+    /// Answers the newest ringing call; answered when that call ends.
+    Answer { play: Option<String>, record: Option<String> },
+    Decline,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

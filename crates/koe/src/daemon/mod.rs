@@ -248,7 +248,9 @@ impl DaemonState {
                 Ok(ControlResponse::ok(format!("removed {them} from your contacts")))
             }
             // Served by the control connection itself (they need the shared state).
-            ControlRequest::Call { .. } | ControlRequest::Hangup => Err("not available here".into()),
+            ControlRequest::Call { .. } | ControlRequest::Hangup | ControlRequest::Answer { .. } | ControlRequest::Decline => {
+                Err("not available here".into())
+            }
             ControlRequest::ContactsList => {
                 let contacts = self.history()?.contacts().map_err(|e| e.to_string())?;
                 if contacts.is_empty() {
@@ -570,6 +572,22 @@ async fn serve_control(state: Arc<DaemonState>, stream: tokio::net::UnixStream) 
                 }
             }
             Err(error) => ControlResponse::failed(format!("no such user {username:?}: {error}")),
+        },
+        Ok(ControlRequest::Answer { play, record }) => {
+            let (reply, log) = tokio::sync::oneshot::channel();
+            let decision = calls::Decision::Answer { play: play.map(Into::into), record: record.map(Into::into), reply };
+            match state.calls.decide(decision).await {
+                Ok(_) => match log.await {
+                    Ok(Ok(log)) => ControlResponse::ok(log),
+                    Ok(Err(error)) => ControlResponse::failed(error),
+                    Err(_) => ControlResponse::failed("the call ended before it could be answered"),
+                },
+                Err(error) => ControlResponse::failed(error),
+            }
+        }
+        Ok(ControlRequest::Decline) => match state.calls.decide(calls::Decision::Decline).await {
+            Ok(from) => ControlResponse::ok(format!("declined the call from {from}")),
+            Err(error) => ControlResponse::failed(error),
         },
         Ok(ControlRequest::Hangup) => match state.calls.hang_up_all() {
             0 => ControlResponse::failed("no call to hang up"),
