@@ -227,7 +227,6 @@ impl JitterBuffer {
                 return self.push(now, bytes);
             }
         }
-        let frame = self.unwrap(payload.frame);
         self.highest = Some(self.highest.map_or(frame, |h| h.max(frame)));
         while self.underrun_frames.front().is_some_and(|&f| f < frame) {
             self.underrun_frames.pop_front();

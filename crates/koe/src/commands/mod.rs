@@ -43,19 +43,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             client::control(&profile()?, ControlRequest::Messages { username, limit }).await
         }
         Command::Call { username, play, record, duration } => {
-            let absolute = |p: std::path::PathBuf| std::path::absolute(p).map(|p| p.display().to_string());
             let request = ControlRequest::Call {
                 username,
-                play: play.map(absolute).transpose()?,
-                record: record.map(absolute).transpose()?,
+                play: absolute(play)?,
+                record: absolute(record)?,
                 duration_ms: duration.map(|d| d.as_millis() as u64),
             };
             client::control(&profile()?, request).await
         }
         Command::Hangup => client::control(&profile()?, ControlRequest::Hangup).await,
         Command::Answer { play, record } => {
-            let absolute = |p: std::path::PathBuf| std::path::absolute(p).map(|p| p.display().to_string());
-            let request = ControlRequest::Answer { play: play.map(absolute).transpose()?, record: record.map(absolute).transpose()? };
+            let request = ControlRequest::Answer { play: absolute(play)?, record: absolute(record)? };
             client::control(&profile()?, request).await
         }
         Command::Decline => client::control(&profile()?, ControlRequest::Decline).await,
@@ -120,4 +118,9 @@ impl PasswordSource {
         }
         Ok(password)
     }
+}
+
+/// A file named on the command line, made absolute for the daemon (which runs elsewhere).
+fn absolute(path: Option<std::path::PathBuf>) -> std::io::Result<Option<String>> {
+    path.map(|p| std::path::absolute(p).map(|p| p.display().to_string())).transpose()
 }
