@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use koe_media::driver::{self, CallAudio};
+use koe_media::driver::{self, CallAudio, MediaControls, Microphone};
 use koe_media::MediaSession;
 use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::{wav, Backend, SAMPLE_RATE};
@@ -52,12 +52,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (offer, answer) = (a.local_description(), b.local_description());
         b.start(&offer, false)?;
         a.start(&answer, true)?;
-        let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone };
+        let audio = |samples| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone: Microphone::Samples(samples) };
         let length = Duration::from_secs(seconds);
         let cpu_before = cpu_seconds();
         let (a, b) = tokio::join!(
-            driver::run(a, a_socket, audio(speech.clone()), tokio::time::sleep(length)),
-            driver::run(b, b_socket, audio(Vec::new()), tokio::time::sleep(length)),
+            driver::run(a, a_socket, audio(speech.clone()), MediaControls::default(), tokio::time::sleep(length)),
+            driver::run(b, b_socket, audio(Vec::new()), MediaControls::default(), tokio::time::sleep(length)),
         );
         let cpu = cpu_seconds() - cpu_before;
         let (a, b) = (a?, b?);
@@ -67,10 +67,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // And once settled: 0.8 s from the 2nd second on, found near where it should be.
         let settled = (2 * SAMPLE_RATE as usize).min(speech.len().saturating_sub(window));
         let (settled_lag, _) = best_lag(&speech[settled..settled + window], &b.recording[settled.min(b.recording.len())..], SAMPLE_RATE as usize / 2);
-        let jitter = b.receiver.jitter;
+        let jitter = b.stats.receiver.jitter;
         println!(
             "| {call} | {:.1} ms | {:.1} / {:.1} ms | {similarity:.3} | {} | {} | {:.1} % of a core |",
-            a.connected_after.unwrap_or_default().as_secs_f64() * 1000.0,
+            a.stats.connected_after.unwrap_or_default().as_secs_f64() * 1000.0,
             lag as f64 * 1000.0 / f64::from(SAMPLE_RATE),
             settled_lag as f64 * 1000.0 / f64::from(SAMPLE_RATE),
             jitter.frames,

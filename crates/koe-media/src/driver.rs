@@ -6,24 +6,106 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use koe_voice::{Backend, JitterConfig, ReceiverStats, SenderStats, VoiceReceiver, VoiceSender, FRAME_SAMPLES};
+use koe_voice::{Backend, JitterConfig, ReceiverStats, SenderStats, VoiceReceiver, VoiceSender, FRAME_SAMPLES, SAMPLE_RATE};
 use tokio::net::UdpSocket;
 use tokio::time::MissedTickBehavior;
 
-use crate::{MediaError, MediaOutput, MediaSession};
+use crate::{MediaError, MediaOutput, MediaPath, MediaSession};
 
 const FRAME: Duration = Duration::from_millis(20);
 /// Loss reports to the other side, and live statistics, once a second.
 const REPORT_EVERY_FRAMES: u64 = 50;
+/// The echo test's tone: before it listens and before it plays back.
+const ECHO_TONE: Duration = Duration::from_millis(400);
+const ECHO_TONE_HZ: f32 = 660.0;
 
 #[derive(Debug, Clone)]
 pub struct CallAudio {
     pub backend: Backend,
     pub bitrate: u32,
-    /// 48 kHz mono samples sent as the microphone, in real time from the moment media connects.
-    pub microphone: Vec<f32>,
+    pub microphone: Microphone,
+}
+
+/// What this side sends, in real time from the moment media connects.
+#[derive(Debug, Clone)]
+pub enum Microphone {
+    /// These 48 kHz mono samples, then silence.
+    Samples(Vec<f32>),
+    /// An echo test, like Skype's echo123: a tone, `listen` of silence while the other side
+    /// speaks, a tone, then what was heard in that time, played back.
+    EchoBack { listen: Duration },
+}
+
+impl Microphone {
+    /// How long it has something to send.
+    pub fn length(&self) -> Duration {
+        match self {
+            Self::Samples(samples) => Duration::from_secs_f64(samples.len() as f64 / f64::from(SAMPLE_RATE)),
+            Self::EchoBack { listen } => 2 * ECHO_TONE + 2 * *listen,
+        }
+    }
+
+    /// Fills `frame` with what to send as frame number `index`; `heard` is the recording so far.
+    fn fill(&self, index: usize, heard: &[f32], frame: &mut [f32]) {
+        frame.fill(0.0);
+        let start = index * FRAME_SAMPLES;
+        match self {
+            Self::Samples(samples) => copy_from(samples, start, frame),
+            Self::EchoBack { listen } => {
+                let tone = samples_in(ECHO_TONE);
+                let listen = samples_in(*listen);
+                if start < tone || (tone + listen..2 * tone + listen).contains(&start) {
+                    let phase_start = if start < tone { start } else { start - tone - listen };
+                    for (i, sample) in frame.iter_mut().enumerate() {
+                        let t = (phase_start + i) as f32 / SAMPLE_RATE as f32;
+                        *sample = 0.25 * (std::f32::consts::TAU * ECHO_TONE_HZ * t).sin();
+                    }
+                } else if start >= 2 * tone + listen {
+                    copy_from(&heard[..heard.len().min(tone + listen)], start - tone - listen, frame);
+                }
+            }
+        }
+    }
+}
+
+fn samples_in(duration: Duration) -> usize {
+    (duration.as_secs_f64() * f64::from(SAMPLE_RATE)) as usize
+}
+
+/// Copies what `source` has from `start` on into `frame` (the rest stays as it is).
+fn copy_from(source: &[f32], start: usize, frame: &mut [f32]) {
+    let start = start.min(source.len());
+    let end = (start + frame.len()).min(source.len());
+    frame[..end - start].copy_from_slice(&source[start..end]);
+}
+
+/// What the call's owner can change and read while media runs.
+#[derive(Debug, Clone, Default)]
+pub struct MediaControls {
+    /// While set, silence is sent instead of the microphone.
+    pub muted: Arc<AtomicBool>,
+    /// Updated once a second.
+    pub live: Arc<Mutex<MediaStats>>,
+}
+
+/// Statistics of one call's media, live and at its end.
+#[derive(Debug, Clone, Default)]
+pub struct MediaStats {
+    /// From the start of the driver until ICE and DTLS were up.
+    pub connected_after: Option<Duration>,
+    /// How long media flowed.
+    pub talked: Duration,
+    pub path: Option<MediaPath>,
+    pub rtt: Option<Duration>,
+    pub sender: SenderStats,
+    pub receiver: ReceiverStats,
+    /// Packets of the other side's stream that failed SRTP authentication (or were replayed
+    /// or malformed) and were dropped.
+    pub rejected_packets: u64,
 }
 
 /// How the call went, for the summary and the history.
@@ -31,12 +113,7 @@ pub struct CallAudio {
 pub struct CallSummary {
     /// Everything played out from the moment media connected (48 kHz mono).
     pub recording: Vec<f32>,
-    /// From the start of the driver until ICE and DTLS were up.
-    pub connected_after: Option<Duration>,
-    /// How long media flowed.
-    pub talked: Duration,
-    pub sender: SenderStats,
-    pub receiver: ReceiverStats,
+    pub stats: MediaStats,
     /// Why media ended: `None` when the caller of [`run`] stopped it.
     pub failure: Option<String>,
 }
@@ -46,6 +123,7 @@ pub async fn run(
     mut session: MediaSession,
     socket: UdpSocket,
     audio: CallAudio,
+    controls: MediaControls,
     stop: impl Future<Output = ()>,
 ) -> Result<CallSummary, MediaError> {
     let local: SocketAddr = socket.local_addr().map_err(|e| MediaError::Engine(e.to_string()))?;
@@ -55,6 +133,7 @@ pub async fn run(
     let started = Instant::now();
     let mut connected: Option<Instant> = None;
     let mut failure = None;
+    let (mut path, mut rtt) = (None, None);
     let mut recording = Vec::new();
     let mut frames_sent = 0u64;
     let mut frame = vec![0.0f32; FRAME_SAMPLES];
@@ -74,6 +153,10 @@ pub async fn run(
                     let _ = receiver.receive(arrived, &payload);
                 }
                 MediaOutput::LossReport(report) => sender.on_loss_report(report),
+                MediaOutput::PathStats { path: now_path, rtt: now_rtt } => {
+                    path = now_path.or(path);
+                    rtt = now_rtt.or(rtt);
+                }
                 MediaOutput::Connected => connected = Some(Instant::now()),
                 MediaOutput::Failed { reason } => {
                     failure = Some(reason);
@@ -90,10 +173,10 @@ pub async fn run(
             }
             _ = tick.tick(), if connected.is_some() => {
                 let now = Instant::now();
-                let start = (frames_sent as usize * FRAME_SAMPLES).min(audio.microphone.len());
-                let end = (start + FRAME_SAMPLES).min(audio.microphone.len());
-                frame.fill(0.0);
-                frame[..end - start].copy_from_slice(&audio.microphone[start..end]);
+                audio.microphone.fill(frames_sent as usize, &recording, &mut frame);
+                if controls.muted.load(Ordering::Relaxed) {
+                    frame.fill(0.0);
+                }
                 let payload = sender.encode(&frame).map_err(|e| MediaError::Engine(e.to_string()))?;
                 session.send_voice(now, &payload)?;
                 frames_sent += 1;
@@ -101,18 +184,38 @@ pub async fn run(
                 recording.extend_from_slice(&played);
                 if frames_sent.is_multiple_of(REPORT_EVERY_FRAMES) {
                     session.send_loss_report(receiver.loss_report());
+                    if let Ok(mut live) = controls.live.lock() {
+                        *live = stats(&session, &sender, &receiver, started, connected, path, rtt);
+                    }
                 }
             }
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
             () = &mut stop => break 'call,
         }
     }
-    Ok(CallSummary {
-        recording,
+    let stats = stats(&session, &sender, &receiver, started, connected, path, rtt);
+    if let Ok(mut live) = controls.live.lock() {
+        *live = stats.clone();
+    }
+    Ok(CallSummary { recording, stats, failure })
+}
+
+fn stats(
+    session: &MediaSession,
+    sender: &VoiceSender,
+    receiver: &VoiceReceiver,
+    started: Instant,
+    connected: Option<Instant>,
+    path: Option<MediaPath>,
+    rtt: Option<Duration>,
+) -> MediaStats {
+    MediaStats {
         connected_after: connected.map(|at| at - started),
         talked: connected.map_or(Duration::ZERO, |at| at.elapsed()),
+        path,
+        rtt,
         sender: sender.stats(),
         receiver: receiver.stats(),
-        failure,
-    })
+        rejected_packets: session.rejected_packets(),
+    }
 }

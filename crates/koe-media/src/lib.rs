@@ -22,7 +22,7 @@ use str0m::change::DirectApi;
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::Ssrc;
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
 /// The one audio stream of a call.
 const MID: &str = "0";
@@ -70,21 +70,49 @@ pub enum MediaOutput {
     Connected,
     /// The path is gone (ICE disconnected for good) or never came up.
     Failed { reason: String },
+    /// About once a second: the path in use and the round-trip time on it.
+    PathStats { path: Option<MediaPath>, rtt: Option<Duration> },
     /// Nothing more until this instant (or a datagram).
     WaitUntil(Instant),
 }
 
+/// The network path a call's media takes: the nominated ICE pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathKind {
-    Host,
-    ServerReflexive,
-    PeerReflexive,
-    Relayed,
+pub struct MediaPath {
+    pub local: SocketAddr,
+    pub local_kind: CandidateKind,
+    pub remote: SocketAddr,
+    pub remote_kind: CandidateKind,
+}
+
+impl MediaPath {
+    /// Whether the media goes through a relay node rather than straight to the other side.
+    pub fn is_relayed(&self) -> bool {
+        self.local_kind == CandidateKind::Relayed || self.remote_kind == CandidateKind::Relayed
+    }
+}
+
+impl std::fmt::Display for MediaPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = if self.is_relayed() { "relayed" } else { "direct" };
+        write!(f, "{how} ({} {} ↔ {} {})", kind_name(self.local_kind), self.local, kind_name(self.remote_kind), self.remote)
+    }
+}
+
+/// The names SDP gives candidate kinds.
+fn kind_name(kind: CandidateKind) -> &'static str {
+    match kind {
+        CandidateKind::Host => "host",
+        CandidateKind::PeerReflexive => "prflx",
+        CandidateKind::ServerReflexive => "srflx",
+        CandidateKind::Relayed => "relay",
+    }
 }
 
 pub struct MediaSession {
     rtc: Rtc,
     local_candidates: Vec<Candidate>,
+    remote_candidates: Vec<Candidate>,
     mid: Mid,
     pt: Option<Pt>,
     ssrc: Ssrc,
@@ -95,6 +123,10 @@ pub struct MediaSession {
     connected: bool,
     failed: bool,
     media_time: u64,
+    /// RTP packets of the other side's stream that arrived, and those str0m delivered: the
+    /// difference failed SRTP authentication or replay protection, or was malformed.
+    rtp_arrived: u64,
+    rtp_delivered: u64,
 }
 
 impl std::fmt::Debug for MediaSession {
@@ -115,6 +147,8 @@ impl MediaSession {
         let mut rtc = RtcConfig::new()
             // Emit every packet at once: Koe's own jitter buffer does the reordering.
             .set_reordering_size_audio(0)
+            // Path and round-trip time for the call's statistics.
+            .set_stats_interval(Some(Duration::from_secs(1)))
             .build(now);
         let mut local_candidates = Vec::new();
         for address in local {
@@ -131,7 +165,22 @@ impl MediaSession {
             ssrc
         };
         let pt = rtc.codec_config().find(|p| p.spec().codec == str0m::format::Codec::Opus).map(|p| p.pt());
-        Ok(Self { rtc, local_candidates, mid, pt, ssrc, remote_ssrc: None, started_at: now, last_voice: None, connected: false, failed: false, media_time: 0 })
+        Ok(Self {
+            rtc,
+            local_candidates,
+            remote_candidates: Vec::new(),
+            mid,
+            pt,
+            ssrc,
+            remote_ssrc: None,
+            started_at: now,
+            last_voice: None,
+            connected: false,
+            failed: false,
+            media_time: 0,
+            rtp_arrived: 0,
+            rtp_delivered: 0,
+        })
     }
 
     /// Adds a candidate found later (server-reflexive from a supernode, relayed from a relay).
@@ -171,9 +220,10 @@ impl MediaSession {
         if remote.ice_ufrag.is_empty() || remote.ice_pwd.len() < 22 {
             return Err(MediaError::BadDescription("ICE credentials too short".into()));
         }
-        for candidate in candidates {
-            self.rtc.add_remote_candidate(candidate);
+        for candidate in &candidates {
+            self.rtc.add_remote_candidate(candidate.clone());
         }
+        self.remote_candidates = candidates;
         let mid = self.mid;
         let mut api: DirectApi = self.rtc.direct_api();
         api.set_remote_fingerprint(fingerprint);
@@ -189,6 +239,9 @@ impl MediaSession {
         let Ok(contents) = datagram.try_into() else {
             return; // Not STUN, DTLS or RTP: ignore.
         };
+        if self.remote_ssrc.is_some_and(|ssrc| rtp_ssrc(datagram) == Some(*ssrc)) {
+            self.rtp_arrived += 1;
+        }
         let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
         if self.rtc.accepts(&input) {
             let _ = self.rtc.handle_input(input);
@@ -257,6 +310,7 @@ impl MediaSession {
                     return MediaOutput::Connected;
                 }
                 Output::Event(Event::MediaData(data)) => {
+                    self.rtp_delivered += 1;
                     self.last_voice = Some(now.max(data.network_time));
                     return MediaOutput::Voice { payload: data.data.to_vec(), arrived: data.network_time };
                 }
@@ -264,6 +318,18 @@ impl MediaSession {
                     if let Some(report) = parse_loss_report(&feedback.payload) {
                         return MediaOutput::LossReport(report);
                     }
+                }
+                Output::Event(Event::PeerStats(stats)) => {
+                    let pair = stats.selected_candidate_pair;
+                    let path = pair.as_ref().map(|pair| MediaPath {
+                        local: pair.local.addr,
+                        local_kind: candidate_kind(&self.local_candidates, pair.local.addr),
+                        remote: pair.remote.addr,
+                        remote_kind: candidate_kind(&self.remote_candidates, pair.remote.addr),
+                    });
+                    // From RTCP receiver reports, else from ICE's consent checks on the path.
+                    let rtt = stats.rtt.or_else(|| pair.and_then(|pair| pair.current_round_trip_time));
+                    return MediaOutput::PathStats { path, rtt };
                 }
                 Output::Event(Event::IceConnectionStateChange(IceConnectionState::Disconnected)) if self.connected => {
                     self.failed = true;
@@ -277,6 +343,24 @@ impl MediaSession {
     pub fn is_connected(&self) -> bool {
         self.connected
     }
+
+    /// RTP packets of the other side's stream that were dropped unread: they failed SRTP
+    /// authentication or replay protection, or were malformed.
+    pub fn rejected_packets(&self) -> u64 {
+        self.rtp_arrived.saturating_sub(self.rtp_delivered)
+    }
+}
+
+/// The kind of the candidate with this address; one ICE learned on the way is peer-reflexive.
+fn candidate_kind(candidates: &[Candidate], address: SocketAddr) -> CandidateKind {
+    candidates.iter().find(|c| c.addr() == address).map_or(CandidateKind::PeerReflexive, Candidate::kind)
+}
+
+/// The SSRC of an RTP packet (not RTCP: payload types 192–223 are RTCP's).
+fn rtp_ssrc(datagram: &[u8]) -> Option<u32> {
+    let header = datagram.get(..12)?;
+    let is_rtp = header[0] >> 6 == 2 && !(192..=223).contains(&header[1]);
+    is_rtp.then(|| u32::from_be_bytes([header[8], header[9], header[10], header[11]]))
 }
 
 /// A loss report from the other side, if the feedback is one and its numbers make sense.

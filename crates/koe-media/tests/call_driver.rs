@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use koe_media::driver::{self, CallAudio, CallSummary};
+use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, Microphone};
 use koe_media::MediaSession;
 use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::{Backend, SAMPLE_RATE};
@@ -21,14 +21,28 @@ async fn side() -> (MediaSession, UdpSocket) {
 
 /// Caller `a` sends `microphone` for `a_for`; callee `b` runs for `b_for`.
 async fn call(microphone: Vec<f32>, a_for: Duration, b_for: Duration) -> (CallSummary, CallSummary) {
+    call_with(Microphone::Samples(microphone), MediaControls::default(), Microphone::Samples(Vec::new()), a_for, b_for).await
+}
+
+async fn call_with(
+    a_microphone: Microphone,
+    a_controls: MediaControls,
+    b_microphone: Microphone,
+    a_for: Duration,
+    b_for: Duration,
+) -> (CallSummary, CallSummary) {
     let ((mut a, a_socket), (mut b, b_socket)) = (side().await, side().await);
     let (offer, answer) = (a.local_description(), b.local_description());
     b.start(&offer, false).unwrap();
     a.start(&answer, true).unwrap();
     let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone };
-    let a_task = tokio::spawn(driver::run(a, a_socket, audio(microphone), tokio::time::sleep(a_for)));
-    let b_task = tokio::spawn(driver::run(b, b_socket, audio(Vec::new()), tokio::time::sleep(b_for)));
+    let a_task = tokio::spawn(driver::run(a, a_socket, audio(a_microphone), a_controls, tokio::time::sleep(a_for)));
+    let b_task = tokio::spawn(driver::run(b, b_socket, audio(b_microphone), MediaControls::default(), tokio::time::sleep(b_for)));
     (a_task.await.unwrap().unwrap(), b_task.await.unwrap().unwrap())
+}
+
+fn energy(samples: &[f32]) -> f32 {
+    samples.iter().map(|s| s * s).sum::<f32>() / samples.len().max(1) as f32
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,8 +50,8 @@ async fn the_callee_records_the_callers_speech_a_mouth_to_ear_delay_later() {
     let speech = speechlike(3);
     let (a, b) = call(speech.clone(), Duration::from_secs(4), Duration::from_secs(4)).await;
     assert!(a.failure.is_none() && b.failure.is_none(), "{:?} {:?}", a.failure, b.failure);
-    let connected = a.connected_after.expect("connected");
-    let jitter = b.receiver.jitter;
+    let connected = a.stats.connected_after.expect("connected");
+    let jitter = b.stats.receiver.jitter;
     assert_eq!(jitter.concealed, 0, "{jitter:?}");
     assert!(b.recording.len() >= 3 * SAMPLE_RATE as usize, "{} samples recorded", b.recording.len());
     // The first 0.8 s: the jitter buffer settles (drops its initial wait for a copy) only
@@ -47,7 +61,7 @@ async fn the_callee_records_the_callers_speech_a_mouth_to_ear_delay_later() {
     eprintln!("connected after {connected:?}; mouth-to-ear on loopback {mouth_to_ear:?}; correlation {similarity:.3}; {jitter:?}");
     assert!(similarity > 0.8, "the recording is the speech (correlation {similarity:.3})");
     assert!(lag > 0, "the recording lags the speech (mouth-to-ear {mouth_to_ear:?})");
-    assert_eq!(a.sender.redundancy, 0, "a clean path, once reported, needs no copies");
+    assert_eq!(a.stats.sender.redundancy, 0, "a clean path, once reported, needs no copies");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,4 +72,47 @@ async fn a_side_whose_peer_vanishes_ends_by_itself_and_says_why() {
     let reason = b.failure.expect("the callee noticed");
     assert!(reason.contains("no audio from the other side"), "{reason}");
     assert!(started.elapsed() < Duration::from_secs(10), "noticed after {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_muted_side_sends_silence_and_the_path_and_round_trip_are_reported() {
+    let controls = MediaControls::default();
+    controls.muted.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (a, b) = call_with(Microphone::Samples(speechlike(3)), controls.clone(), Microphone::Samples(Vec::new()), Duration::from_secs(3), Duration::from_secs(3)).await;
+    assert!(a.failure.is_none() && b.failure.is_none(), "{:?} {:?}", a.failure, b.failure);
+    assert!(b.recording.len() > 2 * SAMPLE_RATE as usize);
+    assert!(energy(&b.recording) < 1e-6, "the muted caller was heard: energy {}", energy(&b.recording));
+    let path = a.stats.path.expect("the path in use is known");
+    assert!(!path.is_relayed());
+    assert_eq!(path.to_string(), format!("direct (host {} ↔ host {})", path.local, path.remote));
+    assert!(a.stats.rtt.is_some(), "a round-trip time was measured");
+    assert_eq!(a.stats.rejected_packets + b.stats.rejected_packets, 0);
+    let live = controls.live.lock().unwrap().clone();
+    assert_eq!(live.sender.frames, a.stats.sender.frames, "the live statistics end as the summary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_test_plays_back_what_it_heard() {
+    // The echo test beeps (0.4 s), listens for 2 s, beeps, plays back. The caller speaks
+    // 0.6 s to 1.8 s into the call.
+    let speech = speechlike(2);
+    let mut microphone = vec![0.0; SAMPLE_RATE as usize * 6 / 10];
+    microphone.extend_from_slice(&speech[..SAMPLE_RATE as usize * 6 / 5]);
+    let echo = Microphone::EchoBack { listen: Duration::from_secs(2) };
+    assert_eq!(echo.length(), Duration::from_millis(4800));
+    let (a, b) = call_with(Microphone::Samples(microphone), MediaControls::default(), echo, Duration::from_secs(6), Duration::from_secs(6)).await;
+    assert!(a.failure.is_none() && b.failure.is_none(), "{:?} {:?}", a.failure, b.failure);
+    let second = SAMPLE_RATE as usize;
+    assert!(energy(&a.recording[..second / 2]) > 1e-3, "the caller heard the first tone");
+    // Played back from 2.8 s on (tone, listening, tone), a mouth-to-ear delay each way later.
+    let from = second * 28 / 10;
+    // Both jitter buffers settle during the first seconds, so the echo's delay moves by a
+    // frame or two: compare quarter seconds.
+    for start in [0, second / 4, second / 2, second * 3 / 4] {
+        let (lag, similarity) = best_lag(&speech[start..start + second / 4], &a.recording[from + start..], second);
+        eprintln!("{start} samples into the speech: heard back {lag} samples after 2.8 s, correlation {similarity:.3}");
+        assert!(similarity > 0.7, "the caller heard their own speech back (correlation {similarity:.3})");
+        // 0.2 s of the caller's silence before speaking, plus a mouth-to-ear delay each way.
+        assert!((second / 5..second / 2).contains(&(lag as usize)), "heard back {lag} samples late");
+    }
 }

@@ -28,6 +28,7 @@ struct Side {
     /// Flip a bit in every n-th SRTP packet this side sends (an attacker on the path).
     tamper_every: Option<usize>,
     srtp_sent: usize,
+    tampered: u64,
     /// Loss reports received from the other side.
     reports: usize,
 }
@@ -50,6 +51,7 @@ impl Side {
             sent: Vec::new(),
             tamper_every: None,
             srtp_sent: 0,
+            tampered: 0,
             reports: 0,
         }
     }
@@ -59,11 +61,13 @@ impl Side {
             match self.session.poll(Instant::now()) {
                 MediaOutput::Transmit { destination, mut datagram, .. } => {
                     // SRTP (RFC 7983: first byte 128–191), media-sized.
-                    if (128..192).contains(&datagram[0]) && datagram.len() > 60 {
+                    // SRTP, not SRTCP (RTCP's packet types are 192–223).
+                    if (128..192).contains(&datagram[0]) && !(192..=223).contains(&datagram[1]) && datagram.len() > 60 {
                         self.srtp_sent += 1;
                         if self.tamper_every.is_some_and(|n| self.srtp_sent.is_multiple_of(n)) {
                             let middle = datagram.len() / 2;
                             datagram[middle] ^= 0x10;
+                            self.tampered += 1;
                         }
                     }
                     let _ = self.socket.send_to(&datagram, destination).await;
@@ -76,6 +80,7 @@ impl Side {
                     self.reports += 1;
                 }
                 MediaOutput::Connected => self.connected = Some(Instant::now()),
+                MediaOutput::PathStats { .. } => {}
                 MediaOutput::Failed { reason } => {
                     self.failed = Some(reason);
                     return;
@@ -241,6 +246,9 @@ async fn tampered_srtp_packets_are_dropped_and_copies_fill_the_gaps() {
     eprintln!("{stats:?}; {} SRTP packets sent, every 7th altered", a.srtp_sent);
     assert!(b.failed.is_none(), "altered packets do not break the call");
     assert_eq!(stats.malformed, 0, "no altered packet reached the voice engine: SRTP authentication dropped them");
+    let rejected = b.session.rejected_packets();
+    // The last altered packets may still be in flight when the call stops.
+    assert!((a.tampered.saturating_sub(2)..=a.tampered).contains(&rejected), "{rejected} counted as rejected, {} altered", a.tampered);
     assert!(stats.loss_before_recovery > 0.08, "about one packet in seven was dropped: {stats:?}");
     assert!(stats.from_copies > 10, "the copies in the next packets filled the gaps: {stats:?}");
     assert!(a.sender.stats().redundancy >= 2, "the caller's copies followed the reported loss: {:?}", a.sender.stats());

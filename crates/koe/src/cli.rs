@@ -104,6 +104,24 @@ pub enum Command {
     },
     /// Decline the ringing call
     Decline,
+    /// Mute the microphone in the call in progress (`koe mute off` to unmute)
+    Mute {
+        #[arg(value_enum, default_value = "on")]
+        state: MuteState,
+    },
+    /// Show the call history: incoming, outgoing and missed calls
+    Calls {
+        /// How many of the latest calls
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Run an echo test service like Skype's echo123 for this profile's user: answers every
+    /// call with a tone, records what the caller says, plays it back and hangs up
+    EchoBot {
+        /// How long to listen before playing back
+        #[arg(long, value_name = "DURATION", default_value = "8s", value_parser = parse_duration)]
+        listen: Duration,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions {
         #[arg(value_enum)]
@@ -160,6 +178,12 @@ pub struct NodeArgs {
     /// How often to print the one-line summary
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub summary_every: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MuteState {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 
 use crate::cli::{ContactsCommand, SupernodeMode, UpArgs};
-use crate::daemon::control::{ask, ControlRequest};
+use crate::daemon::control::{ask_streaming, ControlRequest};
 use crate::daemon::{self, parse_status, DaemonOptions, Promotion};
 use crate::profile::Profile;
 
@@ -32,7 +32,8 @@ pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
         SupernodeMode::Auto => Some(Promotion { after: args.promote_after, listen: args.node_listen }),
         _ => None,
     };
-    let auto_answer = args.auto_answer.then(|| daemon::calls::AutoAnswer { play: args.play.clone(), record: args.record.clone() });
+    let auto_answer =
+        args.auto_answer.then(|| daemon::calls::AutoAnswer { play: args.play.clone(), record: args.record.clone(), echo: None });
     let options = DaemonOptions { status, preferred_supernodes: preferred, promotion, auto_answer };
     let result = daemon::run(profile, options, shutdown_signal()).await;
     if let Some((stop, task)) = supernode {
@@ -42,16 +43,31 @@ pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
     result
 }
 
-/// Sends one request to the running daemon and prints its answer.
+/// `koe echo-bot`: a client daemon that answers every call with an echo test.
+pub async fn echo_bot(profile: Profile, listen: std::time::Duration) -> Result<()> {
+    let auto_answer = daemon::calls::AutoAnswer { play: None, record: None, echo: Some(listen) };
+    tracing::info!("echo test: callers hear a tone, speak for {listen:?}, hear a tone and then themselves");
+    let options = DaemonOptions {
+        status: Some(koe_overlay::PresenceStatus::Online),
+        preferred_supernodes: Vec::new(),
+        promotion: None,
+        auto_answer: Some(auto_answer),
+    };
+    daemon::run(profile, options, shutdown_signal()).await
+}
+
+/// Sends one request to the running daemon and prints its answer (and, for a call, each
+/// line as it happens).
 pub async fn control(profile: &Profile, request: ControlRequest) -> Result<()> {
-    let response = ask(profile.home(), &request).await?;
+    let response = ask_streaming(profile.home(), &request, |line| println!("{line}")).await?;
     let output = response.output.trim_end();
-    if response.ok {
-        println!("{output}");
-        Ok(())
-    } else {
+    if !response.ok {
         bail!("{output}")
     }
+    if !output.is_empty() {
+        println!("{output}");
+    }
+    Ok(())
 }
 
 pub fn contacts_request(command: ContactsCommand) -> ControlRequest {

@@ -226,7 +226,7 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     // alice's client answers calls by itself and records them (what `koe up --auto-answer
     // --record FILE` does).
     let recording = dir.join("alice-heard.wav");
-    let answering = AutoAnswer { play: None, record: Some(recording.clone()) };
+    let answering = AutoAnswer { play: None, record: Some(recording.clone()), echo: None };
     let alice_up = DemoClient::up(&alice, &supernodes.addresses[0], Some(answering), narrator).await?;
     let bob_up = DemoClient::up(&bob, &supernodes.addresses[SUPERNODES - 1], None, narrator).await?;
 

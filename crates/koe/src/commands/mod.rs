@@ -57,6 +57,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             client::control(&profile()?, request).await
         }
         Command::Decline => client::control(&profile()?, ControlRequest::Decline).await,
+        Command::Mute { state } => {
+            client::control(&profile()?, ControlRequest::Mute { on: state == crate::cli::MuteState::On }).await
+        }
+        Command::Calls { limit } => client::control(&profile()?, ControlRequest::Calls { limit }).await,
+        Command::EchoBot { listen } => client::echo_bot(profile()?, listen).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "koe", &mut std::io::stdout());
             Ok(())

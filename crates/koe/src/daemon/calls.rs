@@ -1,16 +1,21 @@
 //! Calls in the daemon: the glue between the call signalling state machine (`koe-call`), the
 //! overlay's sealed envelopes that carry its signals, and the media driver (`koe-media`).
-//! `koe call` places a call and waits for its end; `koe up --auto-answer` answers every call.
+//! `koe call` places a call and waits for its end, printing what happens as it happens (the
+//! control connection streams progress lines: ringing, answered, live statistics every few
+//! seconds); `koe up --auto-answer` answers every call; `koe echo-bot` answers with an echo
+//! test; `koe mute` silences the microphone of the call in progress. Every call, answered or
+//! not, ends up in the call history.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use koe_call::{Call, CallEvent, CallId, CallOutput, CallSignal};
-use koe_media::driver::{self, CallAudio, CallSummary};
+use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, MediaStats, Microphone};
 use koe_media::MediaSession;
 use koe_overlay::client::SendOutcome;
 use koe_types::{UnixTime, Username};
@@ -19,24 +24,63 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use super::history::CallRecord;
 use super::{DaemonState, Payload};
 
 /// Without `--duration` and without a file to play, an answered call lasts this long.
 const DEFAULT_TALK: Duration = Duration::from_secs(30);
+/// How often `koe call` and `koe answer` print live statistics during a call.
+const LIVE_EVERY: Duration = Duration::from_secs(5);
 
-/// `koe up --auto-answer`.
+/// How calls are answered without a person: `koe up --auto-answer`, `koe echo-bot`.
 #[derive(Debug, Clone)]
 pub struct AutoAnswer {
     pub play: Option<PathBuf>,
     pub record: Option<PathBuf>,
+    /// An echo test instead of `play`: listens this long, then plays it back and hangs up.
+    pub echo: Option<Duration>,
 }
+
+/// Where a call's lines go as they happen: the control connection of `koe call` or `koe
+/// answer`.
+pub type ProgressSender = mpsc::UnboundedSender<String>;
+/// `None` when nobody watches (a call answered automatically).
+pub type Progress = Option<ProgressSender>;
 
 /// What the person decides about a ringing call (`koe answer`, `koe decline`).
 #[derive(Debug)]
 pub enum Decision {
-    /// Answer with these files; the call's log goes to `reply` when it ends.
-    Answer { play: Option<PathBuf>, record: Option<PathBuf>, reply: oneshot::Sender<Result<String, String>> },
+    /// Answer with these files; lines go to `progress`, the call's log to `reply` at its end.
+    Answer { play: Option<PathBuf>, record: Option<PathBuf>, progress: Progress, reply: oneshot::Sender<Result<String, String>> },
     Decline,
+}
+
+/// The lines of one call: kept for the end and sent to `progress` as they happen.
+struct CallLog {
+    text: String,
+    progress: Progress,
+    /// Why the call ended, once it has.
+    ended: Option<String>,
+}
+
+impl CallLog {
+    fn new(progress: Progress) -> Self {
+        Self { text: String::new(), progress, ended: None }
+    }
+
+    fn line(&mut self, line: impl Into<String>) {
+        let line = line.into();
+        self.live(line.clone());
+        self.text.push_str(&line);
+        self.text.push('\n');
+    }
+
+    /// A line only for whoever watches now (live statistics).
+    fn live(&mut self, line: String) {
+        if let Some(progress) = &self.progress {
+            let _ = progress.send(line);
+        }
+    }
 }
 
 /// The calls of this device, by id: where their signals go, and how to hang them up.
@@ -47,6 +91,8 @@ pub struct Calls {
     hangups: Mutex<HashMap<CallId, oneshot::Sender<()>>>,
     /// Calls ringing here, oldest first, with who calls and where the decision goes.
     ringing: Mutex<Vec<(CallId, Username, mpsc::Sender<Decision>)>>,
+    /// Calls whose media runs, with their mute switch and live statistics.
+    talking: Mutex<HashMap<CallId, MediaControls>>,
     pub auto_answer: Option<AutoAnswer>,
 }
 
@@ -78,6 +124,18 @@ impl Calls {
         if let Ok(mut hangups) = self.hangups.lock() {
             hangups.remove(&id);
         }
+        if let Ok(mut talking) = self.talking.lock() {
+            talking.remove(&id);
+        }
+    }
+
+    /// `koe mute` / `koe mute off`: for every call in progress; says how many there are.
+    pub fn mute(&self, on: bool) -> usize {
+        let Ok(talking) = self.talking.lock() else { return 0 };
+        for controls in talking.values() {
+            controls.muted.store(on, Ordering::Relaxed);
+        }
+        talking.len()
     }
 
     /// `koe answer` / `koe decline`: hands the decision to the newest ringing call; says who
@@ -152,7 +210,7 @@ async fn send(state: &DaemonState, to: &Username, signal: CallSignal) -> SendOut
 
 /// Carries out what the call wants: signals to the other user, events into `log`. Returns
 /// the answer when there is one.
-async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut String) -> Option<(String, koe_media::MediaDescription)> {
+async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut CallLog) -> Option<(String, koe_media::MediaDescription)> {
     let mut answered = None;
     while let Some(output) = call.poll_output() {
         match output {
@@ -161,18 +219,41 @@ async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut St
                     warn!(%reason, "a call signal was not delivered");
                 }
             }
-            CallOutput::Event(CallEvent::Ringing) => log.push_str("ringing\n"),
+            CallOutput::Event(CallEvent::Ringing) => log.line("ringing"),
             CallOutput::Event(CallEvent::Incoming) => {}
             CallOutput::Event(CallEvent::Answered { device, remote_media }) => {
-                let _ = writeln!(log, "answered (device {device})");
+                log.line(format!("answered (device {device})"));
                 answered = Some((device, remote_media));
             }
             CallOutput::Event(CallEvent::Ended(reason)) => {
-                let _ = writeln!(log, "ended: {reason}");
+                log.line(format!("ended: {reason}"));
+                log.ended = Some(reason.to_string());
             }
         }
     }
     answered
+}
+
+/// Writes the call into the history: who, when, how long, why it ended, path and quality.
+fn remember(state: &DaemonState, id: CallId, peer: &Username, incoming: bool, started_at: UnixTime, log: &CallLog, media: Option<&MediaStats>) {
+    let record = CallRecord {
+        call_id: format!("{:032x}", id.0),
+        peer: peer.to_string(),
+        incoming,
+        started_at,
+        talked_ms: media.map(|m| m.talked.as_millis() as u64),
+        ended: log.ended.clone().unwrap_or_else(|| "ended".into()),
+        path: media.and_then(|m| m.path).map(|p| p.to_string()),
+        mos: media.filter(|m| m.talked > Duration::ZERO).map(mos),
+    };
+    match state.history() {
+        Ok(history) => {
+            if let Err(error) = history.add_call(&record) {
+                warn!(%error, "could not write the call history");
+            }
+        }
+        Err(error) => warn!(%error, "could not write the call history"),
+    }
 }
 
 /// `koe call USER`: rings every device, waits for the answer, talks, hangs up; returns the log.
@@ -182,6 +263,7 @@ pub async fn place(
     play: Option<PathBuf>,
     record: Option<PathBuf>,
     duration: Option<Duration>,
+    progress: Progress,
 ) -> Result<String, String> {
     if to == state.me {
         return Err("you cannot call yourself".into());
@@ -189,7 +271,7 @@ pub async fn place(
     if state.calls.busy() {
         return Err("you are in a call already: koe hangup first".into());
     }
-    let microphone = microphone(play.as_deref())?;
+    let microphone = Microphone::Samples(microphone(play.as_deref())?);
     let devices = state.client.lookup(to.clone()).await?.len();
     if devices == 0 {
         return Err(state.absence(&to).await);
@@ -197,9 +279,10 @@ pub async fn place(
     let (socket, mut session) = media_socket(&state).await?;
     let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
     let (mut signals, hangup) = state.calls.register(id, &to);
-    let dialed = Instant::now();
-    let mut log = format!("calling {to} ({devices} device(s) online)…\n");
-    let mut call = Call::dial(id, state.device.clone(), session.local_description(), devices, dialed, UnixTime::now().as_secs());
+    let (dialed, started_at) = (Instant::now(), UnixTime::now());
+    let mut log = CallLog::new(progress);
+    log.line(format!("calling {to} ({devices} device(s) online)…"));
+    let mut call = Call::dial(id, state.device.clone(), session.local_description(), devices, dialed, started_at.as_secs());
     tokio::pin!(hangup);
     let answered = loop {
         if let Some(answer) = drain(&state, &to, &mut call, &mut log).await {
@@ -217,16 +300,31 @@ pub async fn place(
     };
     let result = match answered {
         Some((_, remote_media)) => {
-            let _ = writeln!(log, "answered after {} ms", dialed.elapsed().as_millis());
-            let talk = duration.unwrap_or_else(|| {
-                if microphone.is_empty() { DEFAULT_TALK } else { Duration::from_secs_f64(microphone.len() as f64 / f64::from(SAMPLE_RATE)) + Duration::from_millis(500) }
+            log.line(format!("answered after {} ms", dialed.elapsed().as_millis()));
+            let talk = duration.unwrap_or_else(|| match microphone.length() {
+                Duration::ZERO => DEFAULT_TALK,
+                length => length + Duration::from_millis(500),
             });
-            talk_until_done(&state, &to, &mut call, session, socket, &remote_media, true, microphone, record.as_deref(), talk, &mut signals, hangup, &mut log).await
+            let media = Media { session, socket, remote: remote_media, caller: true, microphone, record: record.clone(), talk };
+            talk_until_done(&state, &to, id, &mut call, media, &mut signals, hangup, &mut log).await.map(Some)
         }
-        None => Ok(()),
+        None => Ok(None),
     };
+    remember(&state, id, &to, false, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
     state.calls.forget(id);
-    result.map(|()| log)
+    result.map(|_| log.text)
+}
+
+/// The media side of an answered call: what to start it with.
+struct Media {
+    session: MediaSession,
+    socket: UdpSocket,
+    remote: koe_media::MediaDescription,
+    caller: bool,
+    microphone: Microphone,
+    record: Option<PathBuf>,
+    /// Hang up after this long at the latest.
+    talk: Duration,
 }
 
 /// Runs the media of an answered call until a hang-up (either side), the talk time, or a
@@ -235,26 +333,27 @@ pub async fn place(
 async fn talk_until_done(
     state: &DaemonState,
     to: &Username,
+    id: CallId,
     call: &mut Call,
-    mut session: MediaSession,
-    socket: UdpSocket,
-    remote_media: &koe_media::MediaDescription,
-    caller: bool,
-    microphone: Vec<f32>,
-    record: Option<&Path>,
-    talk: Duration,
+    media: Media,
     signals: &mut mpsc::Receiver<CallSignal>,
     hangup: impl std::future::Future<Output = Result<(), oneshot::error::RecvError>>,
-    log: &mut String,
-) -> Result<(), String> {
-    session.start(remote_media, caller).map_err(|e| format!("the other side's media offer is unusable: {e}"))?;
+    log: &mut CallLog,
+) -> Result<MediaStats, String> {
+    let Media { mut session, socket, remote, caller, microphone, record, talk } = media;
+    session.start(&remote, caller).map_err(|e| format!("the other side's media offer is unusable: {e}"))?;
     let audio = CallAudio { backend: Backend::OpusPure, bitrate: DEFAULT_BITRATE, microphone };
+    let controls = MediaControls::default();
+    if let Ok(mut talking) = state.calls.talking.lock() {
+        talking.insert(id, controls.clone());
+    }
     let (stop_media, media_stopped) = oneshot::channel::<()>();
-    let mut media = tokio::spawn(driver::run(session, socket, audio, async move {
+    let mut media = tokio::spawn(driver::run(session, socket, audio, controls.clone(), async move {
         let _ = media_stopped.await;
     }));
     let mut stop_media = Some(stop_media);
     let talk_over = tokio::time::sleep(talk);
+    let mut live = tokio::time::interval_at(tokio::time::Instant::now() + LIVE_EVERY, LIVE_EVERY);
     tokio::pin!(talk_over, hangup);
     let summary = loop {
         tokio::select! {
@@ -264,6 +363,10 @@ async fn talk_until_done(
             Some(signal) = signals.recv() => call.handle_signal(signal),
             () = &mut talk_over, if stop_media.is_some() => call.hang_up(),
             _ = &mut hangup, if stop_media.is_some() => call.hang_up(),
+            _ = live.tick() => {
+                let stats = controls.live.lock().map(|live| live.clone()).unwrap_or_default();
+                log.live(live_line(&stats, controls.muted.load(Ordering::Relaxed)));
+            }
         }
         drain(state, to, call, log).await;
         if call.is_over() {
@@ -278,11 +381,13 @@ async fn talk_until_done(
         call.hang_up();
     }
     drain(state, to, call, log).await;
-    if let Some(path) = record {
+    if let Some(path) = &record {
         wav::write_mono(path, &summary.recording, SAMPLE_RATE).map_err(|e| e.to_string())?;
     }
-    log.push_str(&summary_text(&summary, record));
-    Ok(())
+    for line in summary_text(&summary, record.as_deref()).lines() {
+        log.line(line);
+    }
+    Ok(summary.stats)
 }
 
 /// An offer arrived: busy, stale, answered at once (`--auto-answer`), or ringing until the
@@ -293,26 +398,32 @@ async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSig
         warn!(%from, "a stale or replayed call offer was ignored");
         return;
     };
-    let mut log = format!("call from {from}\n");
+    let started_at = UnixTime::now();
+    let mut log = CallLog::new(None);
+    log.line(format!("call from {from}"));
     if busy {
         drain(&state, &from, &mut call, &mut log).await;
         info!(%from, "call refused: busy in another call");
+        log.ended.get_or_insert_with(|| "busy in another call".into());
+        remember(&state, *id, &from, true, started_at, &log, None);
         return;
     }
     let (mut signals, hangup) = state.calls.register(*id, &from);
     drain(&state, &from, &mut call, &mut log).await;
     let result = match state.calls.auto_answer.clone() {
-        Some(auto) => answer_now(&state, &from, &mut call, remote_media, auto, &mut signals, hangup, &mut log).await,
+        Some(auto) => answer_now(&state, &from, *id, &mut call, remote_media, auto, &mut signals, hangup, &mut log).await.map(Some),
         None => ring(&state, &from, &mut call, *id, remote_media, &mut signals, hangup, &mut log).await,
     };
+    remember(&state, *id, &from, true, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
     state.calls.forget(*id);
     match result {
-        Ok(()) => info!("{}", log.trim_end().replace('\n', "; ")),
+        Ok(_) => info!("{}", log.text.trim_end().replace('\n', "; ")),
         Err(error) => warn!(%from, %error, "the call failed"),
     }
 }
 
-/// Rings until a decision, the caller's cancel, or the timeout.
+/// Rings until a decision, the caller's cancel, or the timeout; the media's statistics if
+/// it was answered.
 #[allow(clippy::too_many_arguments)]
 async fn ring(
     state: &DaemonState,
@@ -322,8 +433,8 @@ async fn ring(
     remote_media: &koe_media::MediaDescription,
     signals: &mut mpsc::Receiver<CallSignal>,
     hangup: oneshot::Receiver<()>,
-    log: &mut String,
-) -> Result<(), String> {
+    log: &mut CallLog,
+) -> Result<Option<MediaStats>, String> {
     info!(%from, "incoming call: koe answer or koe decline");
     let (decisions_tx, mut decisions) = mpsc::channel(1);
     if let Ok(mut ringing) = state.calls.ringing.lock() {
@@ -335,7 +446,11 @@ async fn ring(
         tokio::select! {
             Some(signal) = signals.recv() => call.handle_signal(signal),
             Some(decision) = decisions.recv() => match decision {
-                Decision::Answer { play, record, reply } => answer = Some((AutoAnswer { play, record }, reply)),
+                Decision::Answer { play, record, progress, reply } => {
+                    log.progress = progress;
+                    log.line(format!("answering the call from {from}"));
+                    answer = Some((AutoAnswer { play, record, echo: None }, reply));
+                }
                 Decision::Decline => {
                     let _ = call.decline();
                 }
@@ -348,39 +463,89 @@ async fn ring(
         ringing.retain(|(ringing_id, _, _)| *ringing_id != id);
     }
     let Some((files, reply)) = answer else {
-        return Ok(());
+        return Ok(None);
     };
-    let result = answer_now(state, from, call, remote_media, files, signals, hangup, log).await;
-    let _ = reply.send(result.clone().map(|()| log.clone()));
-    result
+    let result = answer_now(state, from, id, call, remote_media, files, signals, hangup, log).await;
+    let _ = reply.send(result.as_ref().map(|_| String::new()).map_err(Clone::clone));
+    result.map(Some)
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn answer_now(
     state: &DaemonState,
     from: &Username,
+    id: CallId,
     call: &mut Call,
     remote_media: &koe_media::MediaDescription,
     auto: AutoAnswer,
     signals: &mut mpsc::Receiver<CallSignal>,
     hangup: oneshot::Receiver<()>,
-    log: &mut String,
-) -> Result<(), String> {
-    let microphone = microphone(auto.play.as_deref())?;
+    log: &mut CallLog,
+) -> Result<MediaStats, String> {
+    let (microphone, talk) = match auto.echo {
+        // The echo test hangs up once it has played back what it heard.
+        Some(listen) => {
+            let echo = Microphone::EchoBack { listen };
+            let length = echo.length();
+            (echo, length + Duration::from_millis(500))
+        }
+        // The caller decides how long the call lasts; this is only a bound.
+        None => (Microphone::Samples(microphone(auto.play.as_deref())?), Duration::from_secs(4 * 3600)),
+    };
     let (socket, mut session) = media_socket(state).await?;
     call.answer(session.local_description()).map_err(str::to_string)?;
     drain(state, from, call, log).await;
-    // The caller decides how long the call lasts; this is only a bound.
-    let talk = Duration::from_secs(4 * 3600);
-    talk_until_done(state, from, call, session, socket, remote_media, false, microphone, auto.record.as_deref(), talk, signals, hangup, log).await
+    let media = Media { session, socket, remote: remote_media.clone(), caller: false, microphone, record: auto.record, talk };
+    talk_until_done(state, from, id, call, media, signals, hangup, log).await
+}
+
+/// The E-model estimate of a call: the delay from mouth to ear (one frame, the jitter
+/// buffer, half the round trip) and the loss left after recovery.
+fn mos(stats: &MediaStats) -> f64 {
+    let jitter = stats.receiver.jitter;
+    let mouth_to_ear = Duration::from_millis(20) + jitter.playout_delay + stats.rtt.unwrap_or_default() / 2;
+    quality::mos(mouth_to_ear, jitter.loss_after_recovery())
+}
+
+/// The voice bitrate sent so far (payload, without RTP/UDP headers).
+fn kbit_per_s(stats: &MediaStats) -> f64 {
+    let seconds = stats.talked.as_secs_f64();
+    if seconds > 0.0 { stats.sender.payload_bytes as f64 * 8.0 / seconds / 1000.0 } else { 0.0 }
+}
+
+fn path_text(stats: &MediaStats) -> String {
+    stats.path.map_or_else(|| "path not yet known".into(), |path| path.to_string())
+}
+
+fn rtt_text(stats: &MediaStats) -> String {
+    stats.rtt.map_or_else(|| "not yet measured".into(), |rtt| format!("{:.1} ms", rtt.as_secs_f64() * 1000.0))
+}
+
+/// One line of live statistics, printed every few seconds during a call.
+fn live_line(stats: &MediaStats, muted: bool) -> String {
+    let jitter = stats.receiver.jitter;
+    let talked = stats.talked.as_secs();
+    format!(
+        "{}:{:02} {}; round trip {}; lost {:.1} % → {:.2} % after recovery; jitter buffer {} ms; sending {:.0} kbit/s; MOS {:.2}{}",
+        talked / 60,
+        talked % 60,
+        path_text(stats),
+        rtt_text(stats),
+        jitter.loss_before_recovery * 100.0,
+        jitter.loss_after_recovery() * 100.0,
+        jitter.target_delay.as_millis(),
+        kbit_per_s(stats),
+        mos(stats),
+        if muted { " (muted)" } else { "" }
+    )
 }
 
 /// The summary printed after a call and logged by the callee.
 fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
-    let jitter = summary.receiver.jitter;
-    let mouth_to_ear = Duration::from_millis(20) + jitter.playout_delay;
+    let stats = &summary.stats;
+    let jitter = stats.receiver.jitter;
     let mut out = String::new();
-    let _ = writeln!(out, "talked {:.1} s", summary.talked.as_secs_f64());
+    let _ = writeln!(out, "talked {:.1} s over {}; round trip {}", stats.talked.as_secs_f64(), path_text(stats), rtt_text(stats));
     let _ = writeln!(
         out,
         "received {} frames: {:.1} % lost on the way, {:.2} % after recovery ({} from copies, {} from FEC, {} concealed)",
@@ -391,10 +556,39 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
         jitter.from_fec,
         jitter.concealed
     );
-    let _ = writeln!(out, "jitter buffer {} ms; copies sent {}", jitter.target_delay.as_millis(), summary.sender.redundancy);
-    let _ = writeln!(out, "MOS (E-model estimate) {:.2}", quality::mos(mouth_to_ear, jitter.loss_after_recovery()));
+    let _ = writeln!(
+        out,
+        "jitter buffer {} ms; sent {:.0} kbit/s of voice with {} copies of earlier frames per packet",
+        jitter.target_delay.as_millis(),
+        kbit_per_s(stats),
+        stats.sender.redundancy
+    );
+    if stats.rejected_packets > 0 {
+        let _ = writeln!(out, "{} packets failed SRTP authentication (or were replayed) and were dropped", stats.rejected_packets);
+    }
+    let _ = writeln!(out, "MOS (E-model estimate) {:.2}", mos(stats));
     if let Some(path) = record {
         let _ = writeln!(out, "recording: {}", path.display());
     }
     out
+}
+
+/// One call of the history, as `koe calls` prints it.
+pub fn history_line(call: &CallRecord) -> String {
+    let direction = if call.incoming { format!("from {}", call.peer) } else { format!("to {}", call.peer) };
+    let mut line = format!("{} call {direction}: ", call.started_at);
+    match call.talked_ms {
+        Some(ms) => {
+            let _ = write!(line, "talked {:.0} s", ms as f64 / 1000.0);
+            if let Some(path) = &call.path {
+                let _ = write!(line, " over {path}");
+            }
+            if let Some(mos) = call.mos {
+                let _ = write!(line, ", MOS {mos:.1}");
+            }
+            let _ = write!(line, "; {}", call.ended);
+        }
+        None => line.push_str(&call.ended),
+    }
+    line
 }

@@ -1,4 +1,4 @@
-//! The client's own database (`history.db` in the profile): chat history and contacts.
+//! The client's own database (`history.db` in the profile): chat history, contacts and calls.
 //! SQLite, WAL, one connection; small enough to use from the daemon's task directly.
 
 use std::path::Path;
@@ -21,6 +21,17 @@ CREATE TABLE IF NOT EXISTS contacts (
     username TEXT PRIMARY KEY NOT NULL,
     state TEXT NOT NULL,
     updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY,
+    call_id TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    incoming INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    talked_ms INTEGER,
+    ended TEXT NOT NULL,
+    path TEXT,
+    mos REAL
 );";
 
 /// Where a contact relationship stands, as in Skype: asked, awaiting my answer, or mutual.
@@ -70,6 +81,24 @@ pub struct Message {
     pub body: String,
     pub at: UnixTime,
     pub status: String,
+}
+
+/// One call, as the call history keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRecord {
+    /// The call's id as signalling names it.
+    pub call_id: String,
+    pub peer: String,
+    pub incoming: bool,
+    pub started_at: UnixTime,
+    /// How long it was answered for; `None` when it never was.
+    pub talked_ms: Option<u64>,
+    /// Why it ended, as the call reported it ("you hung up", "missed", "declined", …).
+    pub ended: String,
+    /// The media path (`direct (host … ↔ host …)`), once media flowed.
+    pub path: Option<String>,
+    /// The E-model estimate for the call.
+    pub mos: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -150,5 +179,46 @@ impl History {
             .query_map([], |row| Ok((row.get::<_, String>(0)?, ContactState::parse(&row.get::<_, String>(1)?))))?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(contacts)
+    }
+
+    pub fn add_call(&self, call: &CallRecord) -> Result<()> {
+        self.connection.execute(
+            "INSERT INTO calls (call_id, peer, incoming, started_at, talked_ms, ended, path, mos)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                call.call_id,
+                call.peer,
+                call.incoming,
+                call.started_at.as_secs() as i64,
+                call.talked_ms.map(|ms| ms as i64),
+                call.ended,
+                call.path,
+                call.mos
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The last `limit` calls, oldest first.
+    pub fn calls(&self, limit: usize) -> Result<Vec<CallRecord>> {
+        let mut statement = self.connection.prepare(
+            "SELECT call_id, peer, incoming, started_at, talked_ms, ended, path, mos FROM calls ORDER BY id DESC LIMIT ?1",
+        )?;
+        let mut calls = statement
+            .query_map(params![limit as i64], |row| {
+                Ok(CallRecord {
+                    call_id: row.get(0)?,
+                    peer: row.get(1)?,
+                    incoming: row.get(2)?,
+                    started_at: UnixTime(row.get::<_, i64>(3)?.max(0) as u64),
+                    talked_ms: row.get::<_, Option<i64>>(4)?.map(|ms| ms.max(0) as u64),
+                    ended: row.get(5)?,
+                    path: row.get(6)?,
+                    mos: row.get(7)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        calls.reverse();
+        Ok(calls)
     }
 }

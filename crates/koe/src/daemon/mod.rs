@@ -21,7 +21,7 @@ use koe_overlay::{OpenedEnvelope, PresenceStatus};
 use koe_auth::LoginClient;
 use koe_types::{Certificate, NetworkFile, UnixTime, Username};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 
@@ -248,7 +248,22 @@ impl DaemonState {
                 Ok(ControlResponse::ok(format!("removed {them} from your contacts")))
             }
             // Served by the control connection itself (they need the shared state).
-            ControlRequest::Call { .. } | ControlRequest::Hangup | ControlRequest::Answer { .. } | ControlRequest::Decline => {
+            ControlRequest::Calls { limit } => {
+                let calls = self.history()?.calls(limit).map_err(|e| e.to_string())?;
+                let mut out = String::new();
+                for call in calls {
+                    let _ = writeln!(out, "{}", calls::history_line(&call));
+                }
+                if out.is_empty() {
+                    out.push_str("no calls\n");
+                }
+                Ok(ControlResponse::ok(out))
+            }
+            ControlRequest::Call { .. }
+            | ControlRequest::Hangup
+            | ControlRequest::Answer { .. }
+            | ControlRequest::Decline
+            | ControlRequest::Mute { .. } => {
                 Err("not available here".into())
             }
             ControlRequest::ContactsList => {
@@ -553,9 +568,43 @@ fn handle_event(state: &Arc<DaemonState>, event: ClientEvent) {
     }
 }
 
+/// Serves one control connection. Progress lines (a call's ringing, answered, live
+/// statistics) go out as they happen; if `koe call` or `koe answer` goes away (Ctrl-C), the
+/// call is hung up.
 async fn serve_control(state: Arc<DaemonState>, stream: tokio::net::UnixStream) {
     let mut reader = BufReader::new(stream);
-    let response = match control::read_request(&mut reader).await {
+    let request = control::read_request(&mut reader).await;
+    let mut watch_caller = matches!(request, Ok(ControlRequest::Call { .. } | ControlRequest::Answer { .. }));
+    let (mut from_caller, mut to_caller) = reader.into_inner().into_split();
+    let (progress, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let work = answer_control(Arc::clone(&state), request, progress);
+    tokio::pin!(work);
+    let mut byte = [0u8; 1];
+    let response = loop {
+        tokio::select! {
+            response = &mut work => break response,
+            Some(line) = lines.recv() => {
+                let _ = control::send_response(&mut to_caller, &ControlResponse::progress(line)).await;
+            }
+            read = from_caller.read(&mut byte), if watch_caller => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    watch_caller = false;
+                    if state.calls.hang_up_all() > 0 {
+                        info!("the command that placed or answered the call went away: hung up");
+                    }
+                }
+            }
+        }
+    };
+    while let Ok(line) = lines.try_recv() {
+        let _ = control::send_response(&mut to_caller, &ControlResponse::progress(line)).await;
+    }
+    let _ = control::send_response(&mut to_caller, &response).await;
+}
+
+/// The answer to one control request; calls send their lines to `progress` as they happen.
+async fn answer_control(state: Arc<DaemonState>, request: Result<ControlRequest, String>, progress: calls::ProgressSender) -> ControlResponse {
+    match request {
         Ok(ControlRequest::Call { username, play, record, duration_ms }) => match Username::parse_existing(&username) {
             Ok(to) => {
                 let outcome = calls::place(
@@ -564,21 +613,22 @@ async fn serve_control(state: Arc<DaemonState>, stream: tokio::net::UnixStream) 
                     play.map(Into::into),
                     record.map(Into::into),
                     duration_ms.map(Duration::from_millis),
+                    Some(progress),
                 )
                 .await;
                 match outcome {
-                    Ok(log) => ControlResponse::ok(log),
+                    Ok(_) => ControlResponse::ok(""),
                     Err(error) => ControlResponse::failed(error),
                 }
             }
             Err(error) => ControlResponse::failed(format!("no such user {username:?}: {error}")),
         },
         Ok(ControlRequest::Answer { play, record }) => {
-            let (reply, log) = tokio::sync::oneshot::channel();
-            let decision = calls::Decision::Answer { play: play.map(Into::into), record: record.map(Into::into), reply };
+            let (reply, ended) = tokio::sync::oneshot::channel();
+            let decision = calls::Decision::Answer { play: play.map(Into::into), record: record.map(Into::into), progress: Some(progress), reply };
             match state.calls.decide(decision).await {
-                Ok(_) => match log.await {
-                    Ok(Ok(log)) => ControlResponse::ok(log),
+                Ok(_) => match ended.await {
+                    Ok(Ok(_)) => ControlResponse::ok(""),
                     Ok(Err(error)) => ControlResponse::failed(error),
                     Err(_) => ControlResponse::failed("the call ended before it could be answered"),
                 },
@@ -593,12 +643,14 @@ async fn serve_control(state: Arc<DaemonState>, stream: tokio::net::UnixStream) 
             0 => ControlResponse::failed("no call to hang up"),
             _ => ControlResponse::ok("hung up"),
         },
+        Ok(ControlRequest::Mute { on }) => match state.calls.mute(on) {
+            0 => ControlResponse::failed("no call in progress"),
+            _ if on => ControlResponse::ok("muted: the other side hears silence (koe mute off to undo)"),
+            _ => ControlResponse::ok("unmuted"),
+        },
         Ok(request) => state.handle(request).await,
         Err(error) => ControlResponse::failed(error),
-    };
-    let mut line = serde_json::to_string(&response).unwrap_or_default();
-    line.push('\n');
-    let _ = reader.get_mut().write_all(line.as_bytes()).await;
+    }
 }
 
 fn load_host_cache(home: &Path) -> HostCache {
