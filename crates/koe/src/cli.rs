@@ -245,6 +245,23 @@ pub struct NetworkInitArgs {
 pub enum AuthCommand {
     /// Serve the login server's HTTPS API until interrupted (Ctrl-C or SIGTERM)
     Serve(AuthServeArgs),
+    /// Create an account for a service the operator runs, under a name users cannot sign up
+    /// with (e.g. echo123 for `koe echo-bot`); works beside a running login server
+    AddServiceAccount(AddServiceAccountArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddServiceAccountArgs {
+    /// The account's name, reserved ones included
+    pub username: String,
+    /// The network's secret directory (holds accounts.db by default)
+    #[arg(long, value_name = "DIR")]
+    pub secret_dir: PathBuf,
+    /// Account database, as for `koe auth serve` [default: sqlite:SECRET_DIR/accounts.db]
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+    #[command(flatten)]
+    pub password: PasswordArg,
 }
 
 #[derive(Debug, Args)]

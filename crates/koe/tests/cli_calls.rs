@@ -1,12 +1,15 @@
 //! Calls between separate `koe up` processes on loopback: alice calls bob, whose client
 //! answers by itself and records; bob's recording is alice's speech. Calling yourself, an
 //! unknown user or an offline one gets a clear answer. Carol answers a call by hand, then
-//! declines one.
+//! declines one. The echo test plays back what it heard; `koe mute` silences the caller in
+//! the middle of a call; live statistics are printed during a call; every call is in the
+//! call history of both sides.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{fails, ok, run, stdout, wait_until, KoeProcess, TestNetwork};
@@ -73,4 +76,105 @@ fn alice_calls_bob_who_answers_and_records_her_speech() {
     wait_until(Duration::from_secs(10), || run(&carol, &["decline"], "").status.success());
     let call = ok(caller.join().unwrap());
     assert!(call.contains("ended: declined"), "{call}");
+
+    let history = ok(run(&carol, &["calls"], ""));
+    assert!(history.contains("call from alice: talked") && history.contains("the other side hung up"), "{history}");
+    assert!(history.lines().last().unwrap().ends_with("call from alice: declined"), "{history}");
+    let history = ok(run(&alice, &["calls"], ""));
+    assert!(history.contains("call to bob: talked 4 s over direct (host 127.0.0.1:"), "{history}");
+    assert_eq!(history.lines().count(), 3, "calls that never rang are not history:\n{history}");
+}
+
+/// A network with a login server, a supernode and these users signed up.
+fn network_with(users: &[&str]) -> (TestNetwork, common::LoginServerProcess, KoeProcess, Vec<PathBuf>) {
+    let network = TestNetwork::init();
+    let login = network.serve();
+    let net = network.network_file();
+    let node = KoeProcess::node(&network.home("supernode"), &net);
+    ok(common::koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&node.first_line).output().unwrap());
+    let homes = users
+        .iter()
+        .map(|name| {
+            let home = network.home(name);
+            if *name == "echo123" {
+                // A reserved name: the operator creates the account, the service logs in.
+                let (secrets, db) = (network.secret_dir(), format!("sqlite:{}", network.database().display()));
+                let add = ["auth", "add-service-account", name, "--password-stdin", "--secret-dir", secrets.to_str().unwrap(), "--db", &db];
+                assert!(fails(run(&home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n")).contains("reserved"));
+                ok(run(&home, &add, "a good password\n"));
+                assert!(fails(run(&home, &add, "another password\n")).contains("already"), "the name is taken now");
+                ok(run(&home, &["login", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+            } else {
+                ok(run(&home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+            }
+            home
+        })
+        .collect();
+    (network, login, node, homes)
+}
+
+fn energy(samples: &[f32]) -> f32 {
+    samples.iter().map(|s| s * s).sum::<f32>() / samples.len().max(1) as f32
+}
+
+fn write_speech(dir: &Path, name: &str, samples: &[f32]) -> PathBuf {
+    let path = dir.join(name);
+    wav::write_mono(&path, samples, SAMPLE_RATE).unwrap();
+    path
+}
+
+#[test]
+fn echo_test_mute_live_statistics_and_call_history() {
+    let (network, _login, _node, homes) = network_with(&["alice", "bob", "echo123"]);
+    let (alice, bob, echo) = (&homes[0], &homes[1], &homes[2]);
+    let dir = network.dir.path();
+    let second = SAMPLE_RATE as usize;
+
+    // The echo test: a tone, 2 s of listening, a tone, then what it heard.
+    let _echo_bot = KoeProcess::daemon(echo, &["echo-bot", "--listen", "2s"]);
+    let _alice_up = KoeProcess::up(alice);
+    wait_until(Duration::from_secs(10), || stdout(&run(alice, &["lookup", "echo123"], "")).contains("1 device(s) online"));
+    let speech = speechlike(2);
+    let mut microphone = vec![0.0; second * 6 / 10];
+    microphone.extend_from_slice(&speech[..second * 6 / 5]);
+    let microphone = write_speech(dir, "hello-echo.wav", &microphone);
+    let heard = dir.join("alice-heard-echo.wav");
+    let call = ok(run(alice, &["call", "echo123", "--play", microphone.to_str().unwrap(), "--record", heard.to_str().unwrap(), "--duration", "20s"], ""));
+    assert!(call.contains("ended: the other side hung up"), "the echo test hangs up when done:\n{call}");
+    let heard = wav::read_mono_48k(&heard).unwrap();
+    assert!(energy(&heard[..second / 2]) > 1e-3, "alice heard the first tone");
+    let (lag, similarity) = best_lag(&speech[second / 4..second / 2], &heard[second * 28 / 10 + second / 4..], second);
+    eprintln!("alice heard herself back {} ms after 2.8 s (correlation {similarity:.3})", lag * 1000 / second as isize);
+    assert!(similarity > 0.7, "alice heard her own speech back (correlation {similarity:.3})");
+
+    // Mute in the middle of a call: bob hears a long silence, then alice again.
+    let recording = dir.join("bob-heard.wav");
+    let _bob_up = KoeProcess::up_with(bob, &["--auto-answer", "--record", recording.to_str().unwrap()]);
+    wait_until(Duration::from_secs(10), || stdout(&run(alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    assert!(fails(run(alice, &["mute"], "")).contains("no call in progress"));
+    let speech_file = write_speech(dir, "speech.wav", &speechlike(7));
+    let alice_home = alice.clone();
+    let caller = std::thread::spawn(move || run(&alice_home, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "7s"], ""));
+    wait_until(Duration::from_secs(10), || run(alice, &["mute"], "").status.success());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ok(run(alice, &["mute", "off"], "")).contains("unmuted"));
+    let call = ok(caller.join().unwrap());
+    // Every 5 s, the statistics of the last second.
+    let live = call.lines().find(|line| line.starts_with("0:0") && line.contains(" direct (host")).unwrap_or_else(|| panic!("no live statistics:\n{call}"));
+    assert!(live.contains("round trip") && live.contains("MOS"), "{live}");
+    wait_until(Duration::from_secs(10), || recording.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    let heard = wav::read_mono_48k(&recording).unwrap();
+    let tenths: Vec<f32> = heard.chunks(second / 10).map(energy).collect();
+    let longest_silence = tenths.split(|&e| e > 1e-5).map(<[f32]>::len).max().unwrap_or(0);
+    assert!(longest_silence >= 15, "muted for 2 s, bob heard {longest_silence} tenths of a second of silence at most: {tenths:?}");
+    assert!(energy(&heard[heard.len() - 2 * second..]) > 1e-3, "after unmuting bob hears alice again");
+
+    let history = ok(run(alice, &["calls"], ""));
+    let lines: Vec<&str> = history.lines().collect();
+    assert_eq!(lines.len(), 2, "{history}");
+    assert!(lines[0].contains("call to echo123: talked") && lines[0].contains("the other side hung up"), "{history}");
+    assert!(lines[1].contains("call to bob: talked 7 s over direct (host") && lines[1].contains("MOS"), "{history}");
+    let history = ok(run(bob, &["calls"], ""));
+    assert!(history.contains("call from alice: talked"), "{history}");
 }

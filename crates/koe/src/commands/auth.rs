@@ -9,11 +9,12 @@ use koe_auth::{open_store, LoginServer, LoginServerConfig, LoginServerSecrets};
 use koe_types::network::LoginUrl;
 use tokio::net::TcpListener;
 
-use crate::cli::{AuthCommand, AuthServeArgs};
+use crate::cli::{AddServiceAccountArgs, AuthCommand, AuthServeArgs};
 
 pub async fn run(command: AuthCommand) -> Result<()> {
     match command {
         AuthCommand::Serve(args) => serve(args).await,
+        AuthCommand::AddServiceAccount(args) => add_service_account(args).await,
     }
 }
 
@@ -32,12 +33,35 @@ fn default_listen(url: &LoginUrl) -> SocketAddr {
     SocketAddr::new(ip, url.port)
 }
 
+/// The `--db` URL, else the SQLite file in the secret directory.
+fn database_url(db: Option<String>, secret_dir: &std::path::Path) -> String {
+    db.unwrap_or_else(|| format!("sqlite:{}", secret_dir.join("accounts.db").display()))
+}
+
+/// `koe auth add-service-account`: the operator's way to a reserved name, straight into the
+/// account database (the login server's sign-up refuses reserved names).
+async fn add_service_account(args: AddServiceAccountArgs) -> Result<()> {
+    let username = koe_types::Username::parse_existing(&args.username)
+        .with_context(|| format!("cannot create an account named {:?}", args.username))?;
+    let password = super::PasswordSource::new(args.password.password_stdin)
+        .read_new(&format!("New password for {username}: "))?;
+    koe_auth::password::check_new_password(&password)?;
+    let hash = tokio::task::spawn_blocking(move || koe_auth::password::hash_password(&password)).await?;
+    let store = open_store(&database_url(args.db, &args.secret_dir), std::time::Duration::from_secs(5))
+        .await
+        .context("cannot open the account database")?;
+    store
+        .create_account(&username, &hash, koe_types::UnixTime::now())
+        .await
+        .with_context(|| format!("cannot create the account {username}"))?;
+    println!("Created the service account {username}: log in to it with `koe login {username}` on the service's machine.");
+    Ok(())
+}
+
 async fn serve(args: AuthServeArgs) -> Result<()> {
     let network = load_network_file(&args.network)?;
     let secrets = LoginServerSecrets::load(&args.secret_dir, &network)?;
-    let db = args.db.unwrap_or_else(|| {
-        format!("sqlite:{}", args.secret_dir.join("accounts.db").display())
-    });
+    let db = database_url(args.db, &args.secret_dir);
     let store = open_store(&db, args.db_busy_timeout)
         .await
         .context("cannot open the account database")?;

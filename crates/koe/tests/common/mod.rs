@@ -194,11 +194,15 @@ impl KoeProcess {
 
     /// `koe up EXTRA…`; waits until `koe status` shows a parent.
     pub fn up_with(home: &Path, extra: &[&str]) -> Self {
+        Self::daemon(home, &[&["up"], extra].concat())
+    }
+
+    /// A client daemon (`koe up …`, `koe echo-bot …`), once its control socket answers.
+    pub fn daemon(home: &Path, args: &[&str]) -> Self {
         let child = koe()
             .arg("--home")
             .arg(home)
-            .arg("up")
-            .args(extra)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

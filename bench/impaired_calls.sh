@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# End-to-end call quality through a real, impaired network path: baresip <-> baresip (Opus)
+# and Koe <-> Koe, in the same run, with the same speech.
+#
+# A lab of network namespaces (bench/lab/netlab.sh): site A 10.77.1.2 and site B 10.77.2.2,
+# each behind its own veth link to a router namespace that forwards between them (no NAT) and
+# also hosts Koe's login server and two supernodes (10.77.0.1). For each condition — clean,
+# random loss 5/10/20 %, bursty (Gilbert-Elliott) loss 10/20 % with mean bursts of 3 packets —
+# bench/lab/impair.py drops UDP packets forwarded between A and B (both directions; TCP, i.e.
+# SIP-over-TCP and Koe's overlay, is left alone; seeded, so runs repeat), and
+#   * baresip(A) calls baresip(B) (direct IP, SIP over TCP, Opus 28 kbit/s, B answers by
+#     itself); both run their audio on one JACK server with the dummy backend, the real-time
+#     clock; bench/lab/jack_playrec.py feeds the speech into A's JACK input and records B's
+#     JACK output in the same process cycles;
+#   * Koe: `koe call bob --play speech.wav` from A to B's `koe up --auto-answer --record`
+#     (Koe's own Opus at 32 kbit/s with its copies and jitter buffer; ICE + DTLS-SRTP).
+# The callee's recording is scored with PESQ-WB (bench/pesq_score.py, 16 kHz), which also
+# gives the alignment lag to the sent speech: the mouth-to-ear delay. Time origins:
+#   * baresip: sample 0 of B's recording is the JACK cycle in which sample 0 of the speech
+#     entered A's audio source, so the lag is mouth-to-ear (20 ms framing of the sound
+#     "device" included, no further device buffering).
+#   * Koe: A sends its speech from the moment A's media connects (ICE + DTLS done), and B
+#     records its playout from the moment B's media connects; both moments are in the
+#     daemons' logs (str0m "Connected", microsecond timestamps, same machine clock), so
+#     mouth-to-ear = lag - (A connected - B connected).
+# Speech: alsa-utils' voice samples (all but Noise.wav), concatenated and resampled with sox
+# as bench/voice.sh does (48 kHz to send, 16 kHz as the PESQ reference).
+#
+#   bench/impaired_calls.sh          # as root; installs what is missing (apt, pip); ~5 min
+#   PEERS="baresip" bench/impaired_calls.sh      # only one peer (baresip, koe)
+#   KEEP=1 ...                                   # keep the work directory (recordings, logs)
+#   KOE=/path/to/koe  SEED=1  BARESIP_FEC=no|yes (Opus in-band FEC in baresip; default: no,
+#   which is baresip's default)
+#
+# Prints a Markdown table: condition | peer | PESQ-WB | mouth-to-ear | UDP packets dropped,
+# then what each callee itself reported, and a line with versions and the machine. Never
+# runs cargo: it uses the Koe binary as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+KOE=${KOE:-$ROOT/target/release/koe}
+SEED=${SEED:-1}
+PEERS=${PEERS:-baresip koe}
+BARESIP_FEC=${BARESIP_FEC:-no}
+LAB=koeb$$
+NETLAB=$ROOT/bench/lab/netlab.sh
+CONDITIONS=(
+    "clean|none"
+    "random 5 %|random 0.05"
+    "random 10 %|random 0.10"
+    "random 20 %|random 0.20"
+    "bursty 10 %, bursts of 3|bursty 0.10 3"
+    "bursty 20 %, bursts of 3|bursty 0.20 3"
+)
+
+log() { echo "[$(date +%T)] $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (network namespaces, iptables)"
+[ -x "$KOE" ] || [[ " $PEERS " != *" koe "* ]] || die "no Koe binary at $KOE (this script never builds it)"
+
+# ---------------------------------------------------------------------------- dependencies
+need_apt=()
+command -v baresip >/dev/null || need_apt+=(baresip)
+command -v sox >/dev/null || need_apt+=(sox)
+[ -d /usr/share/sounds/alsa ] || need_apt+=(alsa-utils)
+command -v iptables >/dev/null || need_apt+=(iptables)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v ping >/dev/null || need_apt+=(iputils-ping)
+command -v jackd >/dev/null || need_apt+=(jackd2)
+[ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ] || need_apt+=(libnetfilter-queue-dev)
+command -v gcc >/dev/null || need_apt+=(gcc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    log "installing ${need_apt[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+PY=$(python3 -c 'import sys; print(sys.executable)')   # the real interpreter (not a pyenv shim)
+if ! "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dev >/dev/null
+fi
+"$PY" -c "import numpy, pesq, netfilterqueue, jack" 2>/dev/null ||
+    "$PY" -m pip install -q --root-user-action=ignore numpy pesq NetfilterQueue JACK-Client
+
+# ---------------------------------------------------------------------------- cleanup
+work=$(mktemp -d /tmp/koeb.XXXXXX)
+pids=()
+cleanup() {
+    local status=$?
+    set +e
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
+    sleep 0.3
+    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null; done
+    "$NETLAB" down "$LAB"   # also ends whatever still runs inside the namespaces
+    if [ "${KEEP:-0}" = 1 ] || [ $status -ne 0 ]; then log "work directory kept: $work"; else rm -rf "$work"; fi
+    exit $status
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+forget() { local keep=() p; for p in "${pids[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done; pids=("${keep[@]}"); }
+in_ns() { local ns=$1; shift; ip netns exec "$LAB-$ns" "$@"; }
+
+wait_for() {   # wait_for SECONDS DESCRIPTION COMMAND...
+    local limit=$1 what=$2; shift 2
+    local until=$((SECONDS + limit))
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $until ] || die "timed out waiting for $what"
+        sleep 0.1
+    done
+}
+
+# ---------------------------------------------------------------------------- speech
+alsa=/usr/share/sounds/alsa
+sox "$alsa"/Front_Center.wav "$alsa"/Front_Left.wav "$alsa"/Front_Right.wav "$alsa"/Rear_Center.wav \
+    "$alsa"/Rear_Left.wav "$alsa"/Rear_Right.wav "$alsa"/Side_Left.wav "$alsa"/Side_Right.wav \
+    -r 48000 -c 1 -b 16 "$work/speech.wav"
+sox "$work/speech.wav" -r 16000 -c 1 -b 16 "$work/reference.wav"
+speech_s=$(soxi -D "$work/speech.wav")
+talk_s=$("$PY" -c "import math; print(math.ceil($speech_s + 1.5))")   # whole seconds (koe call --duration)
+
+# ---------------------------------------------------------------------------- lab
+"$NETLAB" up "$LAB" >&2
+
+impair_start() {   # impair_start NAME MODE...: UDP impairment in the router until impair_stop
+    rm -f "$work/impair.ready"
+    in_ns r "$PY" "$ROOT/bench/lab/impair.py" --seed "$SEED" --ready "$work/impair.ready" "$@" \
+        > "$work/impair-$CALL.log" 2>&1 &
+    impair_pid=$!
+    pids+=("$impair_pid")
+    wait_for 10 "impair.py" test -e "$work/impair.ready"
+}
+impair_stop() {
+    kill -TERM "$impair_pid"
+    wait "$impair_pid" || die "impair.py failed: $(cat "$work/impair-$CALL.log")"
+    forget "$impair_pid"
+    grep '^impair-stats ' "$work/impair-$CALL.log" | cut -d' ' -f2- > "$work/impair-$CALL.json"
+}
+
+# ---------------------------------------------------------------------------- baresip
+jack_name=koeb$$
+if [[ " $PEERS " == *" baresip "* ]]; then
+    # The real-time clock for baresip's audio: a JACK server with the dummy backend, 20 ms
+    # periods (baresip's jack module wants one Opus frame per period). It runs in the router
+    # namespace only so that `netlab.sh down` ends it too; it uses no network.
+    in_ns r jackd --no-realtime -n "$jack_name" -d dummy -r 48000 -p 960 -C 1 -P 1 > "$work/jackd.log" 2>&1 &
+    pids+=($!)
+    export JACK_DEFAULT_SERVER=$jack_name JACK_NO_AUDIO_RESERVATION=1
+    wait_for 10 "jackd" jack_lsp
+    for side in a b; do
+        if [ $side = a ]; then ip=10.77.1.2 answer=manual; else ip=10.77.2.2 answer=auto; fi
+        mkdir -p "$work/baresip-$side"
+        cat > "$work/baresip-$side/config" <<EOF
+poll_method		epoll
+sip_listen		$ip:5060
+call_local_timeout	120
+audio_player		jack,
+audio_source		jack,
+audio_alert		jack,
+ausrc_format		float
+auplay_format		float
+ausrc_srate		48000
+auplay_srate		48000
+ausrc_channels		1
+auplay_channels		1
+audio_buffer		20-160
+rtp_ports		10000-10020
+jitter_buffer_delay	5-10
+rtp_stats		yes
+module_path		/usr/lib/baresip/modules
+module			opus.so
+module			jack.so
+module_tmp		account.so
+module_app		menu.so
+opus_bitrate		28000
+opus_stereo		no
+opus_sprop_stereo	no
+opus_inbandfec		$BARESIP_FEC
+$([ "$BARESIP_FEC" = yes ] && echo "opus_packet_loss	10")
+jack_connect_ports	no
+jack_client_name	bs$side
+EOF
+        echo "<sip:$side@$ip;transport=tcp>;regint=0;audio_codecs=opus;answermode=$answer" > "$work/baresip-$side/accounts"
+    done
+fi
+
+baresip_call() {   # one call A -> B; B's received audio to $work/$CALL.wav (16 kHz)
+    local a_log="$work/$CALL-baresip-a.log" b_log="$work/$CALL-baresip-b.log" a_pid b_pid to from
+    in_ns b baresip -f "$work/baresip-b" > "$b_log" 2>&1 &
+    b_pid=$!; pids+=("$b_pid")
+    wait_for 10 "baresip B" grep -q "baresip is ready" "$b_log"
+    in_ns a baresip -f "$work/baresip-a" -e "/dial sip:b@10.77.2.2;transport=tcp" > "$a_log" 2>&1 &
+    a_pid=$!; pids+=("$a_pid")
+    wait_for 15 "baresip call setup" grep -q "Call established" "$a_log"
+    wait_for 5 "baresip B to answer" grep -q "Call established" "$b_log"
+    wait_for 5 "baresip's JACK ports" sh -c "jack_lsp | grep -q '^bsa.*:input_1' && jack_lsp | grep -q '^bsb.*:output_1'"
+    to=$(jack_lsp | grep -m1 '^bsa.*:input_1$')
+    from=$(jack_lsp | grep -m1 '^bsb.*:output_1$')
+    "$PY" "$ROOT/bench/lab/jack_playrec.py" --play "$work/speech.wav" --to "$to" --from "$from" \
+        --record "$work/$CALL-48k.wav" --seconds "$talk_s"
+    kill -TERM "$a_pid"; wait "$a_pid" || true; forget "$a_pid"
+    sleep 0.3
+    kill -TERM "$b_pid"; wait "$b_pid" || true; forget "$b_pid"
+    sox "$work/$CALL-48k.wav" -r 16000 -c 1 -b 16 "$work/$CALL.wav"
+    # What B's RTP stack counted as received and lost (rtp_stats at the end of the call).
+    tr '\r' '\n' < "$b_log" | awk '/^packets:/{p=$3} /^lost:/{l=$3} /^jitter:/{j=$3} END{if(p!="") printf "baresip B: received %s RTP packets, %s lost (RTP sequence gaps), jitter %s ms", p, l, j}' \
+        > "$work/$CALL.note"
+    echo "0" > "$work/$CALL.origin"   # the recording starts in the cycle the speech starts
+}
+
+# ---------------------------------------------------------------------------- Koe
+koe() { "$KOE" "$@"; }
+if [[ " $PEERS " == *" koe "* ]]; then
+    k=$work/koe
+    mkdir -p "$k"
+    koe network init --dir "$k/net" --name koe-bench --auth-listen 10.77.0.1:7400 > "$k/init.log"
+    in_ns r "$KOE" auth serve --no-rate-limits --network "$k/net/network.toml" --secret-dir "$k/net/secret" \
+        --db "sqlite:$k/accounts.db" > "$k/auth.out" 2> "$k/auth.log" &
+    pids+=($!)
+    wait_for 10 "the login server" grep -q "listening on" "$k/auth.out"
+    for i in 1 2; do
+        in_ns r "$KOE" --home "$k/node$i" node --network "$k/net/network.toml" --listen "10.77.0.1:410$i" \
+            > "$k/node$i.out" 2> "$k/node$i.log" &
+        pids+=($!)
+        wait_for 10 "supernode $i" grep -q /p2p/ "$k/node$i.out"
+        koe network add-bootstrap --network "$k/net/network.toml" "$(head -1 "$k/node$i.out")" >&2
+    done
+    echo "a good password" | in_ns a "$KOE" --home "$k/alice" signup alice --network "$k/net/network.toml" --password-stdin >&2
+    echo "a good password" | in_ns b "$KOE" --home "$k/bob" signup bob --network "$k/net/network.toml" --password-stdin >&2
+    # str0m=debug: the "Connected" lines give each side's media start (the time origins).
+    KOE_LOG=info,str0m=debug in_ns b "$KOE" --home "$k/bob" up --auto-answer --record "$k/bob-heard.wav" \
+        > "$k/bob-up.out" 2> "$k/bob-up.log" &
+    pids+=($!)
+    KOE_LOG=info,str0m=debug in_ns a "$KOE" --home "$k/alice" up > "$k/alice-up.out" 2> "$k/alice-up.log" &
+    pids+=($!)
+    wait_for 15 "alice's client to attach" sh -c "ip netns exec $LAB-a $KOE --home $k/alice status | grep -q /p2p/"
+    wait_for 15 "bob's client to attach" sh -c "ip netns exec $LAB-b $KOE --home $k/bob status | grep -q /p2p/"
+    wait_for 15 "alice to see bob online" sh -c "ip netns exec $LAB-a $KOE --home $k/alice lookup bob | grep -q '1 device(s) online'"
+fi
+
+koe_call() {   # one call alice(A) -> bob(B); bob's recording to $work/$CALL.wav (16 kHz)
+    local a_from b_from recordings
+    a_from=$(($(stat -c %s "$k/alice-up.log") + 1))
+    b_from=$(($(stat -c %s "$k/bob-up.log") + 1))
+    recordings=$(grep -c "recording: " "$k/bob-up.log" || true)
+    in_ns a "$KOE" --home "$k/alice" call bob --play "$work/speech.wav" --duration "${talk_s}s" > "$work/$CALL-call.out" 2>&1 ||
+        die "koe call failed: $(cat "$work/$CALL-call.out")"
+    wait_for 15 "bob's recording" sh -c "[ \$(grep -c 'recording: ' '$k/bob-up.log') -gt $recordings ]"
+    sox "$k/bob-heard.wav" -r 16000 -c 1 -b 16 "$work/$CALL.wav"
+    tail -c "+$a_from" "$k/alice-up.log" > "$work/$CALL-alice.log"
+    tail -c "+$b_from" "$k/bob-up.log" > "$work/$CALL-bob.log"
+    # Origin: A's speech starts at A's media "Connected", B's recording at B's.
+    "$PY" - "$work/$CALL-alice.log" "$work/$CALL-bob.log" > "$work/$CALL.origin" <<'PY'
+import re, sys
+from datetime import datetime
+def connected(path):
+    text = re.sub(r"\x1b\[[0-9;]*m", "", open(path, errors="replace").read())
+    times = [m.group(1) for m in re.finditer(r"^(\S+Z)\s+DEBUG str0m: Connected$", text, re.M)]
+    if not times:
+        sys.exit(f"no 'str0m: Connected' in {path}")
+    return datetime.fromisoformat(times[-1].replace("Z", "+00:00"))
+print(f"{(connected(sys.argv[1]) - connected(sys.argv[2])).total_seconds() * 1000:.1f}")
+PY
+    sed 's/\x1b\[[0-9;]*m//g' "$work/$CALL-bob.log" | grep -o 'received [0-9]* frames.*copies sent [0-9]*' | tail -1 |
+        sed 's/^/Koe bob: /; s/;/,/g' > "$work/$CALL.note" || true
+}
+
+# ---------------------------------------------------------------------------- the runs
+results=$work/results.tsv
+: > "$results"
+n=0
+for condition in "${CONDITIONS[@]}"; do
+    name=${condition%%|*}
+    read -r -a mode <<< "${condition#*|}"
+    n=$((n + 1))
+    for peer in $PEERS; do
+        CALL=$n-$peer
+        log "$name: $peer A -> B"
+        impair_start "${mode[@]}"
+        "${peer}_call"
+        impair_stop
+        read -r pesq lag < <("$PY" "$ROOT/bench/pesq_score.py" "$work/reference.wav" "$work/$CALL.wav")
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$peer" "$pesq" "$lag" "$(cat "$work/$CALL.origin")" \
+            "$(cat "$work/impair-$CALL.json")" "$(cat "$work/$CALL.note" 2>/dev/null)" >> "$results"
+        log "$name: $peer PESQ-WB $pesq, lag $lag ms, origin offset $(cat "$work/$CALL.origin") ms"
+        if [ "$name" = clean ] && "$PY" -c "import sys; sys.exit(float('$pesq') >= 3.5)"; then
+            log "warning: $peer scores $pesq on a clean path: is the recording really speech? ($work/$CALL.wav)"
+        fi
+    done
+done
+
+# ---------------------------------------------------------------------------- report
+koe_version=$([ -x "$KOE" ] && "$KOE" --version 2>/dev/null || echo "koe ?")
+baresip_version=$(dpkg-query -W -f '${Version}' baresip 2>/dev/null || echo ?)
+opus_version=$(dpkg-query -W -f '${Version}' libopus0 2>/dev/null || echo ?)
+"$PY" - "$results" <<PY
+import json, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+print("| condition | peer | PESQ-WB | mouth-to-ear | UDP packets dropped by impair.py (A→B; B→A) |")
+print("|---|---|---|---|---|")
+def dropped(d):
+    share = 100.0 * d["dropped"] / d["seen"] if d["seen"] else 0.0
+    return f"{d['dropped']} of {d['seen']} ({share:.1f} %)"
+for name, peer, pesq, lag, origin, stats, note in rows:
+    s = json.loads(stats)
+    m2e = float(lag) - float(origin)
+    peer_name = {"baresip": "baresip 1.0, Opus 28 kbit/s", "koe": "Koe, Opus 32 kbit/s + copies"}[peer]
+    print(f"| {name} | {peer_name} | {float(pesq):.2f} | {m2e:.0f} ms | {dropped(s['a_to_b'])}; {dropped(s['b_to_a'])} |")
+print()
+print("What the callee itself reported:")
+print()
+for name, peer, pesq, lag, origin, stats, note in rows:
+    extra = f" (recording lag {float(lag):.1f} ms, A's media started {float(origin):.1f} ms after B's)" if peer == "koe" else ""
+    print(f"- {name}, {peer}: {note or '-'}{extra}")
+PY
+echo
+echo "Versions: $koe_version ($KOE, built $(date -u -r "$KOE" +%FT%TZ 2>/dev/null || echo ?)); baresip $baresip_version" \
+     "(Opus in-band FEC: $BARESIP_FEC; jitter buffer: audio_buffer 20-160 ms, jitter_buffer_delay 5-10 frames); libopus $opus_version;" \
+     "impair.py seed $SEED; speech $(printf %.1f "$speech_s") s."
+echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")."
