@@ -97,7 +97,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 forget() { local keep=() p; for p in "${pids[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done; pids=("${keep[@]}"); }
-in_ns() { local ns=$1; shift; ip netns exec "$LAB-$ns" "$@"; }
+# Not a function: "$IN_A cmd &" must make $! the pid of cmd itself (ip netns exec execs it).
+IN_R="ip netns exec $LAB-r" IN_A="ip netns exec $LAB-a" IN_B="ip netns exec $LAB-b"
 
 wait_for() {   # wait_for SECONDS DESCRIPTION COMMAND...
     local limit=$1 what=$2; shift 2
@@ -122,15 +123,17 @@ talk_s=$("$PY" -c "import math; print(math.ceil($speech_s + 1.5))")   # whole se
 
 impair_start() {   # impair_start NAME MODE...: UDP impairment in the router until impair_stop
     rm -f "$work/impair.ready"
-    in_ns r "$PY" "$ROOT/bench/lab/impair.py" --seed "$SEED" --ready "$work/impair.ready" "$@" \
+    $IN_R "$PY" "$ROOT/bench/lab/impair.py" --seed "$SEED" --ready "$work/impair.ready" "$@" \
         > "$work/impair-$CALL.log" 2>&1 &
     impair_pid=$!
     pids+=("$impair_pid")
     wait_for 10 "impair.py" test -e "$work/impair.ready"
 }
 impair_stop() {
+    local rc=0
     kill -TERM "$impair_pid"
-    wait "$impair_pid" || die "impair.py failed: $(cat "$work/impair-$CALL.log")"
+    wait "$impair_pid" || rc=$?
+    [ $rc = 0 ] || die "impair.py failed (exit status $rc): $(cat "$work/impair-$CALL.log")"
     forget "$impair_pid"
     grep '^impair-stats ' "$work/impair-$CALL.log" | cut -d' ' -f2- > "$work/impair-$CALL.json"
 }
@@ -141,7 +144,7 @@ if [[ " $PEERS " == *" baresip "* ]]; then
     # The real-time clock for baresip's audio: a JACK server with the dummy backend, 20 ms
     # periods (baresip's jack module wants one Opus frame per period). It runs in the router
     # namespace only so that `netlab.sh down` ends it too; it uses no network.
-    in_ns r jackd --no-realtime -n "$jack_name" -d dummy -r 48000 -p 960 -C 1 -P 1 > "$work/jackd.log" 2>&1 &
+    $IN_R jackd --no-realtime -n "$jack_name" -d dummy -r 48000 -p 960 -C 1 -P 1 > "$work/jackd.log" 2>&1 &
     pids+=($!)
     export JACK_DEFAULT_SERVER=$jack_name JACK_NO_AUDIO_RESERVATION=1
     wait_for 10 "jackd" jack_lsp
@@ -184,10 +187,10 @@ fi
 
 baresip_call() {   # one call A -> B; B's received audio to $work/$CALL.wav (16 kHz)
     local a_log="$work/$CALL-baresip-a.log" b_log="$work/$CALL-baresip-b.log" a_pid b_pid to from
-    in_ns b baresip -f "$work/baresip-b" > "$b_log" 2>&1 &
+    $IN_B baresip -f "$work/baresip-b" > "$b_log" 2>&1 &
     b_pid=$!; pids+=("$b_pid")
     wait_for 10 "baresip B" grep -q "baresip is ready" "$b_log"
-    in_ns a baresip -f "$work/baresip-a" -e "/dial sip:b@10.77.2.2;transport=tcp" > "$a_log" 2>&1 &
+    $IN_A baresip -f "$work/baresip-a" -e "/dial sip:b@10.77.2.2;transport=tcp" > "$a_log" 2>&1 &
     a_pid=$!; pids+=("$a_pid")
     wait_for 15 "baresip call setup" grep -q "Call established" "$a_log"
     wait_for 5 "baresip B to answer" grep -q "Call established" "$b_log"
@@ -212,24 +215,24 @@ if [[ " $PEERS " == *" koe "* ]]; then
     k=$work/koe
     mkdir -p "$k"
     koe network init --dir "$k/net" --name koe-bench --auth-listen 10.77.0.1:7400 > "$k/init.log"
-    in_ns r "$KOE" auth serve --no-rate-limits --network "$k/net/network.toml" --secret-dir "$k/net/secret" \
+    $IN_R "$KOE" auth serve --no-rate-limits --network "$k/net/network.toml" --secret-dir "$k/net/secret" \
         --db "sqlite:$k/accounts.db" > "$k/auth.out" 2> "$k/auth.log" &
     pids+=($!)
     wait_for 10 "the login server" grep -q "listening on" "$k/auth.out"
     for i in 1 2; do
-        in_ns r "$KOE" --home "$k/node$i" node --network "$k/net/network.toml" --listen "10.77.0.1:410$i" \
+        $IN_R "$KOE" --home "$k/node$i" node --network "$k/net/network.toml" --listen "10.77.0.1:410$i" \
             > "$k/node$i.out" 2> "$k/node$i.log" &
         pids+=($!)
         wait_for 10 "supernode $i" grep -q /p2p/ "$k/node$i.out"
         koe network add-bootstrap --network "$k/net/network.toml" "$(head -1 "$k/node$i.out")" >&2
     done
-    echo "a good password" | in_ns a "$KOE" --home "$k/alice" signup alice --network "$k/net/network.toml" --password-stdin >&2
-    echo "a good password" | in_ns b "$KOE" --home "$k/bob" signup bob --network "$k/net/network.toml" --password-stdin >&2
+    echo "a good password" | $IN_A "$KOE" --home "$k/alice" signup alice --network "$k/net/network.toml" --password-stdin >&2
+    echo "a good password" | $IN_B "$KOE" --home "$k/bob" signup bob --network "$k/net/network.toml" --password-stdin >&2
     # str0m=debug: the "Connected" lines give each side's media start (the time origins).
-    KOE_LOG=info,str0m=debug in_ns b "$KOE" --home "$k/bob" up --auto-answer --record "$k/bob-heard.wav" \
+    KOE_LOG=info,str0m=debug $IN_B "$KOE" --home "$k/bob" up --auto-answer --record "$k/bob-heard.wav" \
         > "$k/bob-up.out" 2> "$k/bob-up.log" &
     pids+=($!)
-    KOE_LOG=info,str0m=debug in_ns a "$KOE" --home "$k/alice" up > "$k/alice-up.out" 2> "$k/alice-up.log" &
+    KOE_LOG=info,str0m=debug $IN_A "$KOE" --home "$k/alice" up > "$k/alice-up.out" 2> "$k/alice-up.log" &
     pids+=($!)
     wait_for 15 "alice's client to attach" sh -c "ip netns exec $LAB-a $KOE --home $k/alice status | grep -q /p2p/"
     wait_for 15 "bob's client to attach" sh -c "ip netns exec $LAB-b $KOE --home $k/bob status | grep -q /p2p/"
@@ -241,7 +244,7 @@ koe_call() {   # one call alice(A) -> bob(B); bob's recording to $work/$CALL.wav
     a_from=$(($(stat -c %s "$k/alice-up.log") + 1))
     b_from=$(($(stat -c %s "$k/bob-up.log") + 1))
     recordings=$(grep -c "recording: " "$k/bob-up.log" || true)
-    in_ns a "$KOE" --home "$k/alice" call bob --play "$work/speech.wav" --duration "${talk_s}s" > "$work/$CALL-call.out" 2>&1 ||
+    $IN_A "$KOE" --home "$k/alice" call bob --play "$work/speech.wav" --duration "${talk_s}s" > "$work/$CALL-call.out" 2>&1 ||
         die "koe call failed: $(cat "$work/$CALL-call.out")"
     wait_for 15 "bob's recording" sh -c "[ \$(grep -c 'recording: ' '$k/bob-up.log') -gt $recordings ]"
     sox "$k/bob-heard.wav" -r 16000 -c 1 -b 16 "$work/$CALL.wav"

@@ -8,8 +8,9 @@
 //! deadline it names, and writes one voice payload every 20 ms with
 //! [`MediaSession::send_voice`]. About once a second each side sends the other its
 //! receiver's [`LossReport`] ([`MediaSession::send_loss_report`]) inside SRTCP, so each sender's
-//! copies follow what the other end sees. Candidates are host candidates here; server-reflexive and
-//! relayed ones enter through the same [`MediaSession::add_local_candidate`].
+//! copies follow what the other end sees. Candidates: host ones at creation, server-reflexive
+//! ones learned from a supernode's STUN responder ([`MediaSession::add_server_reflexive`]);
+//! relayed ones will enter through [`MediaSession::add_local_candidate`] too.
 
 pub mod driver;
 
@@ -187,6 +188,17 @@ impl MediaSession {
     pub fn add_local_candidate(&mut self, candidate: Candidate) {
         self.rtc.add_local_candidate(candidate.clone());
         self.local_candidates.push(candidate);
+    }
+
+    /// Adds the address a STUN server saw the local socket `base` at, when it differs (the
+    /// socket is behind a NAT).
+    pub fn add_server_reflexive(&mut self, mapped: SocketAddr, base: SocketAddr) -> Result<(), MediaError> {
+        if mapped == base {
+            return Ok(());
+        }
+        let candidate = Candidate::server_reflexive(mapped, base, "udp").map_err(|e| MediaError::Engine(e.to_string()))?;
+        self.add_local_candidate(candidate);
+        Ok(())
     }
 
     pub fn local_description(&mut self) -> MediaDescription {

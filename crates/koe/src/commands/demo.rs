@@ -316,14 +316,14 @@ impl DemoSupernodes {
         let mut this = Self { network: network.clone(), addresses: Vec::new(), metrics: Vec::new(), stops: Vec::new(), tasks: Vec::new() };
         for _ in 0..count {
             let listen = SocketAddr::from(([127, 0, 0, 1], 0));
-            let (node, address) = start_supernode(&network, DeviceKey::generate(), listen, &[]).await?;
+            let (node, address, stun) = start_supernode(&network, DeviceKey::generate(), listen, &[]).await?;
             network.bootstrap.push(address.to_string());
             this.metrics.push(node.metrics());
             let (stop, stopped) = oneshot::channel::<()>();
             this.stops.push(stop);
-            this.tasks.push(tokio::spawn(node.run(async {
+            this.tasks.push(tokio::spawn(stun.alongside(node.run(async {
                 let _ = stopped.await;
-            })));
+            }))));
             this.addresses.push(address.to_string());
         }
         // What `koe network add-bootstrap` does: new users learn the supernodes from the file.

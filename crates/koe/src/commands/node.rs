@@ -59,12 +59,14 @@ fn remembered_supernodes(home: &Path) -> Vec<String> {
 }
 
 /// Builds and starts a supernode; returns it with its dialable address.
+/// Starts a supernode on `listen` (TCP) and its STUN responder on the UDP port of the same
+/// number.
 pub async fn start_supernode(
     network: &NetworkFile,
     identity: DeviceKey,
     listen: SocketAddr,
     remembered: &[String],
-) -> Result<(Supernode, Multiaddr)> {
+) -> Result<(Supernode, Multiaddr, StunResponder)> {
     let mut node = Supernode::new(SupernodeConfig {
         network: network.clone(),
         identity,
@@ -72,7 +74,52 @@ pub async fn start_supernode(
         bootstrap: bootstrap_addresses(network, remembered),
     })?;
     let address = node.listening_address().await;
-    Ok((node, address))
+    let port = tcp_port(&address.to_string()).unwrap_or(listen.port());
+    let stun = StunResponder::start(SocketAddr::new(listen.ip(), port)).await;
+    Ok((node, address, stun))
+}
+
+/// The TCP port of a multiaddr such as `/ip4/1.2.3.4/tcp/4100/p2p/…`.
+pub fn tcp_port(multiaddr: &str) -> Option<u16> {
+    let mut parts = multiaddr.split('/');
+    parts.find(|part| *part == "tcp")?;
+    parts.next()?.parse().ok()
+}
+
+/// A supernode's STUN responder, from which clients learn their address as seen from outside
+/// (server-reflexive ICE candidates). Stops when dropped.
+#[derive(Debug)]
+pub struct StunResponder(Option<tokio::task::JoinHandle<()>>);
+
+impl StunResponder {
+    /// Answers on UDP `address`; without it (the port is taken) the supernode still works,
+    /// and its clients go without server-reflexive candidates.
+    pub async fn start(address: SocketAddr) -> Self {
+        match tokio::net::UdpSocket::bind(address).await {
+            Ok(socket) => Self(Some(tokio::spawn(koe_stun::serve(socket)))),
+            Err(error) => {
+                tracing::warn!(%address, %error, "no STUN responder: clients behind NATs get no server-reflexive candidates from this supernode");
+                Self(None)
+            }
+        }
+    }
+}
+
+impl StunResponder {
+    /// Runs `work` (the supernode) with this responder alive; it stops when `work` ends.
+    pub async fn alongside<T>(self, work: impl std::future::Future<Output = T>) -> T {
+        let outcome = work.await;
+        drop(self);
+        outcome
+    }
+}
+
+impl Drop for StunResponder {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
@@ -80,7 +127,7 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
     let network = load_network_file(&args.network)?;
     let identity = node_identity(profile.home())?;
     let remembered = remembered_supernodes(profile.home());
-    let (node, address) = start_supernode(&network, identity, args.listen, &remembered).await?;
+    let (node, address, _stun) = start_supernode(&network, identity, args.listen, &remembered).await?;
     // The first line on stdout is the address, for scripts and `koe network add-bootstrap`.
     println!("{address}");
     let metrics = node.metrics();

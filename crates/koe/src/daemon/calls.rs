@@ -176,28 +176,45 @@ pub fn on_signal(state: &Arc<DaemonState>, from: Username, signal: CallSignal) {
     }
 }
 
-/// The address this device's media socket uses: the one on the route to the parent supernode
-/// (found without sending anything), else loopback.
-async fn local_ip(state: &DaemonState) -> IpAddr {
-    let parent_ip = state.client.status().await.ok().and_then(|s| s.parent).and_then(|address| {
-        address.split('/').nth(2).and_then(|ip| ip.parse::<IpAddr>().ok())
-    });
-    let Some(parent_ip) = parent_ip else {
-        return IpAddr::V4(Ipv4Addr::LOCALHOST);
-    };
-    match std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect((parent_ip, 9)).and_then(|()| s.local_addr())) {
-        Ok(address) => address.ip(),
-        Err(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-    }
+/// The parent supernode's address (its TCP listener; its STUN responder has the same UDP
+/// port), if attached.
+async fn parent_address(state: &DaemonState) -> Option<SocketAddr> {
+    let parent = state.client.status().await.ok()?.parent?;
+    let ip = parent.split('/').nth(2)?.parse::<IpAddr>().ok()?;
+    Some(SocketAddr::new(ip, crate::commands::node::tcp_port(&parent)?))
 }
 
+/// The call's media socket and session: host candidate on the address that routes to the
+/// parent supernode (found without sending anything; else loopback), plus a server-reflexive
+/// one if the parent's STUN responder sees this socket at another address (a NAT).
 async fn media_socket(state: &DaemonState) -> Result<(UdpSocket, MediaSession), String> {
-    let socket = UdpSocket::bind(SocketAddr::new(local_ip(state).await, 0))
+    let parent = parent_address(state).await;
+    let local_ip = parent
+        .and_then(|parent| {
+            let probe = std::net::UdpSocket::bind(SocketAddr::new(unspecified(parent.ip()), 0)).ok()?;
+            probe.connect(parent).ok()?;
+            probe.local_addr().ok()
+        })
+        .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |address| address.ip());
+    let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0))
         .await
         .map_err(|e| format!("cannot open a socket for the call's audio: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
-    let session = MediaSession::new(Instant::now(), &[local]).map_err(|e| e.to_string())?;
+    let mut session = MediaSession::new(Instant::now(), &[local]).map_err(|e| e.to_string())?;
+    if let Some(parent) = parent {
+        match koe_stun::reflexive_address(&socket, parent).await {
+            Ok(mapped) => session.add_server_reflexive(mapped, local).map_err(|e| e.to_string())?,
+            Err(error) => info!(%error, "no server-reflexive candidate from the parent supernode"),
+        }
+    }
     Ok((socket, session))
+}
+
+fn unspecified(like: IpAddr) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
 }
 
 fn microphone(play: Option<&Path>) -> Result<Vec<f32>, String> {
@@ -272,11 +289,13 @@ pub async fn place(
         return Err("you are in a call already: koe hangup first".into());
     }
     let microphone = Microphone::Samples(microphone(play.as_deref())?);
-    let devices = state.client.lookup(to.clone()).await?.len();
+    // Find the callee while the media socket learns its outside address.
+    let (devices, media) = tokio::join!(state.client.lookup(to.clone()), media_socket(&state));
+    let devices = devices?.len();
     if devices == 0 {
         return Err(state.absence(&to).await);
     }
-    let (socket, mut session) = media_socket(&state).await?;
+    let (socket, mut session) = media?;
     let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
     let (mut signals, hangup) = state.calls.register(id, &to);
     let (dialed, started_at) = (Instant::now(), UnixTime::now());

@@ -399,14 +399,14 @@ async fn promote_when_ready(state: Arc<DaemonState>, network: NetworkFile, promo
     loop {
         let attempt = async {
             let identity = crate::commands::node::node_identity(&state.home).map_err(|e| e.to_string())?;
-            let (node, address) = crate::commands::node::start_supernode(&network, identity, promotion.listen, &[])
+            let (node, address, stun) = crate::commands::node::start_supernode(&network, identity, promotion.listen, &[])
                 .await
                 .map_err(|e| e.to_string())?;
             // The supernode must be running to answer the parent's dial-back.
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(node.run(async {
+            let task = tokio::spawn(stun.alongside(node.run(async {
                 let _ = stopped.await;
-            }));
+            })));
             match state.client.confirm_reachable(address.to_string()).await {
                 Ok(true) => Ok((task, stop, address)),
                 outcome => {
