@@ -29,8 +29,9 @@
 #   bench/impaired_calls.sh          # as root; installs what is missing (apt, pip); ~5 min
 #   PEERS="baresip" bench/impaired_calls.sh      # only one peer (baresip, koe)
 #   KEEP=1 ...                                   # keep the work directory (recordings, logs)
-#   KOE=/path/to/koe  SEED=1  BARESIP_FEC=no|yes (Opus in-band FEC in baresip; default: no,
-#   which is baresip's default)
+#   KOE=/path/to/koe  SEED=1  BARESIP_FEC=no|yes (Opus in-band FEC in baresip, with
+#   opus_packet_loss 10; default: no, which is baresip's default)
+#   IMPAIR_ARGS="--delay 40 --jitter 10"         # added to every condition (impair.py options)
 #
 # Prints a Markdown table: condition | peer | PESQ-WB | mouth-to-ear | UDP packets dropped,
 # then what each callee itself reported, and a line with versions and the machine. Never
@@ -42,6 +43,7 @@ KOE=${KOE:-$ROOT/target/release/koe}
 SEED=${SEED:-1}
 PEERS=${PEERS:-baresip koe}
 BARESIP_FEC=${BARESIP_FEC:-no}
+IMPAIR_ARGS=${IMPAIR_ARGS:-}
 LAB=koeb$$
 NETLAB=$ROOT/bench/lab/netlab.sh
 CONDITIONS=(
@@ -109,6 +111,13 @@ wait_for() {   # wait_for SECONDS DESCRIPTION COMMAND...
     done
 }
 
+# The Koe binary may be rebuilt while this runs: every process uses one copy of it.
+if [ -x "$KOE" ]; then
+    koe_built=$(date -u -r "$KOE" +%FT%TZ)
+    cp "$KOE" "$work/koe-bin"
+    KOE=$work/koe-bin
+fi
+
 # ---------------------------------------------------------------------------- speech
 alsa=/usr/share/sounds/alsa
 sox "$alsa"/Front_Center.wav "$alsa"/Front_Left.wav "$alsa"/Front_Right.wav "$alsa"/Rear_Center.wav \
@@ -123,7 +132,8 @@ talk_s=$("$PY" -c "import math; print(math.ceil($speech_s + 1.5))")   # whole se
 
 impair_start() {   # impair_start NAME MODE...: UDP impairment in the router until impair_stop
     rm -f "$work/impair.ready"
-    $IN_R "$PY" "$ROOT/bench/lab/impair.py" --seed "$SEED" --ready "$work/impair.ready" "$@" \
+    # shellcheck disable=SC2086
+    $IN_R "$PY" "$ROOT/bench/lab/impair.py" --seed "$SEED" --ready "$work/impair.ready" $IMPAIR_ARGS "$@" \
         > "$work/impair-$CALL.log" 2>&1 &
     impair_pid=$!
     pids+=("$impair_pid")
@@ -244,8 +254,15 @@ koe_call() {   # one call alice(A) -> bob(B); bob's recording to $work/$CALL.wav
     a_from=$(($(stat -c %s "$k/alice-up.log") + 1))
     b_from=$(($(stat -c %s "$k/bob-up.log") + 1))
     recordings=$(grep -c "recording: " "$k/bob-up.log" || true)
-    $IN_A "$KOE" --home "$k/alice" call bob --play "$work/speech.wav" --duration "${talk_s}s" > "$work/$CALL-call.out" 2>&1 ||
-        die "koe call failed: $(cat "$work/$CALL-call.out")"
+    if ! $IN_A "$KOE" --home "$k/alice" call bob --play "$work/speech.wav" --duration "${talk_s}s" > "$work/$CALL-call.out" 2>&1; then
+        log "koe call failed: $(tr '\n' ' ' < "$work/$CALL-call.out")"
+        echo "koe call failed: $(tr '\n' ' ' < "$work/$CALL-call.out")" > "$work/$CALL.note"
+        return 1
+    fi
+    if ! grep -q '^answered' "$work/$CALL-call.out"; then
+        echo "not answered: $(tr '\n' ' ' < "$work/$CALL-call.out")" > "$work/$CALL.note"
+        return 1
+    fi
     wait_for 15 "bob's recording" sh -c "[ \$(grep -c 'recording: ' '$k/bob-up.log') -gt $recordings ]"
     sox "$k/bob-heard.wav" -r 16000 -c 1 -b 16 "$work/$CALL.wav"
     tail -c "+$a_from" "$k/alice-up.log" > "$work/$CALL-alice.log"
@@ -278,13 +295,18 @@ for condition in "${CONDITIONS[@]}"; do
         CALL=$n-$peer
         log "$name: $peer A -> B"
         impair_start "${mode[@]}"
-        "${peer}_call"
-        impair_stop
-        read -r pesq lag < <("$PY" "$ROOT/bench/pesq_score.py" "$work/reference.wav" "$work/$CALL.wav")
+        if "${peer}_call"; then
+            impair_stop
+            read -r pesq lag < <("$PY" "$ROOT/bench/pesq_score.py" "$work/reference.wav" "$work/$CALL.wav")
+        else   # the call itself failed: a row that says so
+            impair_stop
+            pesq=nan lag=nan
+            echo nan > "$work/$CALL.origin"
+        fi
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$peer" "$pesq" "$lag" "$(cat "$work/$CALL.origin")" \
             "$(cat "$work/impair-$CALL.json")" "$(cat "$work/$CALL.note" 2>/dev/null)" >> "$results"
         log "$name: $peer PESQ-WB $pesq, lag $lag ms, origin offset $(cat "$work/$CALL.origin") ms"
-        if [ "$name" = clean ] && "$PY" -c "import sys; sys.exit(float('$pesq') >= 3.5)"; then
+        if [ "$name" = clean ] && [ "$pesq" != nan ] && "$PY" -c "import sys; sys.exit(float('$pesq') >= 3.5)"; then
             log "warning: $peer scores $pesq on a clean path: is the recording really speech? ($work/$CALL.wav)"
         fi
     done
@@ -304,18 +326,21 @@ def dropped(d):
     return f"{d['dropped']} of {d['seen']} ({share:.1f} %)"
 for name, peer, pesq, lag, origin, stats, note in rows:
     s = json.loads(stats)
-    m2e = float(lag) - float(origin)
     peer_name = {"baresip": "baresip 1.0, Opus 28 kbit/s", "koe": "Koe, Opus 32 kbit/s + copies"}[peer]
-    print(f"| {name} | {peer_name} | {float(pesq):.2f} | {m2e:.0f} ms | {dropped(s['a_to_b'])}; {dropped(s['b_to_a'])} |")
+    if pesq == "nan":
+        score, m2e = "call failed", "-"
+    else:
+        score, m2e = f"{float(pesq):.2f}", f"{float(lag) - float(origin):.0f} ms"
+    print(f"| {name} | {peer_name} | {score} | {m2e} | {dropped(s['a_to_b'])}; {dropped(s['b_to_a'])} |")
 print()
 print("What the callee itself reported:")
 print()
 for name, peer, pesq, lag, origin, stats, note in rows:
-    extra = f" (recording lag {float(lag):.1f} ms, A's media started {float(origin):.1f} ms after B's)" if peer == "koe" else ""
+    extra = f" (recording lag {float(lag):.1f} ms, A's media started {float(origin):.1f} ms after B's)" if peer == "koe" and pesq != "nan" else ""
     print(f"- {name}, {peer}: {note or '-'}{extra}")
 PY
 echo
-echo "Versions: $koe_version ($KOE, built $(date -u -r "$KOE" +%FT%TZ 2>/dev/null || echo ?)); baresip $baresip_version" \
+echo "Versions: $koe_version (target/release/koe built ${koe_built:-?}); baresip $baresip_version" \
      "(Opus in-band FEC: $BARESIP_FEC; jitter buffer: audio_buffer 20-160 ms, jitter_buffer_delay 5-10 frames); libopus $opus_version;" \
-     "impair.py seed $SEED; speech $(printf %.1f "$speech_s") s."
+     "impair.py seed $SEED${IMPAIR_ARGS:+ $IMPAIR_ARGS}; speech $(printf %.1f "$speech_s") s."
 echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")."

@@ -106,13 +106,18 @@ async fn an_echo_test_plays_back_what_it_heard() {
     assert!(energy(&a.recording[..second / 2]) > 1e-3, "the caller heard the first tone");
     // Played back from 2.8 s on (tone, listening, tone), a mouth-to-ear delay each way later.
     let from = second * 28 / 10;
-    // Both jitter buffers settle during the first seconds, so the echo's delay moves by a
-    // frame or two: compare quarter seconds.
-    for start in [0, second / 4, second / 2, second * 3 / 4] {
-        let (lag, similarity) = best_lag(&speech[start..start + second / 4], &a.recording[from + start..], second);
-        eprintln!("{start} samples into the speech: heard back {lag} samples after 2.8 s, correlation {similarity:.3}");
-        assert!(similarity > 0.7, "the caller heard their own speech back (correlation {similarity:.3})");
+    // Both jitter buffers settle during the first seconds (each drops the frame it waited
+    // for, in a pause), so the echo's delay moves by a frame or two, and a window straddling
+    // such a step matches less well: most quarter seconds must match.
+    let mut matched = 0;
+    for start in (0..second).step_by(second / 8) {
         // 0.2 s of the caller's silence before speaking, plus a mouth-to-ear delay each way.
-        assert!((second / 5..second / 2).contains(&(lag as usize)), "heard back {lag} samples late");
+        let expected_from = from + start + second / 5;
+        let (lag, similarity) = best_lag(&speech[start..start + second / 4], &a.recording[expected_from..], second / 8);
+        eprintln!("{start} samples into the speech: heard back {} samples after 2.8 s, correlation {similarity:.3}", lag + second as isize / 5);
+        if similarity > 0.7 && lag >= 0 {
+            matched += 1;
+        }
     }
+    assert!(matched >= 6, "the caller heard their own speech back in only {matched} of 8 windows");
 }

@@ -12,8 +12,9 @@ pub fn speechlike(seconds: usize) -> Vec<f32> {
             let t = i as f32 / rate;
             let syllable = (t * 4.0).fract();
             let envelope = if syllable < 0.7 { (syllable / 0.7 * std::f32::consts::PI).sin() } else { 0.0 };
-            let pitch = 140.0 + 30.0 * (t * 1.3).sin();
-            let voice: f32 = (1..8).map(|h| (2.0 * std::f32::consts::PI * pitch * h as f32 * t).sin() / h as f32).sum();
+            // The phase of a pitch gliding 110–170 Hz: the integral of 140 + 30·sin(1.3 t).
+            let phase = 2.0 * std::f32::consts::PI * (140.0 * t + 30.0 / 1.3 * (1.0 - (t * 1.3).cos()));
+            let voice: f32 = (1..8).map(|h| (phase * h as f32).sin() / h as f32).sum();
             0.25 * envelope * voice
         })
         .collect()
@@ -29,7 +30,8 @@ pub fn correlation(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The lag in samples (−`max_lag`..`max_lag`) at which `later` best matches `earlier`, and
-/// the correlation there: positive when `later` lags behind.
+/// the correlation there: positive when `later` lags behind. Negative lags go no further than
+/// half of `earlier`, so that a few overlapping samples cannot match perfectly by chance.
 pub fn best_lag(earlier: &[f32], later: &[f32], max_lag: usize) -> (isize, f64) {
     let at = |lag: isize| {
         if lag >= 0 {
@@ -42,8 +44,9 @@ pub fn best_lag(earlier: &[f32], later: &[f32], max_lag: usize) -> (isize, f64) 
     let best = |lags: &mut dyn Iterator<Item = isize>| lags.map(|lag| (lag, at(lag))).fold((0, f64::MIN), |b, c| if c.1 > b.1 { c } else { b });
     // Coarsely by half milliseconds, then sample by sample around the best: harmonics are
     // only a few dozen samples apart.
-    let (coarse, _) = best(&mut (-window..=window).step_by(24));
-    best(&mut (coarse - 24..=coarse + 24))
+    let earliest = -window.min(earlier.len() as isize / 2);
+    let (coarse, _) = best(&mut (earliest..=window).step_by(24));
+    best(&mut ((coarse - 24).max(earliest)..=coarse + 24))
 }
 
 #[cfg(test)]

@@ -1,0 +1,101 @@
+//! A call between separate processes through a lossy path: the whole Koe network (login
+//! server, supernode, two clients) runs on the loopback of a network namespace of its own
+//! whose firewall drops 10 % of all UDP datagrams at random (`iptables -m statistic`), so
+//! media, ICE and STUN lose packets while signalling (TCP) does not. Bob's recording must
+//! still be alice's speech, with the copies of earlier frames filling the gaps.
+//!
+//! The test re-runs itself inside the namespace (`ip netns exec … <this test binary>`), so
+//! every process it starts there shares that namespace's loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::netns::{self, Namespace};
+use common::{ok, run, stdout, wait_until, KoeProcess, TestNetwork};
+use koe_voice::signal::{best_lag, speechlike};
+use koe_voice::{wav, SAMPLE_RATE};
+
+const INSIDE: &str = "KOE_TEST_INSIDE_LOSSY_NAMESPACE";
+const LOSS: &str = "0.10";
+
+#[test]
+fn a_call_through_ten_percent_random_loss_still_carries_the_speech() {
+    if std::env::var(INSIDE).is_ok() || !netns::available("lossy call") {
+        return;
+    }
+    let namespace = Namespace::new("lossy");
+    namespace.run(&["iptables", "-A", "INPUT", "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", LOSS, "-j", "DROP"]);
+    let test_binary = std::env::current_exe().unwrap();
+    let output = namespace
+        .command(test_binary.to_str().unwrap())
+        .args(["the_call_inside_the_lossy_namespace", "--exact", "--nocapture", "--test-threads=1"])
+        .env(INSIDE, "1")
+        .output()
+        .unwrap();
+    let (out, err) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    eprintln!("{out}\n{err}");
+    assert!(output.status.success(), "the call inside the lossy namespace failed");
+    assert!(out.contains("1 passed"), "the inner test did not run");
+}
+
+/// Runs only inside the namespace made by the test above.
+#[test]
+fn the_call_inside_the_lossy_namespace() {
+    if std::env::var(INSIDE).is_err() {
+        return;
+    }
+    let network = TestNetwork::init();
+    let _login = network.serve();
+    let net = network.network_file();
+    let node = KoeProcess::node(&network.home("supernode"), &net);
+    ok(common::koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&node.first_line).output().unwrap());
+    let (alice, bob) = (network.home("alice"), network.home("bob"));
+    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
+        ok(run(home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+    }
+    let speech = speechlike(8);
+    let speech_file = network.dir.path().join("speech.wav");
+    wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
+    let recording = network.dir.path().join("bob-heard.wav");
+    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--record", recording.to_str().unwrap()]);
+    let _alice_up = KoeProcess::up(&alice);
+    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+
+    let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "8s"], ""));
+    eprintln!("{call}");
+    assert!(call.contains("ended: you hung up"), "{call}");
+    wait_until(Duration::from_secs(10), || recording.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    let heard = wav::read_mono_48k(&recording).unwrap();
+    if let Ok(keep) = std::env::var("KOE_TEST_KEEP_RECORDING") {
+        std::fs::copy(&recording, &keep).unwrap();
+        std::fs::copy(&speech_file, format!("{keep}.sent.wav")).unwrap();
+    }
+    let second = SAMPLE_RATE as usize;
+    // Lost STUN checks and DTLS flights delay the start of media by up to a few seconds.
+    assert!(heard.len() >= 4 * second, "bob recorded {} samples", heard.len());
+    // Quarter-second windows from 1.5 s on (the copies follow bob's first loss report), each
+    // found within a second of where it belongs.
+    let mut similarities = Vec::new();
+    for start in (second * 3 / 2..heard.len().min(7 * second) - second).step_by(second / 4) {
+        let (lag, similarity) = best_lag(&speech[start..start + second / 4], &heard[start.saturating_sub(second / 2)..], second);
+        eprintln!("{start}: lag {lag} correlation {similarity:.3}");
+        similarities.push(similarity);
+    }
+    similarities.sort_by(f64::total_cmp);
+    eprintln!("correlation of quarter-second windows with the sent speech: {similarities:.3?}");
+    assert!(similarities[similarities.len() / 2] > 0.8, "median correlation {:.3}", similarities[similarities.len() / 2]);
+    assert!(similarities[0] > 0.5, "worst window {:.3}", similarities[0]);
+
+    // Alice's receiver lost packets on the way too (bob sends silence) and recovered them.
+    let received = call.lines().find(|l| l.starts_with("received")).unwrap();
+    let percents: Vec<f64> = received.split(" % ").filter_map(|part| part.rsplit(' ').next()?.parse().ok()).collect();
+    let (on_the_way, after_recovery) = (percents[0], percents[1]);
+    assert!(on_the_way >= 4.0, "the path really lost packets: {received}");
+    assert!(after_recovery < 2.0, "copies of earlier frames filled the gaps: {received}");
+    let bobs = stdout(&run(&bob, &["calls"], ""));
+    assert!(bobs.contains("call from alice: talked"), "{bobs}");
+}
