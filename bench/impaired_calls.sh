@@ -7,18 +7,20 @@
 # also hosts Koe's login server and two supernodes (10.77.0.1). For each condition — clean,
 # random loss 5/10/20 %, bursty (Gilbert-Elliott) loss 10/20 % with mean bursts of 3 packets —
 # bench/lab/impair.py drops UDP packets forwarded between A and B (both directions; TCP, i.e.
-# SIP-over-TCP and Koe's overlay, is left alone; seeded, so runs repeat), and
+# SIP-over-TCP and Koe's overlay, is left alone; seeded: the same drop decisions each run), and
 #   * baresip(A) calls baresip(B) (direct IP, SIP over TCP, Opus 28 kbit/s, B answers by
 #     itself); both run their audio on one JACK server with the dummy backend, the real-time
 #     clock; bench/lab/jack_playrec.py feeds the speech into A's JACK input and records B's
 #     JACK output in the same process cycles;
 #   * Koe: `koe call bob --play speech.wav` from A to B's `koe up --auto-answer --record`
-#     (Koe's own Opus at 32 kbit/s with its copies and jitter buffer; ICE + DTLS-SRTP).
+#     (Koe's voice engine: Opus (opus_pure, VoIP mode) at 32 kbit/s with copies of earlier
+#     frames and an adaptive jitter buffer; ICE + DTLS-SRTP).
 # The callee's recording is scored with PESQ-WB (bench/pesq_score.py, 16 kHz), which also
 # gives the alignment lag to the sent speech: the mouth-to-ear delay. Time origins:
-#   * baresip: sample 0 of B's recording is the JACK cycle in which sample 0 of the speech
-#     entered A's audio source, so the lag is mouth-to-ear (20 ms framing of the sound
-#     "device" included, no further device buffering).
+#   * baresip: sample 0 of B's recording is the JACK cycle (20 ms) in which sample 0 of the
+#     speech was handed to A's audio source, so the lag runs from A's "microphone" to B's
+#     "loudspeaker" (JACK runs the recorder after B's player and before A's source within a
+#     cycle, so JACK should add no buffering of its own; at most one 20 ms period if not).
 #   * Koe: A sends its speech from the moment A's media connects (ICE + DTLS done), and B
 #     records its playout from the moment B's media connects; both moments are in the
 #     daemons' logs (str0m "Connected", microsecond timestamps, same machine clock), so
@@ -26,8 +28,10 @@
 # Speech: alsa-utils' voice samples (all but Noise.wav), concatenated and resampled with sox
 # as bench/voice.sh does (48 kHz to send, 16 kHz as the PESQ reference).
 #
-#   bench/impaired_calls.sh          # as root; installs what is missing (apt, pip); ~5 min
+#   bench/impaired_calls.sh          # as root; installs what is missing (apt, pip); ~3 min
 #   PEERS="baresip" bench/impaired_calls.sh      # only one peer (baresip, koe)
+#   REPEAT=3 bench/impaired_calls.sh             # 3 calls per condition and peer (seeds
+#                                                # SEED, SEED+1, ...): mean (min-max); ~3 min each
 #   KEEP=1 ...                                   # keep the work directory (recordings, logs)
 #   KOE=/path/to/koe  SEED=1  BARESIP_FEC=no|yes (Opus in-band FEC in baresip, with
 #   opus_packet_loss 10; default: no, which is baresip's default)
@@ -44,6 +48,7 @@ SEED=${SEED:-1}
 PEERS=${PEERS:-baresip koe}
 BARESIP_FEC=${BARESIP_FEC:-no}
 IMPAIR_ARGS=${IMPAIR_ARGS:-}
+REPEAT=${REPEAT:-1}
 LAB=koeb$$
 NETLAB=$ROOT/bench/lab/netlab.sh
 CONDITIONS=(
@@ -133,7 +138,7 @@ talk_s=$("$PY" -c "import math; print(math.ceil($speech_s + 1.5))")   # whole se
 impair_start() {   # impair_start NAME MODE...: UDP impairment in the router until impair_stop
     rm -f "$work/impair.ready"
     # shellcheck disable=SC2086
-    $IN_R "$PY" "$ROOT/bench/lab/impair.py" --seed "$SEED" --ready "$work/impair.ready" $IMPAIR_ARGS "$@" \
+    $IN_R "$PY" "$ROOT/bench/lab/impair.py" --seed "$seed" --ready "$work/impair.ready" $IMPAIR_ARGS "$@" \
         > "$work/impair-$CALL.log" 2>&1 &
     impair_pid=$!
     pids+=("$impair_pid")
@@ -291,24 +296,27 @@ for condition in "${CONDITIONS[@]}"; do
     name=${condition%%|*}
     read -r -a mode <<< "${condition#*|}"
     n=$((n + 1))
-    for peer in $PEERS; do
-        CALL=$n-$peer
-        log "$name: $peer A -> B"
-        impair_start "${mode[@]}"
-        if "${peer}_call"; then
-            impair_stop
-            read -r pesq lag < <("$PY" "$ROOT/bench/pesq_score.py" "$work/reference.wav" "$work/$CALL.wav")
-        else   # the call itself failed: a row that says so
-            impair_stop
-            pesq=nan lag=nan
-            echo nan > "$work/$CALL.origin"
-        fi
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$peer" "$pesq" "$lag" "$(cat "$work/$CALL.origin")" \
-            "$(cat "$work/impair-$CALL.json")" "$(cat "$work/$CALL.note" 2>/dev/null)" >> "$results"
-        log "$name: $peer PESQ-WB $pesq, lag $lag ms, origin offset $(cat "$work/$CALL.origin") ms"
-        if [ "$name" = clean ] && [ "$pesq" != nan ] && "$PY" -c "import sys; sys.exit(float('$pesq') >= 3.5)"; then
-            log "warning: $peer scores $pesq on a clean path: is the recording really speech? ($work/$CALL.wav)"
-        fi
+    for rep in $(seq 1 "$REPEAT"); do
+        seed=$((SEED + rep - 1))   # each repetition its own loss pattern; the peers share it
+        for peer in $PEERS; do
+            CALL=$n-$peer-$rep
+            log "$name (seed $seed): $peer A -> B"
+            impair_start "${mode[@]}"
+            if "${peer}_call"; then
+                impair_stop
+                read -r pesq lag < <("$PY" "$ROOT/bench/pesq_score.py" "$work/reference.wav" "$work/$CALL.wav")
+            else   # the call itself failed: a row that says so
+                impair_stop
+                pesq=nan lag=nan
+                echo nan > "$work/$CALL.origin"
+            fi
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$peer" "$seed" "$pesq" "$lag" "$(cat "$work/$CALL.origin")" \
+                "$(cat "$work/impair-$CALL.json")" "$(cat "$work/$CALL.note" 2>/dev/null)" >> "$results"
+            log "$name (seed $seed): $peer PESQ-WB $pesq, lag $lag ms, origin offset $(cat "$work/$CALL.origin") ms"
+            if [ "$name" = clean ] && [ "$pesq" != nan ] && "$PY" -c "import sys; sys.exit(float('$pesq') >= 3.5)"; then
+                log "warning: $peer scores $pesq on a clean path: is the recording really speech? ($work/$CALL.wav)"
+            fi
+        done
     done
 done
 
@@ -316,31 +324,56 @@ done
 koe_version=$([ -x "$KOE" ] && "$KOE" --version 2>/dev/null || echo "koe ?")
 baresip_version=$(dpkg-query -W -f '${Version}' baresip 2>/dev/null || echo ?)
 opus_version=$(dpkg-query -W -f '${Version}' libopus0 2>/dev/null || echo ?)
-"$PY" - "$results" <<PY
+"$PY" - "$results" "$REPEAT" <<'PY'
 import json, sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+repeat = int(sys.argv[2])
+names = {"baresip": "baresip 1.0, Opus 28 kbit/s", "koe": "Koe, Opus 32 kbit/s + copies"}
+
+def spread(values, fmt, unit=""):
+    """One value, or with repetitions: mean (min-max)."""
+    if not values:
+        return "call failed"
+    mean = sum(values) / len(values)
+    text = format(mean, fmt) + unit
+    if len(values) > 1:
+        text += f" ({format(min(values), fmt)}–{format(max(values), fmt)})"
+    return text
+
+def dropped(stats, key):
+    seen = sum(s[key]["seen"] for s in stats)
+    lost = sum(s[key]["dropped"] for s in stats)
+    return f"{lost} of {seen} ({100.0 * lost / seen if seen else 0.0:.1f} %)"
+
 print("| condition | peer | PESQ-WB | mouth-to-ear | UDP packets dropped by impair.py (A→B; B→A) |")
 print("|---|---|---|---|---|")
-def dropped(d):
-    share = 100.0 * d["dropped"] / d["seen"] if d["seen"] else 0.0
-    return f"{d['dropped']} of {d['seen']} ({share:.1f} %)"
-for name, peer, pesq, lag, origin, stats, note in rows:
-    s = json.loads(stats)
-    peer_name = {"baresip": "baresip 1.0, Opus 28 kbit/s", "koe": "Koe, Opus 32 kbit/s + copies"}[peer]
-    if pesq == "nan":
-        score, m2e = "call failed", "-"
-    else:
-        score, m2e = f"{float(pesq):.2f}", f"{float(lag) - float(origin):.0f} ms"
-    print(f"| {name} | {peer_name} | {score} | {m2e} | {dropped(s['a_to_b'])}; {dropped(s['b_to_a'])} |")
+groups = {}
+for row in rows:
+    groups.setdefault((row[0], row[1]), []).append(row)
+for (name, peer), calls in groups.items():
+    ok = [c for c in calls if c[3] != "nan"]
+    score = spread([float(c[3]) for c in ok], ".2f")
+    m2e = spread([float(c[4]) - float(c[5]) for c in ok], ".0f", " ms")
+    failed = len(calls) - len(ok)
+    if failed and ok:
+        score += f", {failed} call(s) failed"
+    stats = [json.loads(c[6]) for c in calls]
+    print(f"| {name} | {names[peer]} | {score} | {m2e} | {dropped(stats, 'a_to_b')}; {dropped(stats, 'b_to_a')} |")
+if repeat > 1:
+    print(f"\n{repeat} calls per row (impair.py seeds differ per repetition, shared by both peers): mean (min–max); drops summed.")
 print()
-print("What the callee itself reported:")
+print("Per call, what the callee itself reported:")
 print()
-for name, peer, pesq, lag, origin, stats, note in rows:
-    extra = f" (recording lag {float(lag):.1f} ms, A's media started {float(origin):.1f} ms after B's)" if peer == "koe" and pesq != "nan" else ""
-    print(f"- {name}, {peer}: {note or '-'}{extra}")
+for name, peer, seed, pesq, lag, origin, stats, note in rows:
+    extra = ""
+    if pesq != "nan":
+        extra = f"; PESQ-WB {float(pesq):.2f}, recording lag {float(lag):.1f} ms"
+        if peer == "koe":
+            extra += f", A's media started {float(origin):.1f} ms after B's"
+    print(f"- {name}, seed {seed}, {peer}: {note or '-'}{extra}")
 PY
 echo
 echo "Versions: $koe_version (target/release/koe built ${koe_built:-?}); baresip $baresip_version" \
      "(Opus in-band FEC: $BARESIP_FEC; jitter buffer: audio_buffer 20-160 ms, jitter_buffer_delay 5-10 frames); libopus $opus_version;" \
-     "impair.py seed $SEED${IMPAIR_ARGS:+ $IMPAIR_ARGS}; speech $(printf %.1f "$speech_s") s."
+     "impair.py seeds $SEED..$((SEED + REPEAT - 1))${IMPAIR_ARGS:+ $IMPAIR_ARGS}; speech $(printf %.1f "$speech_s") s."
 echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")."
