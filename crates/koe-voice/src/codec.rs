@@ -1,5 +1,5 @@
 //! The Opus codec behind a trait, so that the pure-Rust backend (the default) and C libopus
-//! (a cargo feature, later) are interchangeable. Koe speaks Opus at 48 kHz, mono, in 20 ms
+//! (the `libopus` cargo feature) are interchangeable. Koe speaks Opus at 48 kHz, mono, in 20 ms
 //! frames of [`FRAME_SAMPLES`] samples.
 
 use opus_pure::{Application, OpusDecoder, OpusEncoder, RateControl};
@@ -51,23 +51,30 @@ pub enum Backend {
     /// `opus-pure`: pure Rust, no build dependencies, decoder bit-exact with C.
     #[default]
     OpusPure,
+    /// C libopus, the reference implementation (`libopus` feature).
+    #[cfg(feature = "libopus")]
+    LibOpus,
 }
 
 impl Backend {
     pub fn encoder(self, bitrate: u32) -> Result<Box<dyn VoiceEncoder>, CodecError> {
         match self {
             Self::OpusPure => Ok(Box::new(PureEncoder::new(bitrate)?)),
+            #[cfg(feature = "libopus")]
+            Self::LibOpus => Ok(Box::new(crate::libopus::LibEncoder::new(bitrate)?)),
         }
     }
 
     pub fn decoder(self) -> Result<Box<dyn VoiceDecoder>, CodecError> {
         match self {
             Self::OpusPure => Ok(Box::new(PureDecoder::new()?)),
+            #[cfg(feature = "libopus")]
+            Self::LibOpus => Ok(Box::new(crate::libopus::LibDecoder::new()?)),
         }
     }
 }
 
-fn check_frame(frame: &[f32]) -> Result<(), CodecError> {
+pub(crate) fn check_frame(frame: &[f32]) -> Result<(), CodecError> {
     if frame.len() == FRAME_SAMPLES {
         Ok(())
     } else {

@@ -14,6 +14,8 @@
 pub mod codec;
 pub mod impairment;
 pub mod jitter;
+#[cfg(feature = "libopus")]
+mod libopus;
 pub mod payload;
 pub mod quality;
 pub mod receiver;
