@@ -52,7 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (offer, answer) = (a.local_description(), b.local_description());
         b.start(&offer, false)?;
         a.start(&answer, true)?;
-        let audio = |samples| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone: Microphone::Samples(samples) };
+        let audio = |samples| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone: Microphone::Samples(samples), speaker: None };
         let length = Duration::from_secs(seconds);
         let cpu_before = cpu_seconds();
         let (a, b) = tokio::join!(

@@ -1,9 +1,11 @@
 //! The thin async driver of one call's media: a UDP socket, the [`MediaSession`], the voice
-//! engine and a 20 ms clock. From the moment media connects, it sends the microphone (here:
-//! samples given up front, played in real time, silence after them) and records every frame
-//! it plays out, silence included, on the playout clock, so that mouth-to-ear delay can be
-//! measured by aligning the recording with what the other side sent.
+//! engine and a 20 ms clock. From the moment media connects, it sends the microphone (samples
+//! given up front, played in real time; a sound device's queue; or an echo test) and records
+//! every frame it plays out, silence included, on the playout clock, so that mouth-to-ear
+//! delay can be measured by aligning the recording with what the other side sent; with a
+//! speaker queue, what it plays also goes to a sound device.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,11 +25,40 @@ const REPORT_EVERY_FRAMES: u64 = 50;
 const ECHO_TONE: Duration = Duration::from_millis(400);
 const ECHO_TONE_HZ: f32 = 660.0;
 
+/// The most a sound queue holds: older samples are dropped so the delay stays low.
+const SOUND_QUEUE_SAMPLES: usize = 3 * FRAME_SAMPLES;
+
+/// 48 kHz mono samples shared with a sound device: its callback fills the microphone's and
+/// drains the speaker's.
+pub type SoundQueue = Arc<Mutex<VecDeque<f32>>>;
+
+/// Appends `samples` to `queue`, dropping the oldest beyond [`SOUND_QUEUE_SAMPLES`].
+pub fn push_sound(queue: &SoundQueue, samples: &[f32]) {
+    if let Ok(mut queue) = queue.lock() {
+        queue.extend(samples);
+        let excess = queue.len().saturating_sub(SOUND_QUEUE_SAMPLES);
+        queue.drain(..excess);
+    }
+}
+
+/// Fills `out` from the front of `queue`, silence where it runs short.
+pub fn pull_sound(queue: &SoundQueue, out: &mut [f32]) {
+    out.fill(0.0);
+    if let Ok(mut queue) = queue.lock() {
+        let n = out.len().min(queue.len());
+        for (sample, queued) in out.iter_mut().zip(queue.drain(..n)) {
+            *sample = queued;
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CallAudio {
     pub backend: Backend,
     pub bitrate: u32,
     pub microphone: Microphone,
+    /// Where played frames go besides the recording (a sound device).
+    pub speaker: Option<SoundQueue>,
 }
 
 /// What this side sends, in real time from the moment media connects.
@@ -38,6 +69,8 @@ pub enum Microphone {
     /// An echo test, like Skype's echo123: a tone, `listen` of silence while the other side
     /// speaks, a tone, then what was heard in that time, played back.
     EchoBack { listen: Duration },
+    /// A sound device's capture, as it comes.
+    Device(SoundQueue),
 }
 
 impl Microphone {
@@ -46,6 +79,7 @@ impl Microphone {
         match self {
             Self::Samples(samples) => Duration::from_secs_f64(samples.len() as f64 / f64::from(SAMPLE_RATE)),
             Self::EchoBack { listen } => 2 * ECHO_TONE + 2 * *listen,
+            Self::Device(_) => Duration::ZERO,
         }
     }
 
@@ -55,6 +89,7 @@ impl Microphone {
         let start = index * FRAME_SAMPLES;
         match self {
             Self::Samples(samples) => copy_from(samples, start, frame),
+            Self::Device(queue) => pull_sound(queue, frame),
             Self::EchoBack { listen } => {
                 let tone = samples_in(ECHO_TONE);
                 let listen = samples_in(*listen);
@@ -182,6 +217,9 @@ pub async fn run(
                 frames_sent += 1;
                 receiver.play(now, &mut played).map_err(|e| MediaError::Engine(e.to_string()))?;
                 recording.extend_from_slice(&played);
+                if let Some(speaker) = &audio.speaker {
+                    push_sound(speaker, &played);
+                }
                 if frames_sent.is_multiple_of(REPORT_EVERY_FRAMES) {
                     session.send_loss_report(receiver.loss_report());
                     if let Ok(mut live) = controls.live.lock() {

@@ -35,7 +35,7 @@ async fn call_with(
     let (offer, answer) = (a.local_description(), b.local_description());
     b.start(&offer, false).unwrap();
     a.start(&answer, true).unwrap();
-    let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone };
+    let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone, speaker: None };
     let a_task = tokio::spawn(driver::run(a, a_socket, audio(a_microphone), a_controls, tokio::time::sleep(a_for)));
     let b_task = tokio::spawn(driver::run(b, b_socket, audio(b_microphone), MediaControls::default(), tokio::time::sleep(b_for)));
     (a_task.await.unwrap().unwrap(), b_task.await.unwrap().unwrap())
@@ -120,4 +120,54 @@ async fn an_echo_test_plays_back_what_it_heard() {
         }
     }
     assert!(matched >= 6, "the caller heard their own speech back in only {matched} of 8 windows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sound_device_queues_carry_the_call() {
+    // What a sound card's callbacks do: the microphone's pushes 10 ms at a time, the
+    // speaker's pulls 10 ms at a time, each on its own clock.
+    let speech = speechlike(3);
+    let (microphone, speaker): (driver::SoundQueue, driver::SoundQueue) = Default::default();
+    let capture = {
+        let (microphone, speech) = (microphone.clone(), speech.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for chunk in speech.chunks(SAMPLE_RATE as usize / 100) {
+                tick.tick().await;
+                driver::push_sound(&microphone, chunk);
+            }
+        })
+    };
+    let playback = {
+        let speaker = speaker.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut heard = Vec::new();
+            let mut chunk = vec![0.0; SAMPLE_RATE as usize / 100];
+            for _ in 0..400 {
+                tick.tick().await;
+                driver::pull_sound(&speaker, &mut chunk);
+                heard.extend_from_slice(&chunk);
+            }
+            heard
+        })
+    };
+    let ((mut a, a_socket), (mut b, b_socket)) = (side().await, side().await);
+    let (offer, answer) = (a.local_description(), b.local_description());
+    b.start(&offer, false).unwrap();
+    a.start(&answer, true).unwrap();
+    let a_audio = CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone: Microphone::Device(microphone), speaker: None };
+    let b_audio = CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone: Microphone::Samples(Vec::new()), speaker: Some(speaker) };
+    let stop = || tokio::time::sleep(Duration::from_secs(4));
+    let a_task = tokio::spawn(driver::run(a, a_socket, a_audio, MediaControls::default(), stop()));
+    let b_task = tokio::spawn(driver::run(b, b_socket, b_audio, MediaControls::default(), stop()));
+    let (a, b) = (a_task.await.unwrap().unwrap(), b_task.await.unwrap().unwrap());
+    capture.await.unwrap();
+    let heard = playback.await.unwrap();
+    assert!(a.failure.is_none() && b.failure.is_none());
+    let second = SAMPLE_RATE as usize;
+    let (lag, similarity) = best_lag(&speech[second..2 * second], &heard[second..], second / 2);
+    eprintln!("the speaker played the microphone's speech {} ms later (correlation {similarity:.3})", lag * 1000 / second as isize);
+    assert!(similarity > 0.8, "correlation {similarity:.3}");
+    assert!((0..second as isize / 4).contains(&lag), "{lag} samples late");
 }

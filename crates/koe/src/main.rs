@@ -6,6 +6,8 @@ mod commands;
 mod daemon;
 mod duration;
 mod profile;
+#[cfg(feature = "audio-device")]
+mod sound;
 
 use std::process::ExitCode;
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use koe_call::{Call, CallEvent, CallId, CallOutput, CallSignal};
-use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, MediaStats, Microphone};
+use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, MediaStats, Microphone, SoundQueue};
 use koe_media::MediaSession;
 use koe_overlay::client::SendOutcome;
 use koe_types::{UnixTime, Username};
@@ -221,6 +221,45 @@ fn microphone(play: Option<&Path>) -> Result<Vec<f32>, String> {
     play.map_or(Ok(Vec::new()), |path| wav::read_mono_48k(path).map_err(|e| e.to_string()))
 }
 
+#[cfg(feature = "audio-device")]
+type SoundDevices = crate::sound::SoundDevices;
+/// Without the `audio-device` feature there are none.
+#[cfg(not(feature = "audio-device"))]
+type SoundDevices = ();
+
+/// What a call hears from this side and where what it hears goes.
+struct Sound {
+    microphone: Microphone,
+    speaker: Option<SoundQueue>,
+    /// Open while the call runs.
+    _devices: Option<SoundDevices>,
+}
+
+impl Sound {
+    /// The file to play if there is one, else the computer's microphone; the speaker plays
+    /// the call either way (with the `audio-device` feature; a device that does not open is
+    /// named in the call's log, and the call goes on without it).
+    fn for_call(play: Option<&Path>, log: &mut CallLog) -> Result<Self, String> {
+        let samples = play.map(|path| microphone(Some(path))).transpose()?;
+        #[cfg(feature = "audio-device")]
+        match crate::sound::SoundDevices::open() {
+            Ok(devices) => {
+                let microphone = samples.map_or_else(|| Microphone::Device(devices.microphone.clone()), Microphone::Samples);
+                return Ok(Self { microphone, speaker: Some(devices.speaker.clone()), _devices: Some(devices) });
+            }
+            Err(error) => log.line(format!("no sound device ({error}): the call goes on without one")),
+        }
+        #[cfg(not(feature = "audio-device"))]
+        let _ = log;
+        Ok(Self { microphone: Microphone::Samples(samples.unwrap_or_default()), speaker: None, _devices: None })
+    }
+
+    /// The echo test: no devices.
+    fn echo(listen: Duration) -> Self {
+        Self { microphone: Microphone::EchoBack { listen }, speaker: None, _devices: None }
+    }
+}
+
 async fn send(state: &DaemonState, to: &Username, signal: CallSignal) -> SendOutcome {
     state.send(to, &Payload::Call { signal }).await
 }
@@ -288,7 +327,8 @@ pub async fn place(
     if state.calls.busy() {
         return Err("you are in a call already: koe hangup first".into());
     }
-    let microphone = Microphone::Samples(microphone(play.as_deref())?);
+    let mut log = CallLog::new(progress);
+    let sound = Sound::for_call(play.as_deref(), &mut log)?;
     // Find the callee while the media socket learns its outside address.
     let (devices, media) = tokio::join!(state.client.lookup(to.clone()), media_socket(&state));
     let devices = devices?.len();
@@ -299,7 +339,6 @@ pub async fn place(
     let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
     let (mut signals, hangup) = state.calls.register(id, &to);
     let (dialed, started_at) = (Instant::now(), UnixTime::now());
-    let mut log = CallLog::new(progress);
     log.line(format!("calling {to} ({devices} device(s) online)…"));
     let mut call = Call::dial(id, state.device.clone(), session.local_description(), devices, dialed, started_at.as_secs());
     tokio::pin!(hangup);
@@ -320,11 +359,11 @@ pub async fn place(
     let result = match answered {
         Some((_, remote_media)) => {
             log.line(format!("answered after {} ms", dialed.elapsed().as_millis()));
-            let talk = duration.unwrap_or_else(|| match microphone.length() {
+            let talk = duration.unwrap_or_else(|| match sound.microphone.length() {
                 Duration::ZERO => DEFAULT_TALK,
                 length => length + Duration::from_millis(500),
             });
-            let media = Media { session, socket, remote: remote_media, caller: true, microphone, record: record.clone(), talk };
+            let media = Media { session, socket, remote: remote_media, caller: true, sound, record: record.clone(), talk };
             talk_until_done(&state, &to, id, &mut call, media, &mut signals, hangup, &mut log).await.map(Some)
         }
         None => Ok(None),
@@ -340,7 +379,7 @@ struct Media {
     socket: UdpSocket,
     remote: koe_media::MediaDescription,
     caller: bool,
-    microphone: Microphone,
+    sound: Sound,
     record: Option<PathBuf>,
     /// Hang up after this long at the latest.
     talk: Duration,
@@ -359,9 +398,10 @@ async fn talk_until_done(
     hangup: impl std::future::Future<Output = Result<(), oneshot::error::RecvError>>,
     log: &mut CallLog,
 ) -> Result<MediaStats, String> {
-    let Media { mut session, socket, remote, caller, microphone, record, talk } = media;
+    let Media { mut session, socket, remote, caller, sound, record, talk } = media;
     session.start(&remote, caller).map_err(|e| format!("the other side's media offer is unusable: {e}"))?;
-    let audio = CallAudio { backend: Backend::OpusPure, bitrate: DEFAULT_BITRATE, microphone };
+    let Sound { microphone, speaker, _devices } = sound;
+    let audio = CallAudio { backend: Backend::OpusPure, bitrate: DEFAULT_BITRATE, microphone, speaker };
     let controls = MediaControls::default();
     if let Ok(mut talking) = state.calls.talking.lock() {
         talking.insert(id, controls.clone());
@@ -501,20 +541,20 @@ async fn answer_now(
     hangup: oneshot::Receiver<()>,
     log: &mut CallLog,
 ) -> Result<MediaStats, String> {
-    let (microphone, talk) = match auto.echo {
+    let (sound, talk) = match auto.echo {
         // The echo test hangs up once it has played back what it heard.
         Some(listen) => {
-            let echo = Microphone::EchoBack { listen };
-            let length = echo.length();
+            let echo = Sound::echo(listen);
+            let length = echo.microphone.length();
             (echo, length + Duration::from_millis(500))
         }
         // The caller decides how long the call lasts; this is only a bound.
-        None => (Microphone::Samples(microphone(auto.play.as_deref())?), Duration::from_secs(4 * 3600)),
+        None => (Sound::for_call(auto.play.as_deref(), log)?, Duration::from_secs(4 * 3600)),
     };
     let (socket, mut session) = media_socket(state).await?;
     call.answer(session.local_description()).map_err(str::to_string)?;
     drain(state, from, call, log).await;
-    let media = Media { session, socket, remote: remote_media.clone(), caller: false, microphone, record: auto.record, talk };
+    let media = Media { session, socket, remote: remote_media.clone(), caller: false, sound, record: auto.record, talk };
     talk_until_done(state, from, id, call, media, signals, hangup, log).await
 }
 
