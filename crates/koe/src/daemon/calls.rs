@@ -59,13 +59,15 @@ pub enum Decision {
 struct CallLog {
     text: String,
     progress: Progress,
+    /// When the call began here (dialled, or the offer arrived).
+    began: Instant,
     /// Why the call ended, once it has.
     ended: Option<String>,
 }
 
 impl CallLog {
     fn new(progress: Progress) -> Self {
-        Self { text: String::new(), progress, ended: None }
+        Self { text: String::new(), progress, began: Instant::now(), ended: None }
     }
 
     fn line(&mut self, line: impl Into<String>) {
@@ -275,7 +277,11 @@ async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut Ca
                     warn!(%reason, "a call signal was not delivered");
                 }
             }
-            CallOutput::Event(CallEvent::Ringing) => log.line("ringing"),
+            CallOutput::Event(CallEvent::Ringing) => {
+                // Dial to the callee's ringing signal back: call setup, plus half a round trip.
+                let after = log.began.elapsed();
+                log.line(format!("ringing ({} ms after dialling)", after.as_millis()));
+            }
             CallOutput::Event(CallEvent::Incoming) => {}
             CallOutput::Event(CallEvent::Answered { device, remote_media }) => {
                 log.line(format!("answered (device {device})"));
