@@ -1,7 +1,7 @@
 //! Calls between separate `koe up` processes on loopback: alice calls bob, whose client
 //! answers by itself and records; bob's recording is alice's speech. Calling yourself, an
 //! unknown user or an offline one gets a clear answer. Carol answers a call by hand, then
-//! declines one. The echo test plays back what it heard; `koe mute` silences the caller in
+//! declines one. The echo test plays back what it heard (and is busy for a second caller); `koe mute` silences the caller in
 //! the middle of a call; live statistics are printed during a call; every call is in the
 //! call history of both sides.
 
@@ -133,13 +133,24 @@ fn echo_test_mute_live_statistics_and_call_history() {
     // The echo test: a tone, 2 s of listening, a tone, then what it heard.
     let _echo_bot = KoeProcess::daemon(echo, &["echo-bot", "--listen", "2s"]);
     let _alice_up = KoeProcess::up(alice);
-    wait_until(Duration::from_secs(10), || stdout(&run(alice, &["lookup", "echo123"], "")).contains("1 device(s) online"));
+    let recording = dir.join("bob-heard.wav");
+    let _bob_up = KoeProcess::up_with(bob, &["--auto-answer", "--record", recording.to_str().unwrap()]);
+    for home in [alice, bob] {
+        wait_until(Duration::from_secs(10), || stdout(&run(home, &["lookup", "echo123"], "")).contains("1 device(s) online"));
+    }
     let speech = speechlike(2);
     let mut microphone = vec![0.0; second * 6 / 10];
     microphone.extend_from_slice(&speech[..second * 6 / 5]);
     let microphone = write_speech(dir, "hello-echo.wav", &microphone);
     let heard = dir.join("alice-heard-echo.wav");
-    let call = ok(run(alice, &["call", "echo123", "--play", microphone.to_str().unwrap(), "--record", heard.to_str().unwrap(), "--duration", "20s"], ""));
+    let alice_home = alice.clone();
+    let (microphone_path, heard_path) = (microphone.to_str().unwrap().to_string(), heard.to_str().unwrap().to_string());
+    let caller = std::thread::spawn(move || run(&alice_home, &["call", "echo123", "--play", &microphone_path, "--record", &heard_path, "--duration", "20s"], ""));
+    // While alice talks to it, the echo test is busy for bob.
+    std::thread::sleep(Duration::from_millis(1500));
+    let busy = ok(run(bob, &["call", "echo123"], ""));
+    assert!(busy.contains("ended: busy"), "{busy}");
+    let call = ok(caller.join().unwrap());
     assert!(call.contains("ended: the other side hung up"), "the echo test hangs up when done:\n{call}");
     let heard = wav::read_mono_48k(&heard).unwrap();
     assert!(energy(&heard[..second / 2]) > 1e-3, "alice heard the first tone");
@@ -148,8 +159,6 @@ fn echo_test_mute_live_statistics_and_call_history() {
     assert!(similarity > 0.7, "alice heard her own speech back (correlation {similarity:.3})");
 
     // Mute in the middle of a call: bob hears a long silence, then alice again.
-    let recording = dir.join("bob-heard.wav");
-    let _bob_up = KoeProcess::up_with(bob, &["--auto-answer", "--record", recording.to_str().unwrap()]);
     wait_until(Duration::from_secs(10), || stdout(&run(alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
     assert!(fails(run(alice, &["mute"], "")).contains("no call in progress"));
     let speech_file = write_speech(dir, "speech.wav", &speechlike(7));
@@ -176,5 +185,5 @@ fn echo_test_mute_live_statistics_and_call_history() {
     assert!(lines[0].contains("call to echo123: talked") && lines[0].contains("the other side hung up"), "{history}");
     assert!(lines[1].contains("call to bob: talked 7 s over direct (host") && lines[1].contains("MOS"), "{history}");
     let history = ok(run(bob, &["calls"], ""));
-    assert!(history.contains("call from alice: talked"), "{history}");
+    assert!(history.contains("call to echo123: busy") && history.contains("call from alice: talked"), "{history}");
 }
