@@ -1,7 +1,7 @@
 //! Calls between separate `koe up` processes on loopback: alice calls bob, whose client
 //! answers by itself and records; bob's recording is alice's speech. Calling yourself, an
 //! unknown user or an offline one gets a clear answer. Carol answers a call by hand, then
-//! declines one. The echo test plays back what it heard (and is busy for a second caller); `koe mute` silences the caller in
+//! declines one, then misses one that alice gives up on. The echo test plays back what it heard (and is busy for a second caller); `koe mute` silences the caller in
 //! the middle of a call; live statistics are printed during a call; every call is in the
 //! call history of both sides.
 
@@ -77,12 +77,29 @@ fn alice_calls_bob_who_answers_and_records_her_speech() {
     let call = ok(caller.join().unwrap());
     assert!(call.contains("ended: declined"), "{call}");
 
+    // Alice gives up while carol's client rings (Ctrl-C, or the command is killed): the call
+    // is cancelled and carol has missed it.
+    let mut ringing = common::koe()
+        .arg("--home")
+        .arg(&alice)
+        .args(["call", "carol"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    ringing.kill().unwrap();
+    let _ = ringing.wait();
+    wait_until(Duration::from_secs(10), || stdout(&run(&carol, &["calls"], "")).trim_end().ends_with("call from alice: missed"));
+    assert!(fails(run(&carol, &["answer"], "")).contains("no call is ringing"));
+
     let history = ok(run(&carol, &["calls"], ""));
     assert!(history.contains("call from alice: talked") && history.contains("the other side hung up"), "{history}");
-    assert!(history.lines().last().unwrap().ends_with("call from alice: declined"), "{history}");
+    assert!(history.contains("call from alice: declined"), "{history}");
     let history = ok(run(&alice, &["calls"], ""));
     assert!(history.contains("call to bob: talked 4 s over direct (host 127.0.0.1:"), "{history}");
-    assert_eq!(history.lines().count(), 3, "calls that never rang are not history:\n{history}");
+    assert!(history.trim_end().ends_with("call to carol: you hung up"), "{history}");
+    assert_eq!(history.lines().count(), 4, "calls that never rang are not history:\n{history}");
 }
 
 /// A network with a login server, a supernode and these users signed up.
