@@ -85,8 +85,13 @@ PY=$(python3 -c 'import sys; print(sys.executable)')   # the real interpreter (n
 if ! "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dev >/dev/null
 fi
-"$PY" -c "import numpy, pesq, netfilterqueue, jack" 2>/dev/null ||
-    "$PY" -m pip install -q --root-user-action=ignore numpy pesq NetfilterQueue JACK-Client
+if ! "$PY" -c "import numpy, pesq, netfilterqueue, jack" 2>/dev/null; then
+    "$PY" -m pip --version >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+    pip_packages=(numpy pesq NetfilterQueue JACK-Client)
+    # Debian's own python3 refuses plain pip installs (PEP 668): then into its site-packages.
+    "$PY" -m pip install -q "${pip_packages[@]}" ||
+        "$PY" -m pip install -q --break-system-packages "${pip_packages[@]}"
+fi
 
 # ---------------------------------------------------------------------------- cleanup
 work=$(mktemp -d /tmp/koeb.XXXXXX)
@@ -135,7 +140,7 @@ talk_s=$("$PY" -c "import math; print(math.ceil($speech_s + 1.5))")   # whole se
 # ---------------------------------------------------------------------------- lab
 "$NETLAB" up "$LAB" >&2
 
-impair_start() {   # impair_start NAME MODE...: UDP impairment in the router until impair_stop
+impair_start() {   # impair_start MODE...: impair.py in the router until impair_stop
     rm -f "$work/impair.ready"
     # shellcheck disable=SC2086
     $IN_R "$PY" "$ROOT/bench/lab/impair.py" --seed "$seed" --ready "$work/impair.ready" $IMPAIR_ARGS "$@" \
@@ -375,5 +380,5 @@ PY
 echo
 echo "Versions: $koe_version (target/release/koe built ${koe_built:-?}); baresip $baresip_version" \
      "(Opus in-band FEC: $BARESIP_FEC; jitter buffer: audio_buffer 20-160 ms, jitter_buffer_delay 5-10 frames); libopus $opus_version;" \
-     "impair.py seeds $SEED..$((SEED + REPEAT - 1))${IMPAIR_ARGS:+ $IMPAIR_ARGS}; speech $(printf %.1f "$speech_s") s."
+     "impair.py seed $SEED$([ "$REPEAT" -gt 1 ] && echo "..$((SEED + REPEAT - 1))")${IMPAIR_ARGS:+ $IMPAIR_ARGS}; speech $(printf %.1f "$speech_s") s."
 echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")."

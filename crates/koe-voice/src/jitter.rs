@@ -114,6 +114,17 @@ pub struct JitterStats {
 }
 
 impl JitterStats {
+    /// Fraction of played frames whose own packet did not arrive in time, over the whole
+    /// stream (before recovery from copies or FEC); [`JitterStats::loss_before_recovery`] is
+    /// the recent window the sender's copies follow.
+    pub fn loss_on_the_way(&self) -> f64 {
+        if self.frames == 0 {
+            0.0
+        } else {
+            (self.from_copies + self.from_fec + self.concealed) as f64 / self.frames as f64
+        }
+    }
+
     /// Fraction of played frames that had to be concealed (loss after recovery).
     pub fn loss_after_recovery(&self) -> f64 {
         if self.frames == 0 {

@@ -591,7 +591,7 @@ fn live_line(stats: &MediaStats, muted: bool) -> String {
     let jitter = stats.receiver.jitter;
     let talked = stats.talked.as_secs();
     format!(
-        "{}:{:02} {}; round trip {}; lost {:.1} % → {:.2} % after recovery; jitter buffer {} ms; sending {:.0} kbit/s; MOS {:.2}{}",
+        "{}:{:02} {}; round trip {}; recent loss {:.1} % → {:.2} % after recovery so far; jitter buffer {} ms; sending {:.0} kbit/s; MOS {:.2}{}",
         talked / 60,
         talked % 60,
         path_text(stats),
@@ -615,7 +615,7 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
         out,
         "received {} frames: {:.1} % lost on the way, {:.2} % after recovery ({} from copies, {} from FEC, {} concealed)",
         jitter.frames,
-        jitter.loss_before_recovery * 100.0,
+        jitter.loss_on_the_way() * 100.0,
         jitter.loss_after_recovery() * 100.0,
         jitter.from_copies,
         jitter.from_fec,
