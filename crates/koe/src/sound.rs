@@ -58,13 +58,21 @@ impl Drop for SoundDevices {
     }
 }
 
-/// A stream configuration at 48 kHz that the device accepts: mono if it can, else stereo.
-fn configs() -> [cpal::StreamConfig; 2] {
-    [1, 2].map(|channels| cpal::StreamConfig {
-        channels,
-        sample_rate: cpal::SampleRate(SAMPLE_RATE),
-        buffer_size: cpal::BufferSize::Default,
-    })
+/// Builds a stream with the first 48 kHz configuration the device accepts: mono if it can,
+/// else stereo (mixed down, duplicated). `build` gets the configuration's channel count.
+fn first_accepted<E: std::fmt::Display>(
+    what: &str,
+    mut build: impl FnMut(&cpal::StreamConfig, usize) -> Result<cpal::Stream, E>,
+) -> Result<cpal::Stream, String> {
+    let mut last_error = String::new();
+    for channels in [1, 2] {
+        let config = cpal::StreamConfig { channels, sample_rate: cpal::SampleRate(SAMPLE_RATE), buffer_size: cpal::BufferSize::Default };
+        match build(&config, usize::from(channels)) {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last_error = error.to_string(),
+        }
+    }
+    Err(format!("the {what} does not work at 48 kHz: {last_error}"))
 }
 
 fn start_streams(microphone: SoundQueue, speaker: SoundQueue) -> Result<(cpal::Stream, cpal::Stream), String> {
@@ -72,31 +80,17 @@ fn start_streams(microphone: SoundQueue, speaker: SoundQueue) -> Result<(cpal::S
     let input = host.default_input_device().ok_or("no microphone (no default input device)")?;
     let output = host.default_output_device().ok_or("no speaker (no default output device)")?;
     let report = |what: &'static str| move |error: cpal::StreamError| tracing::warn!(%error, "the {what} failed");
-    let mut last_error = String::new();
-    let mut capture = None;
-    for config in configs() {
-        let channels = usize::from(config.channels);
-        let queue = microphone.clone();
-        let mut mono = Vec::new();
+    let capture = first_accepted("microphone", |config, channels| {
+        let (queue, mut mono) = (microphone.clone(), Vec::new());
         let callback = move |data: &[f32], _: &cpal::InputCallbackInfo| {
             mono.clear();
             mono.extend(data.chunks(channels).map(|frame| frame.iter().sum::<f32>() / channels as f32));
             push_sound(&queue, &mono);
         };
-        match input.build_input_stream(&config, callback, report("microphone"), None) {
-            Ok(stream) => {
-                capture = Some(stream);
-                break;
-            }
-            Err(error) => last_error = error.to_string(),
-        }
-    }
-    let capture = capture.ok_or_else(|| format!("the microphone does not record 48 kHz: {last_error}"))?;
-    let mut playback = None;
-    for config in configs() {
-        let channels = usize::from(config.channels);
-        let queue = speaker.clone();
-        let mut mono = Vec::new();
+        input.build_input_stream(config, callback, report("microphone"), None)
+    })?;
+    let playback = first_accepted("speaker", |config, channels| {
+        let (queue, mut mono) = (speaker.clone(), Vec::new());
         let callback = move |data: &mut [f32], _: &cpal::OutputCallbackInfo| {
             mono.resize(data.len() / channels, 0.0);
             pull_sound(&queue, &mut mono);
@@ -104,15 +98,8 @@ fn start_streams(microphone: SoundQueue, speaker: SoundQueue) -> Result<(cpal::S
                 frame.fill(*sample);
             }
         };
-        match output.build_output_stream(&config, callback, report("speaker"), None) {
-            Ok(stream) => {
-                playback = Some(stream);
-                break;
-            }
-            Err(error) => last_error = error.to_string(),
-        }
-    }
-    let playback = playback.ok_or_else(|| format!("the speaker does not play 48 kHz: {last_error}"))?;
+        output.build_output_stream(config, callback, report("speaker"), None)
+    })?;
     capture.play().map_err(|e| format!("the microphone does not start: {e}"))?;
     playback.play().map_err(|e| format!("the speaker does not start: {e}"))?;
     Ok((capture, playback))

@@ -12,21 +12,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{fails, ok, run, stdout, wait_until, KoeProcess, TestNetwork};
+use common::{fails, network_with, ok, run, stdout, wait_until, KoeProcess};
 use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::{wav, SAMPLE_RATE};
 
 #[test]
 fn alice_calls_bob_who_answers_and_records_her_speech() {
-    let network = TestNetwork::init();
-    let _login = network.serve();
-    let net = network.network_file();
-    let node = KoeProcess::node(&network.home("supernode"), &net);
-    ok(common::koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&node.first_line).output().unwrap());
-    let (alice, bob, carol) = (network.home("alice"), network.home("bob"), network.home("carol"));
-    for (home, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
-        ok(run(home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
-    }
+    let (network, _login, _node, homes) = network_with(&["alice", "bob", "carol"]);
+    let (alice, bob, carol) = (homes[0].clone(), homes[1].clone(), homes[2].clone());
     let speech = speechlike(3);
     let speech_file = network.dir.path().join("speech.wav");
     wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
@@ -100,34 +93,6 @@ fn alice_calls_bob_who_answers_and_records_her_speech() {
     assert!(history.contains("call to bob: talked 4 s over direct (host 127.0.0.1:"), "{history}");
     assert!(history.trim_end().ends_with("call to carol: you hung up"), "{history}");
     assert_eq!(history.lines().count(), 4, "calls that never rang are not history:\n{history}");
-}
-
-/// A network with a login server, a supernode and these users signed up.
-fn network_with(users: &[&str]) -> (TestNetwork, common::LoginServerProcess, KoeProcess, Vec<PathBuf>) {
-    let network = TestNetwork::init();
-    let login = network.serve();
-    let net = network.network_file();
-    let node = KoeProcess::node(&network.home("supernode"), &net);
-    ok(common::koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&node.first_line).output().unwrap());
-    let homes = users
-        .iter()
-        .map(|name| {
-            let home = network.home(name);
-            if *name == "echo123" {
-                // A reserved name: the operator creates the account, the service logs in.
-                let (secrets, db) = (network.secret_dir(), format!("sqlite:{}", network.database().display()));
-                let add = ["auth", "add-service-account", name, "--password-stdin", "--secret-dir", secrets.to_str().unwrap(), "--db", &db];
-                assert!(fails(run(&home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n")).contains("reserved"));
-                ok(run(&home, &add, "a good password\n"));
-                assert!(fails(run(&home, &add, "another password\n")).contains("already"), "the name is taken now");
-                ok(run(&home, &["login", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
-            } else {
-                ok(run(&home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
-            }
-            home
-        })
-        .collect();
-    (network, login, node, homes)
 }
 
 fn energy(samples: &[f32]) -> f32 {

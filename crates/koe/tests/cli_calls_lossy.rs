@@ -14,7 +14,7 @@ mod common;
 use std::time::Duration;
 
 use common::netns::{self, Namespace};
-use common::{ok, run, stdout, wait_until, KoeProcess, TestNetwork};
+use common::{ok, run, stdout, wait_until, KoeProcess};
 use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::{wav, SAMPLE_RATE};
 
@@ -47,15 +47,8 @@ fn the_call_inside_the_lossy_namespace() {
     if std::env::var(INSIDE).is_err() {
         return;
     }
-    let network = TestNetwork::init();
-    let _login = network.serve();
-    let net = network.network_file();
-    let node = KoeProcess::node(&network.home("supernode"), &net);
-    ok(common::koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&node.first_line).output().unwrap());
-    let (alice, bob) = (network.home("alice"), network.home("bob"));
-    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
-        ok(run(home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
-    }
+    let (network, _login, _node, homes) = common::network_with(&["alice", "bob"]);
+    let (alice, bob) = (homes[0].clone(), homes[1].clone());
     let speech = speechlike(8);
     let speech_file = network.dir.path().join("speech.wav");
     wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();

@@ -238,3 +238,31 @@ pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> b
     }
     started.elapsed()
 }
+
+/// A network with a login server, a supernode and these users signed up.
+pub fn network_with(users: &[&str]) -> (TestNetwork, LoginServerProcess, KoeProcess, Vec<PathBuf>) {
+    let network = TestNetwork::init();
+    let login = network.serve();
+    let net = network.network_file();
+    let node = KoeProcess::node(&network.home("supernode"), &net);
+    ok(koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&node.first_line).output().unwrap());
+    let homes = users
+        .iter()
+        .map(|name| {
+            let home = network.home(name);
+            if *name == "echo123" {
+                // A reserved name: the operator creates the account, the service logs in.
+                let (secrets, db) = (network.secret_dir(), format!("sqlite:{}", network.database().display()));
+                let add = ["auth", "add-service-account", name, "--password-stdin", "--secret-dir", secrets.to_str().unwrap(), "--db", &db];
+                assert!(fails(run(&home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n")).contains("reserved"));
+                ok(run(&home, &add, "a good password\n"));
+                assert!(fails(run(&home, &add, "another password\n")).contains("already"), "the name is taken now");
+                ok(run(&home, &["login", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+            } else {
+                ok(run(&home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+            }
+            home
+        })
+        .collect();
+    (network, login, node, homes)
+}
