@@ -1,5 +1,6 @@
-//! Calls between separate `koe up` processes on loopback: alice calls bob, whose client
-//! answers by itself and records; bob's recording is alice's speech. Calling yourself, an
+//! Calls between separate `koe up` processes on loopback, with users on two supernodes: alice
+//! calls bob, whose client answers by itself; each records the other's speech. A client that
+//! vanishes mid-call is noticed within seconds. Calling yourself, an
 //! unknown user or an offline one gets a clear answer. Carol answers a call by hand, then
 //! declines one, then misses one that alice gives up on. The echo test plays back what it heard (and is busy for a second caller); `koe mute` silences the caller in
 //! the middle of a call; live statistics are printed during a call; every call is in the
@@ -17,29 +18,35 @@ use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::{wav, SAMPLE_RATE};
 
 #[test]
-fn alice_calls_bob_who_answers_and_records_her_speech() {
-    let (network, _login, _node, homes) = network_with(&["alice", "bob", "carol"]);
+fn alice_and_bob_on_different_supernodes_hear_each_other() {
+    let (network, _login, _supernodes, homes) = network_with(&["alice", "bob", "carol"]);
     let (alice, bob, carol) = (homes[0].clone(), homes[1].clone(), homes[2].clone());
-    let speech = speechlike(3);
-    let speech_file = network.dir.path().join("speech.wav");
-    wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
-    let recording = network.dir.path().join("bob-heard.wav");
-    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--record", recording.to_str().unwrap()]);
+    let dir = network.dir.path();
+    let second = SAMPLE_RATE as usize;
+    // Two different voices: alice's, and a later stretch of the same kind of signal for bob.
+    let alice_speech = speechlike(3);
+    let bob_speech = speechlike(6)[3 * second..].to_vec();
+    let (alice_file, bob_file) = (write_speech(dir, "alice.wav", &alice_speech), write_speech(dir, "bob.wav", &bob_speech));
+    let (bob_heard, alice_heard) = (dir.join("bob-heard.wav"), dir.join("alice-heard.wav"));
+    let mut bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--play", bob_file.to_str().unwrap(), "--record", bob_heard.to_str().unwrap()]);
     let _alice_up = KoeProcess::up(&alice);
     wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    let parent = |home: &Path| stdout(&run(home, &["status"], "")).lines().find(|l| l.contains("parent")).unwrap_or_default().to_string();
+    assert_ne!(parent(&alice), parent(&bob), "alice and bob are attached to different supernodes");
 
-    let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "4s"], ""));
-    for step in ["calling bob", "ringing", "answered", "talked", "MOS", "ended: you hung up"] {
+    let call = ok(run(&alice, &["call", "bob", "--play", alice_file.to_str().unwrap(), "--record", alice_heard.to_str().unwrap(), "--duration", "4s"], ""));
+    for step in ["calling bob", "ringing (", "answered", "talked", "MOS", "ended: you hung up"] {
         assert!(call.contains(step), "{step:?} missing from:\n{call}");
     }
-    wait_until(Duration::from_secs(10), || recording.exists());
+    wait_until(Duration::from_secs(10), || bob_heard.exists());
     std::thread::sleep(Duration::from_millis(300));
-    let heard = wav::read_mono_48k(&recording).unwrap();
-    assert!(heard.len() >= 3 * SAMPLE_RATE as usize, "bob recorded {} samples", heard.len());
-    let window = SAMPLE_RATE as usize * 4 / 5;
-    let (lag, similarity) = best_lag(&speech[..window], &heard, SAMPLE_RATE as usize / 2);
-    eprintln!("{call}\nbob heard alice's speech {} ms later (correlation {similarity:.3})", lag * 1000 / SAMPLE_RATE as isize);
-    assert!(similarity > 0.8, "bob's recording is alice's speech (correlation {similarity:.3})");
+    for (who, sent, recording) in [("bob", &alice_speech, &bob_heard), ("alice", &bob_speech, &alice_heard)] {
+        let heard = wav::read_mono_48k(recording).unwrap();
+        assert!(heard.len() >= 3 * second, "{who} recorded {} samples", heard.len());
+        let (lag, similarity) = best_lag(&sent[..second * 4 / 5], &heard, second / 2);
+        eprintln!("{who} heard the other side {} ms later (correlation {similarity:.3})", lag * 1000 / second as isize);
+        assert!(similarity > 0.8, "{who}'s recording is the other side's speech (correlation {similarity:.3})");
+    }
 
     assert!(fails(run(&alice, &["call", "alice"], "")).contains("cannot call yourself"));
     assert!(fails(run(&alice, &["call", "nobody"], "")).contains("no such user"));
@@ -86,13 +93,26 @@ fn alice_calls_bob_who_answers_and_records_her_speech() {
     wait_until(Duration::from_secs(10), || stdout(&run(&carol, &["calls"], "")).trim_end().ends_with("call from alice: missed"));
     assert!(fails(run(&carol, &["answer"], "")).contains("no call is ringing"));
 
+    // Bob's client vanishes in the middle of a call: alice's ends within seconds and says why.
+    let alice_home = alice.clone();
+    let caller = std::thread::spawn(move || run(&alice_home, &["call", "bob", "--duration", "30s"], ""));
+    // `koe mute off` succeeds once a call is in progress.
+    wait_until(Duration::from_secs(10), || run(&alice, &["mute", "off"], "").status.success());
+    std::thread::sleep(Duration::from_secs(1));
+    let vanished = std::time::Instant::now();
+    bob_up.kill();
+    let call = ok(caller.join().unwrap());
+    assert!(call.contains("ended: the call failed: no audio from the other side"), "{call}");
+    assert!(vanished.elapsed() < Duration::from_secs(8), "noticed after {:?}", vanished.elapsed());
+
     let history = ok(run(&carol, &["calls"], ""));
     assert!(history.contains("call from alice: talked") && history.contains("the other side hung up"), "{history}");
     assert!(history.contains("call from alice: declined"), "{history}");
     let history = ok(run(&alice, &["calls"], ""));
     assert!(history.contains("call to bob: talked 4 s over direct (host 127.0.0.1:"), "{history}");
-    assert!(history.trim_end().ends_with("call to carol: you hung up"), "{history}");
-    assert_eq!(history.lines().count(), 4, "calls that never rang are not history:\n{history}");
+    assert!(history.contains("call to carol: you hung up"), "{history}");
+    assert!(history.trim_end().ends_with("the call failed: no audio from the other side for 4 s: it or the network went away"), "{history}");
+    assert_eq!(history.lines().count(), 5, "calls that never rang are not history:\n{history}");
 }
 
 fn energy(samples: &[f32]) -> f32 {

@@ -239,30 +239,40 @@ pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> b
     started.elapsed()
 }
 
-/// A network with a login server, a supernode and these users signed up.
-pub fn network_with(users: &[&str]) -> (TestNetwork, LoginServerProcess, KoeProcess, Vec<PathBuf>) {
+/// A network with a login server, two supernodes (the second joined through the first) and
+/// these users signed up, each with a copy of the network file that names only one of the
+/// supernodes, alternately: neighbours in `users` attach to different supernodes.
+pub fn network_with(users: &[&str]) -> (TestNetwork, LoginServerProcess, [KoeProcess; 2], Vec<PathBuf>) {
     let network = TestNetwork::init();
     let login = network.serve();
     let net = network.network_file();
-    let node = KoeProcess::node(&network.home("supernode"), &net);
-    ok(koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&node.first_line).output().unwrap());
+    let pristine = std::fs::read_to_string(&net).unwrap();
+    let first = KoeProcess::node(&network.home("supernode1"), &net);
+    ok(koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&first.first_line).output().unwrap());
+    let second = KoeProcess::node(&network.home("supernode2"), &net);
     let homes = users
         .iter()
-        .map(|name| {
+        .enumerate()
+        .map(|(i, name)| {
             let home = network.home(name);
+            let own = network.dir.path().join(format!("{name}-network.toml"));
+            std::fs::write(&own, &pristine).unwrap();
+            let supernode = if i % 2 == 0 { &first } else { &second };
+            ok(koe().args(["network", "add-bootstrap", "--network"]).arg(&own).arg(&supernode.first_line).output().unwrap());
+            let own = own.to_str().unwrap();
             if *name == "echo123" {
                 // A reserved name: the operator creates the account, the service logs in.
                 let (secrets, db) = (network.secret_dir(), format!("sqlite:{}", network.database().display()));
                 let add = ["auth", "add-service-account", name, "--password-stdin", "--secret-dir", secrets.to_str().unwrap(), "--db", &db];
-                assert!(fails(run(&home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n")).contains("reserved"));
+                assert!(fails(run(&home, &["signup", name, "--network", own, "--password-stdin"], "a good password\n")).contains("reserved"));
                 ok(run(&home, &add, "a good password\n"));
                 assert!(fails(run(&home, &add, "another password\n")).contains("already"), "the name is taken now");
-                ok(run(&home, &["login", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+                ok(run(&home, &["login", name, "--network", own, "--password-stdin"], "a good password\n"));
             } else {
-                ok(run(&home, &["signup", name, "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+                ok(run(&home, &["signup", name, "--network", own, "--password-stdin"], "a good password\n"));
             }
             home
         })
         .collect();
-    (network, login, node, homes)
+    (network, login, [first, second], homes)
 }
