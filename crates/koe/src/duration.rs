@@ -1,24 +1,28 @@
-//! Durations on the command line: `90s`, `15m`, `24h`, `7d`, or plain seconds.
+//! Durations on the command line: `90s`, `1.5s`, `500ms`, `15m`, `24h`, `7d`, or plain seconds.
 
 use std::time::Duration;
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
-        .find(|c: char| !c.is_ascii_digit())
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 90s, 15m, 24h or 7d"))?;
+    let not_a_duration = || format!("{text:?} is not a duration like 90s, 1.5s, 500ms, 15m, 24h or 7d");
+    if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
+        return Err(not_a_duration());
+    }
+    let number: f64 = number.parse().map_err(|_| not_a_duration())?;
     let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use s, m, h or d")),
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m, h or d")),
     };
-    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+    // Anything beyond a century is a typo, not a duration.
+    Duration::try_from_secs_f64((number * seconds).min(100.0 * 365.0 * 86_400.0)).map_err(|_| not_a_duration())
 }
 
 /// `1 h 05 min`, `3 min`, `42 s`: how long, for people.
@@ -42,6 +46,12 @@ mod tests {
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("3w").is_err());
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["1.2.3s", ".5s", "5.s", "-1s", "", "1e9s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_duration("99999999999999d"), Ok(Duration::from_secs(100 * 365 * 86_400)), "capped, not overflowing");
     }
 
     #[test]
