@@ -364,7 +364,7 @@ pub async fn place(
     };
     let result = match answered {
         Some((_, remote_media)) => {
-            log.line(format!("answered after {} ms", dialed.elapsed().as_millis()));
+            log.line(format!("answered after {} ms", log.began.elapsed().as_millis()));
             let talk = duration.unwrap_or_else(|| match sound.microphone.length() {
                 Duration::ZERO => DEFAULT_TALK,
                 length => length + Duration::from_millis(500),
