@@ -588,6 +588,9 @@ fn rtt_text(stats: &MediaStats) -> String {
 
 /// One line of live statistics, printed every few seconds during a call.
 fn live_line(stats: &MediaStats, muted: bool) -> String {
+    if stats.connected_after.is_none() {
+        return "connecting the audio (ICE, DTLS)…".into();
+    }
     let jitter = stats.receiver.jitter;
     let talked = stats.talked.as_secs();
     format!(
