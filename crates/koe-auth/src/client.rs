@@ -20,7 +20,6 @@ use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::api::{
@@ -252,11 +251,12 @@ impl LoginClient {
     ) -> Result<Resp, LoginClientError> {
         let login_url = &self.network.login_url;
         let url = login_url.to_string();
-        let tcp = TcpStream::connect(login_url.authority())
+        // Through the HTTP proxy when one is configured (`koe --proxy`, HTTPS_PROXY).
+        let tcp = koe_proxy::connect(&login_url.host, login_url.port)
             .await
-            .map_err(|source| LoginClientError::Connect {
+            .map_err(|error| LoginClientError::Connect {
                 url: url.clone(),
-                source,
+                source: std::io::Error::other(error),
             })?;
         let _ = tcp.set_nodelay(true);
         let expected = self.network.login_tls_fingerprint;

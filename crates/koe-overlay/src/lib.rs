@@ -13,6 +13,7 @@ pub mod presence;
 pub mod metrics;
 pub mod protocol;
 pub mod supernode;
+mod proxy_transport;
 mod swarm;
 
 pub use envelope::{Envelope, EnvelopeError, EnvelopeKey, OpenedEnvelope, ReplayGuard};

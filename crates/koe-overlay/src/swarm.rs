@@ -44,10 +44,33 @@ pub enum SwarmError {
     Transport(String),
 }
 
-/// Builds the swarm for `identity`; `supernode` turns on Kademlia in server mode.
+/// Builds the swarm for `identity`; `supernode` turns on Kademlia in server mode. A client
+/// whose process has an HTTP proxy configured (`koe_proxy`) dials through it.
 pub(crate) fn build(identity: &DeviceKey, supernode: bool) -> Result<Swarm<OverlayBehaviour>, SwarmError> {
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(identity.seed())
         .map_err(|e| SwarmError::Transport(e.to_string()))?;
+    let transport_error = |e: &dyn std::fmt::Display| SwarmError::Transport(e.to_string());
+    let behaviour = move |key: &libp2p::identity::Keypair| overlay_behaviour(key, supernode);
+    let config = |config: libp2p::swarm::Config| config.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
+    if !supernode && koe_proxy::configured() {
+        use libp2p::core::Transport as _;
+        return Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_other_transport(|key| {
+                let noise = noise::Config::new(key)?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    crate::proxy_transport::ProxiedTcp
+                        .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
+            .map_err(|e| transport_error(&e))?
+            .with_behaviour(behaviour)
+            .map_err(|e| transport_error(&e))?
+            .with_swarm_config(config)
+            .build());
+    }
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -55,40 +78,42 @@ pub(crate) fn build(identity: &DeviceKey, supernode: bool) -> Result<Swarm<Overl
             noise::Config::new,
             yamux::Config::default,
         )
-        .map_err(|e| SwarmError::Transport(e.to_string()))?
-        .with_behaviour(|key| {
-            let peer_id = key.public().to_peer_id();
-            let kad = supernode.then(|| {
-                let mut config = kad::Config::new(KADEMLIA_PROTOCOL);
-                config.set_query_timeout(Duration::from_secs(10));
-                config.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
-                let mut kad =
-                    kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), config);
-                kad.set_mode(Some(kad::Mode::Server));
-                kad
-            });
-            let codec = cbor::codec::Codec::default()
-                .set_request_size_maximum(MAX_REQUEST_BYTES)
-                .set_response_size_maximum(MAX_RESPONSE_BYTES);
-            OverlayBehaviour {
-                kad: kad.into(),
-                ping: ping::Behaviour::new(
-                    ping::Config::new()
-                        .with_interval(PING_INTERVAL)
-                        .with_timeout(PING_TIMEOUT),
-                ),
-                overlay: request_response::Behaviour::with_codec(
-                    codec,
-                    [(OVERLAY_PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default()
-                        .with_request_timeout(REQUEST_TIMEOUT)
-                        .with_max_concurrent_streams(1024),
-                ),
-            }
-        })
-        .map_err(|e| SwarmError::Transport(e.to_string()))?
-        .with_swarm_config(|config| config.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .map_err(|e| transport_error(&e))?
+        .with_behaviour(behaviour)
+        .map_err(|e| transport_error(&e))?
+        .with_swarm_config(config)
         .build();
     Ok(swarm)
+}
+
+fn overlay_behaviour(key: &libp2p::identity::Keypair, supernode: bool) -> OverlayBehaviour {
+    let peer_id = key.public().to_peer_id();
+    let kad = supernode.then(|| {
+        let mut config = kad::Config::new(KADEMLIA_PROTOCOL);
+        config.set_query_timeout(Duration::from_secs(10));
+        config.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), config);
+        kad.set_mode(Some(kad::Mode::Server));
+        kad
+    });
+    let codec = cbor::codec::Codec::default()
+        .set_request_size_maximum(MAX_REQUEST_BYTES)
+        .set_response_size_maximum(MAX_RESPONSE_BYTES);
+    OverlayBehaviour {
+        kad: kad.into(),
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(PING_INTERVAL)
+                .with_timeout(PING_TIMEOUT),
+        ),
+        overlay: request_response::Behaviour::with_codec(
+            codec,
+            [(OVERLAY_PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(REQUEST_TIMEOUT)
+                .with_max_concurrent_streams(1024),
+        ),
+    }
 }
 

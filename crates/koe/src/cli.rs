@@ -21,6 +21,11 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    /// Reach the login server and supernodes through this HTTP proxy (CONNECT):
+    /// http://[USER:PASS@]HOST:PORT [default: $HTTPS_PROXY; $NO_PROXY lists hosts reached directly]
+    #[arg(long, global = true, value_name = "URL")]
+    pub proxy: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -31,6 +31,22 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    // One way out for the whole process: --proxy, else HTTPS_PROXY (NO_PROXY either way).
+    let proxy = match &cli.proxy {
+        Some(url) => koe_proxy::Proxy::parse(url).map(|proxy| {
+            let no_proxy = std::env::var("NO_PROXY").or_else(|_| std::env::var("no_proxy")).unwrap_or_default();
+            Some(proxy.with_no_proxy(&no_proxy))
+        }),
+        None => koe_proxy::Proxy::from_env(),
+    };
+    match proxy {
+        Ok(proxy) => koe_proxy::set_global(proxy),
+        Err(error) => {
+            eprintln!("koe: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
