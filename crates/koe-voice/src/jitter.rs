@@ -27,6 +27,10 @@ const TRANSIT_WINDOW: usize = 200;
 const LOSS_WINDOW: u64 = 250;
 /// Until this many frames have arrived, the loss rate is not known yet.
 const EARLY_FRAMES: usize = 50;
+/// Waiting for fewer copies only once the loss has stayed low this many frames (5 s): a
+/// loss estimate that wavers around a threshold must not shrink and re-grow the delay (each
+/// change shifts the playout by a frame or more).
+const FEWER_COPIES_AFTER_FRAMES: u64 = 250;
 /// The share of arrivals the target waits for.
 const JITTER_QUANTILE: f64 = 0.97;
 /// Waiting for copies stops being worth it once fewer frames than this stay lost.
@@ -166,6 +170,12 @@ pub struct JitterBuffer {
     underrun_frames: VecDeque<u64>,
     /// How far back the copies in the newest payload reach, nearest first.
     copy_distances: Vec<u32>,
+    /// How many copies of a lost frame the target waits for now.
+    copies_waited: usize,
+    /// Since which frame fewer copies would do (see [`FEWER_COPIES_AFTER_FRAMES`]).
+    fewer_copies_since: Option<u64>,
+    /// Whether the loss has been measured yet (the early frames' one copy is a guess).
+    loss_measured: bool,
     target_micros: i64,
     stats: JitterStats,
 }
@@ -182,6 +192,9 @@ impl JitterBuffer {
             received: VecDeque::new(),
             underrun_frames: VecDeque::new(),
             copy_distances: Vec::new(),
+            copies_waited: 0,
+            fewer_copies_since: None,
+            loss_measured: false,
             target_micros: config.margin.as_micros() as i64,
             stats: JitterStats::default(),
         }
@@ -302,7 +315,7 @@ impl JitterBuffer {
         above.sort_unstable();
         let index = ((above.len() - 1) as f64 * JITTER_QUANTILE).round() as usize;
         let jitter = above.get(index).copied().unwrap_or(0);
-        let copies_waited = if !self.config.wait_for_copies {
+        let wanted = if !self.config.wait_for_copies {
             0
         } else if self.received.len() < EARLY_FRAMES {
             // Too early to know the path: wait for the one copy a sender starts with, so
@@ -311,6 +324,7 @@ impl JitterBuffer {
         } else {
             copies_worth_waiting(self.stats.loss_before_recovery)
         };
+        let copies_waited = self.settle_copies_waited(wanted);
         // Waiting for the n-th copy means waiting for the packet that carries it, as many
         // frames later as its distance.
         let frames_waited = if copies_waited == 0 {
@@ -321,6 +335,25 @@ impl JitterBuffer {
         let target = jitter + self.config.margin.as_micros() as i64 + i64::from(frames_waited) * FRAME_MICROS;
         self.target_micros = target.min(self.config.max_delay.as_micros() as i64);
         self.stats.target_delay = Duration::from_micros(self.target_micros.max(0) as u64);
+    }
+
+    /// More copies at once; fewer only after [`FEWER_COPIES_AFTER_FRAMES`] of wanting fewer
+    /// — except when the first measurement replaces the early frames' guess.
+    fn settle_copies_waited(&mut self, wanted: usize) -> usize {
+        let now = self.highest.unwrap_or(0);
+        let first_measurement = !self.loss_measured && self.received.len() >= EARLY_FRAMES;
+        self.loss_measured |= first_measurement;
+        if wanted >= self.copies_waited || !self.loss_measured || first_measurement {
+            self.copies_waited = wanted;
+            self.fewer_copies_since = None;
+        } else {
+            let since = *self.fewer_copies_since.get_or_insert(now);
+            if now.saturating_sub(since) >= FEWER_COPIES_AFTER_FRAMES {
+                self.copies_waited = wanted;
+                self.fewer_copies_since = None;
+            }
+        }
+        self.copies_waited
     }
 
     fn min_transit(&self) -> Option<i64> {
@@ -447,6 +480,28 @@ mod tests {
         assert!(played.windows(2).all(|w| w[1] == w[0] + 1 || w[1] == w[0] + 2), "in order: {played:?}");
         assert_eq!(played.len() + 1 + 1, 200, "every frame but the dropped one and the one still due");
         assert!(stats.target_delay <= Duration::from_millis(5), "{:?}", stats.target_delay);
+    }
+
+    #[test]
+    fn fewer_copies_are_waited_for_only_after_the_loss_stayed_low() {
+        let mut buffer = JitterBuffer::new(JitterConfig::default());
+        let at = |buffer: &mut JitterBuffer, frame: u64, wanted: usize| {
+            buffer.highest = Some(frame);
+            buffer.received = (frame.saturating_sub(60)..=frame).collect();
+            buffer.settle_copies_waited(wanted)
+        };
+        // The early frames' guess gives way to the first measurement at once, down as well.
+        buffer.received = (0..10).collect();
+        assert_eq!(buffer.settle_copies_waited(1), 1);
+        assert_eq!(at(&mut buffer, 60, 0), 0, "a clean path stops waiting at once");
+        // More copies at once; fewer only after 250 frames of wanting fewer.
+        assert_eq!(at(&mut buffer, 100, 3), 3);
+        assert_eq!(at(&mut buffer, 150, 2), 3);
+        assert_eq!(at(&mut buffer, 300, 3), 3, "the loss came back: the timer starts over");
+        assert_eq!(at(&mut buffer, 310, 2), 3);
+        assert_eq!(at(&mut buffer, 559, 2), 3);
+        assert_eq!(at(&mut buffer, 560, 2), 2);
+        assert_eq!(at(&mut buffer, 561, 4), 4);
     }
 
     #[test]
