@@ -4,8 +4,11 @@
 //! media, ICE and STUN lose packets while signalling (TCP) does not. Bob's recording must
 //! still be alice's speech, with the copies of earlier frames filling the gaps.
 //!
-//! The test re-runs itself inside the namespace (`ip netns exec … <this test binary>`), so
-//! every process it starts there shares that namespace's loopback.
+//! And a network that drops all UDP: the call cannot get its media through, and both the
+//! reason and the suspicion (UDP blocked) are said, within seconds, not a hang.
+//!
+//! The tests re-run themselves inside the namespace (`ip netns exec … <this test binary>`),
+//! so every process they start there shares that namespace's loopback.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,24 +24,61 @@ use koe_voice::{wav, SAMPLE_RATE};
 const INSIDE: &str = "KOE_TEST_INSIDE_LOSSY_NAMESPACE";
 const LOSS: &str = "0.10";
 
-#[test]
-fn a_call_through_ten_percent_random_loss_still_carries_the_speech() {
-    if std::env::var(INSIDE).is_ok() || !netns::available("lossy call") {
-        return;
-    }
-    let namespace = Namespace::new("lossy");
-    namespace.run(&["iptables", "-A", "INPUT", "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", LOSS, "-j", "DROP"]);
+/// Runs the test `inner` of this binary inside a fresh namespace whose firewall drops UDP
+/// datagrams as `drop_rule` says.
+fn run_inside(what: &str, inner: &str, drop_rule: &[&str]) {
+    let namespace = Namespace::new(what);
+    namespace.run(&[&["iptables", "-A", "INPUT", "-p", "udp"], drop_rule, &["-j", "DROP"]].concat());
     let test_binary = std::env::current_exe().unwrap();
     let output = namespace
         .command(test_binary.to_str().unwrap())
-        .args(["the_call_inside_the_lossy_namespace", "--exact", "--nocapture", "--test-threads=1"])
+        .args([inner, "--exact", "--nocapture", "--test-threads=1"])
         .env(INSIDE, "1")
         .output()
         .unwrap();
     let (out, err) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     eprintln!("{out}\n{err}");
-    assert!(output.status.success(), "the call inside the lossy namespace failed");
-    assert!(out.contains("1 passed"), "the inner test did not run");
+    assert!(output.status.success(), "{inner} failed");
+    assert!(out.contains("1 passed"), "{inner} did not run");
+}
+
+#[test]
+fn a_call_through_ten_percent_random_loss_still_carries_the_speech() {
+    if std::env::var(INSIDE).is_ok() || !netns::available("lossy call") {
+        return;
+    }
+    run_inside("lossy", "the_call_inside_the_lossy_namespace", &["-m", "statistic", "--mode", "random", "--probability", LOSS]);
+}
+
+#[test]
+fn with_udp_blocked_a_call_ends_with_the_reason_not_a_hang() {
+    if std::env::var(INSIDE).is_ok() || !netns::available("call without UDP") {
+        return;
+    }
+    run_inside("noudp", "the_call_inside_the_namespace_without_udp", &[]);
+}
+
+/// Runs only inside the namespace made by the test above.
+#[test]
+fn the_call_inside_the_namespace_without_udp() {
+    if std::env::var(INSIDE).is_err() {
+        return;
+    }
+    let (_network, _login, _supernodes, homes) = common::network_with(&["alice", "bob"]);
+    let (alice, bob) = (homes[0].clone(), homes[1].clone());
+    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer"]);
+    let _alice_up = KoeProcess::up(&alice);
+    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    let started = std::time::Instant::now();
+    let call = ok(run(&alice, &["call", "bob", "--duration", "30s"], ""));
+    eprintln!("{call}");
+    assert!(call.contains("UDP may be blocked on this network"), "{call}");
+    assert!(call.contains("ended: the call failed: no network path to the other side was found"), "{call}");
+    assert!(call.contains("no audio: the media never connected"), "{call}");
+    assert!(started.elapsed() < Duration::from_secs(20), "gave up after {:?}", started.elapsed());
+    let bobs = stdout(&run(&bob, &["calls"], ""));
+    assert!(bobs.contains("call from alice: ") && bobs.contains("no network path to the other side was found"), "{bobs}");
+    assert!(!bobs.contains("talked"), "a call whose audio never connected was not talked in: {bobs}");
 }
 
 /// Runs only inside the namespace made by the test above.

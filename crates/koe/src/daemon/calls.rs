@@ -186,10 +186,15 @@ async fn parent_address(state: &DaemonState) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, crate::commands::node::tcp_port(&parent)?))
 }
 
+/// What [`media_socket`] learned about the network besides the candidates: a line for the
+/// call's log when UDP seems blocked.
+type UdpWarning = Option<String>;
+
 /// The call's media socket and session: host candidate on the address that routes to the
 /// parent supernode (found without sending anything; else loopback), plus a server-reflexive
-/// one if the parent's STUN responder sees this socket at another address (a NAT).
-async fn media_socket(state: &DaemonState) -> Result<(UdpSocket, MediaSession), String> {
+/// one if the parent's STUN responder sees this socket at another address (a NAT). If the
+/// responder does not answer at all, UDP is probably blocked here, and the warning says so.
+async fn media_socket(state: &DaemonState) -> Result<(UdpSocket, MediaSession, UdpWarning), String> {
     let parent = parent_address(state).await;
     let local_ip = parent
         .and_then(|parent| {
@@ -203,13 +208,20 @@ async fn media_socket(state: &DaemonState) -> Result<(UdpSocket, MediaSession), 
         .map_err(|e| format!("cannot open a socket for the call's audio: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
     let mut session = MediaSession::new(Instant::now(), &[local]).map_err(|e| e.to_string())?;
+    let mut warning = None;
     if let Some(parent) = parent {
         match koe_stun::reflexive_address(&socket, parent).await {
             Ok(mapped) => session.add_server_reflexive(mapped, local).map_err(|e| e.to_string())?,
+            Err(koe_stun::StunError::Timeout(after)) => {
+                warning = Some(format!(
+                    "no answer over UDP from the parent supernode within {} ms: UDP may be blocked on this network, and calls need it (relays over TCP are not built yet)",
+                    after.as_millis()
+                ));
+            }
             Err(error) => info!(%error, "no server-reflexive candidate from the parent supernode"),
         }
     }
-    Ok((socket, session))
+    Ok((socket, session, warning))
 }
 
 fn unspecified(like: IpAddr) -> IpAddr {
@@ -303,7 +315,7 @@ fn remember(state: &DaemonState, id: CallId, peer: &Username, incoming: bool, st
         peer: peer.to_string(),
         incoming,
         started_at,
-        talked_ms: media.map(|m| m.talked.as_millis() as u64),
+        talked_ms: media.filter(|m| m.connected_after.is_some()).map(|m| m.talked.as_millis() as u64),
         ended: log.ended.clone().unwrap_or_else(|| "ended".into()),
         path: media.and_then(|m| m.path).map(|p| p.to_string()),
         mos: media.filter(|m| m.talked > Duration::ZERO).map(mos),
@@ -341,7 +353,10 @@ pub async fn place(
     if devices == 0 {
         return Err(state.absence(&to).await);
     }
-    let (socket, mut session) = media?;
+    let (socket, mut session, udp_warning) = media?;
+    if let Some(warning) = udp_warning {
+        log.line(warning);
+    }
     let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
     let (mut signals, hangup) = state.calls.register(id, &to);
     let (dialed, started_at) = (Instant::now(), UnixTime::now());
@@ -557,7 +572,10 @@ async fn answer_now(
         // The caller decides how long the call lasts; this is only a bound.
         None => (Sound::for_call(auto.play.as_deref(), log)?, Duration::from_secs(4 * 3600)),
     };
-    let (socket, mut session) = media_socket(state).await?;
+    let (socket, mut session, udp_warning) = media_socket(state).await?;
+    if let Some(warning) = udp_warning {
+        log.line(warning);
+    }
     call.answer(session.local_description()).map_err(str::to_string)?;
     drain(state, from, call, log).await;
     let media = Media { session, socket, remote: remote_media.clone(), caller: false, sound, record: auto.record, talk };
@@ -613,6 +631,10 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
     let stats = &summary.stats;
     let jitter = stats.receiver.jitter;
     let mut out = String::new();
+    if stats.connected_after.is_none() {
+        out.push_str("no audio: the media never connected\n");
+        return out;
+    }
     let _ = writeln!(out, "talked {:.1} s over {}; round trip {}", stats.talked.as_secs_f64(), path_text(stats), rtt_text(stats));
     let _ = writeln!(
         out,
