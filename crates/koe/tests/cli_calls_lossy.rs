@@ -58,7 +58,7 @@ fn with_udp_blocked_a_call_ends_with_the_reason_not_a_hang() {
     run_inside("noudp", "the_call_inside_the_namespace_without_udp", &[]);
 }
 
-/// Runs only inside the namespace made by the test above.
+/// Runs only inside the namespace made by `with_udp_blocked_a_call_ends_with_the_reason_not_a_hang`.
 #[test]
 fn the_call_inside_the_namespace_without_udp() {
     if std::env::var(INSIDE).is_err() {
@@ -81,7 +81,7 @@ fn the_call_inside_the_namespace_without_udp() {
     assert!(!bobs.contains("talked"), "a call whose audio never connected was not talked in: {bobs}");
 }
 
-/// Runs only inside the namespace made by the test above.
+/// Runs only inside the namespace made by `a_call_through_ten_percent_random_loss_still_carries_the_speech`.
 #[test]
 fn the_call_inside_the_lossy_namespace() {
     if std::env::var(INSIDE).is_err() {
