@@ -205,15 +205,20 @@ pub fn set_global(proxy: Option<Proxy>) {
     let _ = GLOBAL.set(proxy);
 }
 
-/// Whether the process has a proxy at all (`--proxy` or the environment).
-pub fn configured() -> bool {
-    GLOBAL.get_or_init(|| Proxy::from_env().ok().flatten()).is_some()
+/// The process's proxy: the one set with [`set_global`], else (if none was set) the
+/// environment's.
+fn global() -> &'static Option<Proxy> {
+    GLOBAL.get_or_init(|| Proxy::from_env().ok().flatten())
 }
 
-/// The proxy to use for `host`, if any: the one set with [`set_global`], else (if none was
-/// set) the environment's.
+/// Whether the process has a proxy at all (`--proxy` or the environment).
+pub fn configured() -> bool {
+    global().is_some()
+}
+
+/// The process's proxy, if any, when it applies to `host`.
 pub fn for_host(host: &str) -> Option<Proxy> {
-    let proxy = GLOBAL.get_or_init(|| Proxy::from_env().ok().flatten()).clone()?;
+    let proxy = global().clone()?;
     proxy.applies_to(host).then_some(proxy)
 }
 

@@ -186,15 +186,11 @@ async fn parent_address(state: &DaemonState) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, crate::commands::node::tcp_port(&parent)?))
 }
 
-/// What [`media_socket`] learned about the network besides the candidates: a line for the
-/// call's log when UDP seems blocked.
-type UdpWarning = Option<String>;
-
 /// The call's media socket and session: host candidate on the address that routes to the
 /// parent supernode (found without sending anything; else loopback), plus a server-reflexive
 /// one if the parent's STUN responder sees this socket at another address (a NAT). If the
-/// responder does not answer at all, UDP is probably blocked here, and the warning says so.
-async fn media_socket(state: &DaemonState) -> Result<(UdpSocket, MediaSession, UdpWarning), String> {
+/// responder does not answer at all, UDP is probably blocked here, and `log` says so.
+async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<(UdpSocket, MediaSession), String> {
     let parent = parent_address(state).await;
     let local_ip = parent
         .and_then(|parent| {
@@ -208,12 +204,11 @@ async fn media_socket(state: &DaemonState) -> Result<(UdpSocket, MediaSession, U
         .map_err(|e| format!("cannot open a socket for the call's audio: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
     let mut session = MediaSession::new(Instant::now(), &[local]).map_err(|e| e.to_string())?;
-    let mut warning = None;
     if let Some(parent) = parent {
         match koe_stun::reflexive_address(&socket, parent).await {
             Ok(mapped) => session.add_server_reflexive(mapped, local).map_err(|e| e.to_string())?,
             Err(koe_stun::StunError::Timeout(after)) => {
-                warning = Some(format!(
+                log.line(format!(
                     "no answer over UDP from the parent supernode within {} ms: UDP may be blocked on this network, and calls need it (relays over TCP are not built yet)",
                     after.as_millis()
                 ));
@@ -221,7 +216,7 @@ async fn media_socket(state: &DaemonState) -> Result<(UdpSocket, MediaSession, U
             Err(error) => info!(%error, "no server-reflexive candidate from the parent supernode"),
         }
     }
-    Ok((socket, session, warning))
+    Ok((socket, session))
 }
 
 fn unspecified(like: IpAddr) -> IpAddr {
@@ -318,7 +313,7 @@ fn remember(state: &DaemonState, id: CallId, peer: &Username, incoming: bool, st
         talked_ms: media.filter(|m| m.connected_after.is_some()).map(|m| m.talked.as_millis() as u64),
         ended: log.ended.clone().unwrap_or_else(|| "ended".into()),
         path: media.and_then(|m| m.path).map(|p| p.to_string()),
-        mos: media.filter(|m| m.talked > Duration::ZERO).map(mos),
+        mos: media.filter(|m| m.connected_after.is_some()).map(mos),
     };
     match state.history() {
         Ok(history) => {
@@ -348,15 +343,12 @@ pub async fn place(
     let mut log = CallLog::new(progress);
     let sound = Sound::for_call(play.as_deref(), &mut log)?;
     // Find the callee while the media socket learns its outside address.
-    let (devices, media) = tokio::join!(state.client.lookup(to.clone()), media_socket(&state));
+    let (devices, media) = tokio::join!(state.client.lookup(to.clone()), media_socket(&state, &mut log));
     let devices = devices?.len();
     if devices == 0 {
         return Err(state.absence(&to).await);
     }
-    let (socket, mut session, udp_warning) = media?;
-    if let Some(warning) = udp_warning {
-        log.line(warning);
-    }
+    let (socket, mut session) = media?;
     let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
     let (mut signals, hangup) = state.calls.register(id, &to);
     let (dialed, started_at) = (Instant::now(), UnixTime::now());
@@ -572,10 +564,7 @@ async fn answer_now(
         // The caller decides how long the call lasts; this is only a bound.
         None => (Sound::for_call(auto.play.as_deref(), log)?, Duration::from_secs(4 * 3600)),
     };
-    let (socket, mut session, udp_warning) = media_socket(state).await?;
-    if let Some(warning) = udp_warning {
-        log.line(warning);
-    }
+    let (socket, mut session) = media_socket(state, log).await?;
     call.answer(session.local_description()).map_err(str::to_string)?;
     drain(state, from, call, log).await;
     let media = Media { session, socket, remote: remote_media.clone(), caller: false, sound, record: auto.record, talk };
