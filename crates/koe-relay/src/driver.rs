@@ -1,0 +1,369 @@
+//! The relay node's tokio driver: the sockets around [`RelayCore`]. One task owns the core and
+//! the listening UDP socket; small tasks accept and read streams (TCP, TLS) and relayed sockets
+//! and hand what they read to it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinHandle};
+use turn_server_proto::api::SocketAllocateError;
+use turn_types::stun::TransportType;
+
+use crate::core::{AllocationRequest, RelayCore, RelayOutput, RelayPolicy, RelayStats};
+use crate::credentials::RelaySecret;
+
+/// Largest datagram or stream read handled at once (a TURN message is at most 20 + 65,535 bytes).
+const READ_BUFFER: usize = 65_600;
+/// Frames queued towards one stream before further ones are dropped (voice is worth nothing late).
+const STREAM_QUEUE: usize = 512;
+const EVENT_QUEUE: usize = 16_384;
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// How to run a relay node.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// UDP and TCP listening address.
+    pub listen: SocketAddr,
+    /// TLS listening address (TURN over TLS, RFC 8656 §3.1), if any.
+    pub tls_listen: Option<SocketAddr>,
+    /// The TLS certificate; a self-signed one is made when absent.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The address relayed sockets bind to and clients are told; the listening IP if absent.
+    pub relayed_ip: Option<IpAddr>,
+    pub realm: String,
+    /// Static long-term credentials (operators, interop).
+    pub users: Vec<(String, String)>,
+    /// The secret for short-lived credentials handed out by supernodes.
+    pub secret: Option<RelaySecret>,
+    pub policy: RelayPolicy,
+}
+
+impl RelayConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            tls_listen: None,
+            tls: None,
+            relayed_ip: None,
+            realm: "koe".to_owned(),
+            users: Vec::new(),
+            secret: None,
+            policy: RelayPolicy { allow_loopback_peers: listen.ip().is_loopback(), ..RelayPolicy::default() },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("cannot listen on {address} ({transport}): {source}")]
+    Listen { address: SocketAddr, transport: &'static str, source: io::Error },
+    #[error("the relay listens on {0}, which is not an address clients can be told: give the relayed address (--relayed-ip)")]
+    NoRelayedAddress(SocketAddr),
+    #[error("cannot make the relay's TLS certificate: {0}")]
+    Tls(String),
+}
+
+/// A running relay node. Dropping it stops it.
+#[derive(Debug)]
+pub struct RelayHandle {
+    pub udp: SocketAddr,
+    pub tcp: SocketAddr,
+    pub tls: Option<SocketAddr>,
+    /// SHA-256 of the TLS certificate (hex), for clients that pin it.
+    pub tls_fingerprint: Option<String>,
+    stats: Arc<Mutex<RelayStats>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RelayHandle {
+    pub fn stats(&self) -> RelayStats {
+        self.stats.lock().map(|stats| stats.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+enum Event {
+    Datagram { local: SocketAddr, from: SocketAddr, data: Vec<u8> },
+    StreamOpened { listen: SocketAddr, client: SocketAddr, writer: mpsc::Sender<Vec<u8>>, close: oneshot::Sender<()> },
+    StreamBytes { listen: SocketAddr, client: SocketAddr, data: Vec<u8> },
+    StreamClosed { listen: SocketAddr, client: SocketAddr },
+}
+
+/// The driver's end of a client stream; dropping it ends the stream's task.
+struct Stream {
+    writer: mpsc::Sender<Vec<u8>>,
+    _close: oneshot::Sender<()>,
+}
+
+struct RelayedSocket {
+    socket: Arc<UdpSocket>,
+    reader: AbortHandle,
+}
+
+/// Starts a relay node.
+pub async fn start_relay(config: RelayConfig) -> Result<RelayHandle, RelayError> {
+    let relayed_ip = config.relayed_ip.unwrap_or(config.listen.ip());
+    if relayed_ip.is_unspecified() {
+        return Err(RelayError::NoRelayedAddress(config.listen));
+    }
+    let udp = UdpSocket::bind(config.listen)
+        .await
+        .map_err(|source| RelayError::Listen { address: config.listen, transport: "UDP", source })?;
+    let udp_addr = udp.local_addr().map_err(|source| RelayError::Listen { address: config.listen, transport: "UDP", source })?;
+    // TCP on the same port as UDP, so one address names the relay.
+    let tcp = TcpListener::bind(udp_addr)
+        .await
+        .map_err(|source| RelayError::Listen { address: udp_addr, transport: "TCP", source })?;
+    let tcp_addr = tcp.local_addr().map_err(|source| RelayError::Listen { address: udp_addr, transport: "TCP", source })?;
+
+    let mut core = RelayCore::new(config.realm.clone(), config.policy.clone(), config.secret.clone(), Instant::now());
+    core.add_listener(TransportType::Udp, udp_addr);
+    core.add_listener(TransportType::Tcp, tcp_addr);
+
+    let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
+    let mut tasks = vec![tokio::spawn(accept_streams(tcp, tcp_addr, None, events.clone()))];
+
+    let (mut tls_addr, mut tls_fingerprint) = (None, None);
+    if let Some(tls_listen) = config.tls_listen {
+        let (tls_config, fingerprint) = match &config.tls {
+            Some(tls) => (Arc::clone(tls), None),
+            None => self_signed_tls()?,
+        };
+        let listener = TcpListener::bind(tls_listen)
+            .await
+            .map_err(|source| RelayError::Listen { address: tls_listen, transport: "TLS", source })?;
+        let address = listener.local_addr().map_err(|source| RelayError::Listen { address: tls_listen, transport: "TLS", source })?;
+        core.add_listener(TransportType::Tcp, address);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+        tasks.push(tokio::spawn(accept_streams(listener, address, Some(acceptor), events.clone())));
+        tls_addr = Some(address);
+        tls_fingerprint = fingerprint;
+    }
+    for (username, password) in &config.users {
+        core.add_user(username, password);
+    }
+
+    let stats = Arc::new(Mutex::new(RelayStats::default()));
+    let driver = Driver {
+        core,
+        udp: Arc::new(udp),
+        udp_addr,
+        relayed_ip,
+        streams: HashMap::new(),
+        relayed: HashMap::new(),
+        events,
+        stats: Arc::clone(&stats),
+    };
+    tasks.push(tokio::spawn(driver.run(event_queue)));
+    tracing::info!(udp = %udp_addr, tcp = %tcp_addr, tls = ?tls_addr, "relay node listening");
+    Ok(RelayHandle { udp: udp_addr, tcp: tcp_addr, tls: tls_addr, tls_fingerprint, stats, tasks })
+}
+
+fn self_signed_tls() -> Result<(Arc<rustls::ServerConfig>, Option<String>), RelayError> {
+    let (certificate, key) = koe_auth::tls::generate_self_signed("koe-relay").map_err(|error| RelayError::Tls(error.to_string()))?;
+    let (chain, key) = koe_auth::tls::parse_pem(&certificate, &key).map_err(RelayError::Tls)?;
+    let fingerprint = chain.first().map(|der| koe_auth::tls::fingerprint(der).to_string());
+    let config = koe_auth::tls::server_config(chain, key).map_err(|error| RelayError::Tls(error.to_string()))?;
+    Ok((config, fingerprint))
+}
+
+struct Driver {
+    core: RelayCore,
+    udp: Arc<UdpSocket>,
+    udp_addr: SocketAddr,
+    relayed_ip: IpAddr,
+    streams: HashMap<(SocketAddr, SocketAddr), Stream>,
+    relayed: HashMap<SocketAddr, RelayedSocket>,
+    events: mpsc::Sender<Event>,
+    stats: Arc<Mutex<RelayStats>>,
+}
+
+impl Driver {
+    async fn run(mut self, mut event_queue: mpsc::Receiver<Event>) {
+        let mut buffer = vec![0u8; READ_BUFFER];
+        let udp = Arc::clone(&self.udp);
+        loop {
+            let wake = self.core.poll_timeout(Instant::now());
+            self.carry_out().await;
+            tokio::select! {
+                received = udp.recv_from(&mut buffer) => match received {
+                    Ok((length, from)) => self.core.recv_datagram(self.udp_addr, from, &buffer[..length], Instant::now()),
+                    // ICMP errors from earlier sends surface here on Linux; the socket is fine.
+                    Err(error) => tracing::debug!(%error, "relay UDP receive"),
+                },
+                event = event_queue.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => self.core.handle_timeout(Instant::now()),
+            }
+            // Drain whatever else is already waiting before polling timers again.
+            while let Ok(event) = event_queue.try_recv() {
+                self.handle(event);
+                self.carry_out().await;
+            }
+            self.carry_out().await;
+            if let Ok(mut stats) = self.stats.lock() {
+                *stats = self.core.stats();
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Datagram { local, from, data } => self.core.recv_datagram(local, from, &data, now),
+            Event::StreamOpened { listen, client, writer, close } => {
+                self.streams.insert((listen, client), Stream { writer, _close: close });
+            }
+            Event::StreamBytes { listen, client, data } => self.core.recv_stream(listen, client, &data, now),
+            Event::StreamClosed { listen, client } => {
+                if self.streams.remove(&(listen, client)).is_some() {
+                    self.core.stream_closed(listen, client, now);
+                }
+            }
+        }
+    }
+
+    async fn carry_out(&mut self) {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                RelayOutput::Datagram { from, to, data } => {
+                    let socket = if from == self.udp_addr {
+                        &self.udp
+                    } else if let Some(relayed) = self.relayed.get(&from) {
+                        &relayed.socket
+                    } else {
+                        continue;
+                    };
+                    // UDP: a full socket buffer drops, as the network would.
+                    let _ = socket.try_send_to(&data, to);
+                }
+                RelayOutput::Stream { listen, client, data } => {
+                    if let Some(stream) = self.streams.get(&(listen, client)) {
+                        let _ = stream.writer.try_send(data);
+                    }
+                }
+                RelayOutput::CloseStream { listen, client } => {
+                    self.streams.remove(&(listen, client));
+                }
+                RelayOutput::OpenRelayedSocket(request) => {
+                    let result = self.open_relayed_socket(request).await;
+                    self.core.relayed_socket_opened(request, result, Instant::now());
+                }
+                RelayOutput::CloseRelayedSocket { relayed } => {
+                    if let Some(socket) = self.relayed.remove(&relayed) {
+                        socket.reader.abort();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn open_relayed_socket(&mut self, request: AllocationRequest) -> Result<SocketAddr, SocketAllocateError> {
+        let socket = UdpSocket::bind(SocketAddr::new(self.relayed_ip, 0)).await.map_err(|error| {
+            tracing::warn!(%error, client = %request.client, "cannot open a relayed socket");
+            SocketAllocateError::InsufficientCapacity
+        })?;
+        let address = socket.local_addr().map_err(|_| SocketAllocateError::InsufficientCapacity)?;
+        let socket = Arc::new(socket);
+        let reader = tokio::spawn(read_relayed(Arc::clone(&socket), address, self.events.clone())).abort_handle();
+        self.relayed.insert(address, RelayedSocket { socket, reader });
+        Ok(address)
+    }
+}
+
+async fn read_relayed(socket: Arc<UdpSocket>, local: SocketAddr, events: mpsc::Sender<Event>) {
+    let mut buffer = vec![0u8; READ_BUFFER];
+    loop {
+        match socket.recv_from(&mut buffer).await {
+            Ok((length, from)) => {
+                let event = Event::Datagram { local, from, data: buffer[..length].to_vec() };
+                if let Err(mpsc::error::TrySendError::Closed(_)) = events.try_send(event) {
+                    return;
+                }
+            }
+            Err(error) => tracing::debug!(%error, "relayed socket receive"),
+        }
+    }
+}
+
+async fn accept_streams(listener: TcpListener, listen: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>, events: mpsc::Sender<Event>) {
+    loop {
+        let Ok((stream, client)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        let (writer, frames) = mpsc::channel(STREAM_QUEUE);
+        let (close, closed) = oneshot::channel();
+        // Registered before the first byte is read, so the core never sees bytes of an unknown stream.
+        if events.send(Event::StreamOpened { listen, client, writer, close }).await.is_err() {
+            return;
+        }
+        let events = events.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => serve_stream(stream, listen, client, frames, closed, &events).await,
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_stream(stream, listen, client, frames, closed, &events).await,
+                    Ok(Err(error)) => tracing::debug!(%client, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
+                },
+            }
+            let _ = events.send(Event::StreamClosed { listen, client }).await;
+        });
+    }
+}
+
+/// Reads one client stream into events and writes the frames the core sends it, until either
+/// side ends or the core lets go of the stream.
+async fn serve_stream<S>(
+    stream: S,
+    listen: SocketAddr,
+    client: SocketAddr,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+    closed: oneshot::Receiver<()>,
+    events: &mpsc::Sender<Event>,
+) where
+    S: AsyncRead + AsyncWrite,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let writing = async {
+        while let Some(frame) = frames.recv().await {
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    let reading = async {
+        let mut buffer = vec![0u8; READ_BUFFER];
+        loop {
+            match reader.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(length) => {
+                    let data = buffer[..length].to_vec();
+                    if events.send(Event::StreamBytes { listen, client, data }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = writing => {}
+        _ = reading => {}
+        _ = closed => {}
+    }
+}
