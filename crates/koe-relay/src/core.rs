@@ -3,6 +3,9 @@
 //! (allocations per user and in total, bandwidth per allocation), which peers may be reached,
 //! and tidying up allocations whose TCP or TLS connection closed.
 //!
+//! Binding requests (plain STUN, RFC 8489) are answered here with koe-stun: turn-server-proto
+//! 0.7.3 sends its Binding responses to its own listening address instead of the client.
+//!
 //! The driver feeds it datagrams, stream bytes, closed streams and the time, and carries out the
 //! [`RelayOutput`]s it queues: send, open or close a relayed socket, close a stream.
 
@@ -109,6 +112,9 @@ pub struct RelayCore {
     epoch: Instant,
     realm: String,
     listeners: Vec<(TransportType, TurnServer)>,
+    /// When each listener next wants [`TurnServerApi::poll`] (expiries of nonces, permissions,
+    /// allocations). Data never changes these, so they are polled only after requests and then.
+    listener_wakes: Vec<turn_types::Instant>,
     allocations: HashMap<SocketAddr, Allocation>,
     allocations_per_user: HashMap<String, usize>,
     /// The username of the last Allocate request seen on each 5-tuple (is it a stream, listen,
@@ -131,6 +137,7 @@ impl RelayCore {
             epoch: now,
             realm: realm.into(),
             listeners: Vec::new(),
+            listener_wakes: Vec::new(),
             allocations: HashMap::new(),
             allocations_per_user: HashMap::new(),
             allocating_user: HashMap::new(),
@@ -153,6 +160,7 @@ impl RelayCore {
             server.add_user(username.clone(), password.clone());
         }
         self.listeners.push((transport, server));
+        self.listener_wakes.push(turn_types::Instant::ZERO);
     }
 
     /// Accepts `username`/`password` on every listener (long-term credentials, RFC 8489 §9.2).
@@ -172,15 +180,9 @@ impl RelayCore {
     }
 
     /// When [`Self::handle_timeout`] should next run.
-    pub fn poll_timeout(&mut self, now: Instant) -> Instant {
-        let now_turn = self.turn_now(now);
-        let mut earliest = now + Duration::from_secs(60);
-        for index in 0..self.listeners.len() {
-            if let Some(wait) = self.poll_listener(index, now_turn) {
-                earliest = earliest.min(wait.to_std(self.epoch));
-            }
-        }
-        earliest.max(now)
+    pub fn poll_timeout(&self) -> Instant {
+        let earliest = self.listener_wakes.iter().min().copied().unwrap_or(turn_types::Instant::ZERO);
+        earliest.to_std(self.epoch)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -210,6 +212,10 @@ impl RelayCore {
             return;
         }
         let Some(listener) = self.listener_index(TransportType::Udp, local) else { return };
+        if let Some(answer) = koe_stun::answer(data, from) {
+            self.output.push_back(RelayOutput::Datagram { from: local, to: from, data: answer });
+            return;
+        }
         if looks_like_stun(data) && !self.admit_request(TransportType::Udp, local, from, data) {
             return;
         }
@@ -228,6 +234,10 @@ impl RelayCore {
                 Ok(None) => return,
                 Ok(Some(frame)) => {
                     if let StreamFrame::Stun(message) = &frame {
+                        if let Some(answer) = koe_stun::answer(message, client) {
+                            self.output.push_back(RelayOutput::Stream { listen, client, data: answer });
+                            continue;
+                        }
                         if !self.admit_request(TransportType::Tcp, listen, client, message) {
                             continue;
                         }
@@ -353,15 +363,16 @@ impl RelayCore {
         }
     }
 
-    /// Runs the listener's poll loop until it only wants to wait; returns when it wants to wake.
-    fn poll_listener(&mut self, listener: usize, now_turn: turn_types::Instant) -> Option<turn_types::Instant> {
+    /// Runs the listener's poll loop until it only wants to wait, and notes when it wants to wake.
+    fn poll_listener(&mut self, listener: usize, now_turn: turn_types::Instant) {
         let now = now_turn.to_std(self.epoch);
         self.drain_transmits(listener, now, now_turn);
         loop {
             match self.listeners[listener].1.poll(now_turn) {
                 TurnServerPollRet::WaitUntil(at) => {
                     self.drain_transmits(listener, now, now_turn);
-                    return Some(at);
+                    self.listener_wakes[listener] = at;
+                    return;
                 }
                 TurnServerPollRet::AllocateSocket { transport, listen_addr, client_addr, allocation_transport, family } => {
                     let request = AllocationRequest { transport, listen: listen_addr, client: client_addr, allocation_transport, family };

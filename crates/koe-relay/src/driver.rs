@@ -196,8 +196,7 @@ impl Driver {
         let mut buffer = vec![0u8; READ_BUFFER];
         let udp = Arc::clone(&self.udp);
         loop {
-            let wake = self.core.poll_timeout(Instant::now());
-            self.carry_out().await;
+            let wake = self.core.poll_timeout();
             tokio::select! {
                 received = udp.recv_from(&mut buffer) => match received {
                     Ok((length, from)) => self.core.recv_datagram(self.udp_addr, from, &buffer[..length], Instant::now()),
