@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::envelope::{Envelope, EnvelopeKey, OpenedEnvelope, ReplayGuard};
 use crate::host_cache::HostCache;
 use crate::presence::{ParentSupernode, PresenceBody, PresenceRecord, PresenceStatus};
-use crate::protocol::{OverlayRequest, OverlayResponse};
+use crate::protocol::{OverlayRequest, OverlayResponse, RelayOffer};
 use crate::swarm::{self, OverlayBehaviour, OverlayBehaviourEvent, SwarmError};
 
 /// Presence is republished this often and lives [`PRESENCE_LIFETIME`].
@@ -95,6 +95,10 @@ pub enum ClientCommand {
         address: String,
         reply: oneshot::Sender<Result<bool, String>>,
     },
+    /// Asks the parent for relay nodes and credentials.
+    RelayCredentials {
+        reply: oneshot::Sender<Result<Vec<RelayOffer>, String>>,
+    },
 }
 
 #[derive(Debug)]
@@ -145,6 +149,11 @@ impl ClientHandle {
         self.ask(|reply| ClientCommand::ConfirmReachable { address, reply }).await?
     }
 
+    /// Relay nodes (with short-lived credentials) the parent supernode offers this user.
+    pub async fn relay_credentials(&self) -> Result<Vec<RelayOffer>, String> {
+        self.ask(|reply| ClientCommand::RelayCredentials { reply }).await?
+    }
+
     pub async fn renewed_certificate(&self, certificate: Certificate) {
         let _ = self.commands.send(ClientCommand::RenewedCertificate(Box::new(certificate))).await;
     }
@@ -182,6 +191,7 @@ enum Outstanding {
     SendLookup(u64),
     SendRoute(u64),
     DialBack(oneshot::Sender<Result<bool, String>>),
+    RelayCredentials(oneshot::Sender<Result<Vec<RelayOffer>, String>>),
 }
 
 type AckFuture = Pin<Box<dyn Future<Output = (ResponseChannel<OverlayResponse>, Result<(), String>)> + Send>>;
@@ -600,6 +610,15 @@ impl ClientNode {
                 };
                 let _ = reply.send(answer);
             }
+            (Outstanding::RelayCredentials(reply), response) => {
+                let answer = match response {
+                    Ok(OverlayResponse::Relays { relays }) => Ok(relays),
+                    Ok(OverlayResponse::Refused { reason }) => Err(reason),
+                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Err(error) => Err(error),
+                };
+                let _ = reply.send(answer);
+            }
         }
     }
 
@@ -705,6 +724,15 @@ impl ClientNode {
                 Some(parent) => {
                     let id = self.swarm.behaviour_mut().overlay.send_request(&parent, OverlayRequest::DialBack { address });
                     self.outstanding.insert(id, Outstanding::DialBack(reply));
+                }
+                None => {
+                    let _ = reply.send(Err("not attached to a supernode".into()));
+                }
+            },
+            ClientCommand::RelayCredentials { reply } => match self.parent_peer() {
+                Some(parent) => {
+                    let id = self.swarm.behaviour_mut().overlay.send_request(&parent, OverlayRequest::RelayCredentials);
+                    self.outstanding.insert(id, Outstanding::RelayCredentials(reply));
                 }
                 None => {
                     let _ = reply.send(Err("not attached to a supernode".into()));

@@ -23,4 +23,6 @@ pub use presence::{
 };
 pub use libp2p::multiaddr::Protocol as multiaddr_protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use protocol::RelayOffer;
+pub use supernode::RelayIssuer;
 pub use swarm::SwarmError;

@@ -14,6 +14,7 @@
 //! | `Deliver` | parent → attached client | `Delivered` / `Undelivered` |
 //! | `DialBack` | client → parent: "can you reach my supernode here?" | `DialedBack` |
 //! | `Hello` | supernode → supernode it dialled: "I listen here" | `Welcome` / `Refused` |
+//! | `RelayCredentials` | client → parent: "which relay nodes may I use?" | `Relays` / `Refused` |
 
 use libp2p::identity::{ed25519, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
@@ -61,6 +62,9 @@ pub enum OverlayRequest {
     /// A supernode tells a supernode it dialled where it listens, so that the other adds it
     /// to its Kademlia routing table (an inbound connection shows only an ephemeral port).
     Hello { listen: Vec<String> },
+    /// A client asks its parent for relay nodes and short-lived credentials to use them; the
+    /// parent issues them for the username on the client's certificate.
+    RelayCredentials,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,6 +84,24 @@ pub enum OverlayResponse {
     DialedBack { reachable: bool, detail: String },
     /// `Hello` taken: this many of the announced addresses were added.
     Welcome { added: u32 },
+    /// Relay nodes the client may allocate on, with credentials (none if the parent has none).
+    Relays { relays: Vec<RelayOffer> },
+}
+
+/// One relay node a client may use, with short-lived TURN credentials (RFC 8656 long-term
+/// credentials of the "TURN REST API" kind: `EXPIRY:USER` and an HMAC of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayOffer {
+    /// `IP:PORT` of TURN over UDP and TCP.
+    pub address: String,
+    /// `IP:PORT` of TURN over TLS, if the relay offers it.
+    pub tls_address: Option<String>,
+    /// SHA-256 of the relay's TLS certificate (hex, colon-separated), to pin it.
+    pub tls_fingerprint: Option<String>,
+    pub username: String,
+    pub password: String,
+    /// Unix seconds after which the credentials are refused.
+    pub expires_unix: u64,
 }
 
 /// Bytes that serialise compactly in CBOR.

@@ -129,7 +129,12 @@ pub struct Supernode {
     dial_backs: HashMap<PeerId, ResponseChannel<OverlayResponse>>,
     /// Pings failed in a row, per peer.
     ping_failures: HashMap<PeerId, u32>,
+    /// Hands attached clients relay nodes and credentials for their username.
+    relay_issuer: Option<RelayIssuer>,
 }
+
+/// Gives the relay nodes (with credentials) a client with this username may use.
+pub type RelayIssuer = Box<dyn Fn(&str) -> Vec<crate::protocol::RelayOffer> + Send>;
 
 impl std::fmt::Debug for Supernode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -164,6 +169,7 @@ impl Supernode {
             remote_ips: HashMap::new(),
             dial_backs: HashMap::new(),
             ping_failures: HashMap::new(),
+            relay_issuer: None,
         };
         for address in config.bootstrap {
             node.add_supernode(&address);
@@ -173,6 +179,11 @@ impl Supernode {
 
     pub fn peer_id(&self) -> PeerId {
         *self.swarm.local_peer_id()
+    }
+
+    /// Offers relay nodes to attached clients that ask (`RelayCredentials`).
+    pub fn offer_relays(&mut self, issuer: RelayIssuer) {
+        self.relay_issuer = Some(issuer);
     }
 
     pub fn metrics(&self) -> Arc<SupernodeMetrics> {
@@ -443,6 +454,13 @@ impl Supernode {
             OverlayRequest::Deliver { .. } => self.refuse(channel, "supernodes do not take deliveries"),
             OverlayRequest::DialBack { address } => self.dial_back(peer, &address, channel),
             OverlayRequest::Hello { listen } => self.welcome(peer, &listen, channel),
+            OverlayRequest::RelayCredentials => match self.attached.get(&peer) {
+                Some(client) => {
+                    let relays = self.relay_issuer.as_ref().map(|issue| issue(client.certificate.username().as_str())).unwrap_or_default();
+                    self.respond(channel, OverlayResponse::Relays { relays });
+                }
+                None => self.refuse(channel, "attach first"),
+            },
         }
     }
 

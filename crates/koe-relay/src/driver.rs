@@ -63,7 +63,7 @@ impl RelayConfig {
 pub enum RelayError {
     #[error("cannot listen on {address} ({transport}): {source}")]
     Listen { address: SocketAddr, transport: &'static str, source: io::Error },
-    #[error("the relay listens on {0}, which is not an address clients can be told: give the relayed address (--relayed-ip)")]
+    #[error("the relay listens on {0} and this host has no route to tell clients an address: give the relayed address (--relayed-ip)")]
     NoRelayedAddress(SocketAddr),
     #[error("cannot make the relay's TLS certificate: {0}")]
     Tls(String),
@@ -77,13 +77,40 @@ pub struct RelayHandle {
     pub tls: Option<SocketAddr>,
     /// SHA-256 of the TLS certificate (hex), for clients that pin it.
     pub tls_fingerprint: Option<String>,
+    /// The IP clients reach this relay at and are told for relayed addresses.
+    pub public_ip: IpAddr,
     stats: Arc<Mutex<RelayStats>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl RelayHandle {
+    /// Where clients reach TURN over UDP and TCP.
+    pub fn public_address(&self) -> SocketAddr {
+        SocketAddr::new(self.public_ip, self.udp.port())
+    }
+
+    /// Where clients reach TURN over TLS.
+    pub fn public_tls_address(&self) -> Option<SocketAddr> {
+        self.tls.map(|tls| SocketAddr::new(self.public_ip, tls.port()))
+    }
+
     pub fn stats(&self) -> RelayStats {
-        self.stats.lock().map(|stats| stats.clone()).unwrap_or_default()
+        self.stats_handle().get()
+    }
+
+    /// The counters, readable after the handle has moved elsewhere.
+    pub fn stats_handle(&self) -> RelayStatsHandle {
+        RelayStatsHandle(Arc::clone(&self.stats))
+    }
+}
+
+/// A shared view of a running relay node's counters.
+#[derive(Debug, Clone)]
+pub struct RelayStatsHandle(Arc<Mutex<RelayStats>>);
+
+impl RelayStatsHandle {
+    pub fn get(&self) -> RelayStats {
+        self.0.lock().map(|stats| stats.clone()).unwrap_or_default()
     }
 }
 
@@ -115,10 +142,11 @@ struct RelayedSocket {
 
 /// Starts a relay node.
 pub async fn start_relay(config: RelayConfig) -> Result<RelayHandle, RelayError> {
-    let relayed_ip = config.relayed_ip.unwrap_or(config.listen.ip());
-    if relayed_ip.is_unspecified() {
-        return Err(RelayError::NoRelayedAddress(config.listen));
-    }
+    let relayed_ip = match config.relayed_ip {
+        Some(ip) => ip,
+        None if config.listen.ip().is_unspecified() => outbound_ip(config.listen.ip()).ok_or(RelayError::NoRelayedAddress(config.listen))?,
+        None => config.listen.ip(),
+    };
     let udp = UdpSocket::bind(config.listen)
         .await
         .map_err(|source| RelayError::Listen { address: config.listen, transport: "UDP", source })?;
@@ -161,6 +189,7 @@ pub async fn start_relay(config: RelayConfig) -> Result<RelayHandle, RelayError>
         core,
         udp: Arc::new(udp),
         udp_addr,
+        bind_ip: config.listen.ip(),
         relayed_ip,
         streams: HashMap::new(),
         relayed: HashMap::new(),
@@ -169,7 +198,17 @@ pub async fn start_relay(config: RelayConfig) -> Result<RelayHandle, RelayError>
     };
     tasks.push(tokio::spawn(driver.run(event_queue)));
     tracing::info!(udp = %udp_addr, tcp = %tcp_addr, tls = ?tls_addr, "relay node listening");
-    Ok(RelayHandle { udp: udp_addr, tcp: tcp_addr, tls: tls_addr, tls_fingerprint, stats, tasks })
+    Ok(RelayHandle { udp: udp_addr, tcp: tcp_addr, tls: tls_addr, tls_fingerprint, public_ip: relayed_ip, stats, tasks })
+}
+
+/// The address this host sends from towards the internet (no packet is sent: connecting a UDP
+/// socket only picks a route).
+fn outbound_ip(unspecified: IpAddr) -> Option<IpAddr> {
+    let probe: SocketAddr = if unspecified.is_ipv4() { "192.0.2.1:9" } else { "[2001:db8::1]:9" }.parse().ok()?;
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(unspecified, 0)).ok()?;
+    socket.connect(probe).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
 }
 
 fn self_signed_tls() -> Result<(Arc<rustls::ServerConfig>, Option<String>), RelayError> {
@@ -184,6 +223,9 @@ struct Driver {
     core: RelayCore,
     udp: Arc<UdpSocket>,
     udp_addr: SocketAddr,
+    /// Where relayed sockets bind (the listening IP, perhaps 0.0.0.0) …
+    bind_ip: IpAddr,
+    /// … and the address clients are told (XOR-RELAYED-ADDRESS).
     relayed_ip: IpAddr,
     streams: HashMap<(SocketAddr, SocketAddr), Stream>,
     relayed: HashMap<SocketAddr, RelayedSocket>,
@@ -273,11 +315,12 @@ impl Driver {
     }
 
     async fn open_relayed_socket(&mut self, request: AllocationRequest) -> Result<SocketAddr, SocketAllocateError> {
-        let socket = UdpSocket::bind(SocketAddr::new(self.relayed_ip, 0)).await.map_err(|error| {
+        let socket = UdpSocket::bind(SocketAddr::new(self.bind_ip, 0)).await.map_err(|error| {
             tracing::warn!(%error, client = %request.client, "cannot open a relayed socket");
             SocketAllocateError::InsufficientCapacity
         })?;
-        let address = socket.local_addr().map_err(|_| SocketAllocateError::InsufficientCapacity)?;
+        let port = socket.local_addr().map_err(|_| SocketAllocateError::InsufficientCapacity)?.port();
+        let address = SocketAddr::new(self.relayed_ip, port);
         let socket = Arc::new(socket);
         let reader = tokio::spawn(read_relayed(Arc::clone(&socket), address, self.events.clone())).abort_handle();
         self.relayed.insert(address, RelayedSocket { socket, reader });

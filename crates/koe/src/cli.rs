@@ -54,6 +54,9 @@ pub enum Command {
     DeleteAccount(DeleteAccountArgs),
     /// Run a supernode: part of the overlay that holds the global index and routes messages
     Node(NodeArgs),
+    /// Run a relay node: a standard TURN server that carries calls for clients that cannot
+    /// reach each other directly (operators)
+    Relay(RelayArgs),
     /// Run the client: attach to the network, be reachable, keep history (foreground)
     Up(UpArgs),
     /// Show this client: who, status, parent supernode, known supernodes
@@ -183,6 +186,67 @@ pub struct NodeArgs {
     /// How often to print the one-line summary
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub summary_every: Duration,
+    /// Where the built-in relay node listens for TURN over UDP and TCP
+    /// [default: the supernode's IP, its port + 1]
+    #[arg(long, value_name = "ADDR")]
+    pub relay_listen: Option<SocketAddr>,
+    /// Where the built-in relay node listens for TURN over TLS [default: its port + 2]
+    #[arg(long, value_name = "ADDR")]
+    pub relay_tls_listen: Option<SocketAddr>,
+    /// Run no relay node alongside the supernode
+    #[arg(long)]
+    pub no_relay: bool,
+    #[command(flatten)]
+    pub relay: RelayLimits,
+}
+
+/// Settings a relay node shares between `koe relay` and the one inside `koe node`.
+#[derive(Debug, Clone, Args)]
+pub struct RelayLimits {
+    /// The relay's public IP, told to clients, when it listens on 0.0.0.0 behind a 1:1 NAT
+    /// [default: the listening IP, else the IP of the default route]
+    #[arg(long, value_name = "IP")]
+    pub relayed_ip: Option<std::net::IpAddr>,
+    /// Static credentials for operators and other TURN clients (repeatable)
+    #[arg(long = "relay-user", value_name = "NAME:PASSWORD")]
+    pub users: Vec<String>,
+    /// Allocations alive at once on the relay (0: no limit)
+    #[arg(long, value_name = "N", default_value_t = RelayLimits::default().max_allocations)]
+    pub max_allocations: usize,
+    /// Allocations alive at once per username (0: no limit)
+    #[arg(long, value_name = "N", default_value_t = RelayLimits::default().max_allocations_per_user)]
+    pub max_allocations_per_user: usize,
+    /// Kilobits per second one allocation may relay, both directions (0: no limit)
+    #[arg(long, value_name = "KBIT/S", default_value_t = RelayLimits::default().max_kbps_per_allocation)]
+    pub max_kbps_per_allocation: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self { relayed_ip: None, users: Vec::new(), max_allocations: 2000, max_allocations_per_user: 8, max_kbps_per_allocation: 512 }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// Where to listen for TURN over UDP and TCP (the same port)
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:3478")]
+    pub listen: SocketAddr,
+    /// Where to listen for TURN over TLS (self-signed certificate; its fingerprint is printed)
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<SocketAddr>,
+    /// File holding the secret shared with supernodes for short-lived credentials (TURN REST
+    /// API); without it only --relay-user credentials work
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// The TURN realm
+    #[arg(long, default_value = "koe")]
+    pub realm: String,
+    /// How often to print the one-line summary
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub summary_every: Duration,
+    #[command(flatten)]
+    pub limits: RelayLimits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

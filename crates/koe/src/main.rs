@@ -18,10 +18,12 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     // The demo narrates on stdout; its parts' logs would only interleave with the story.
     let quiet = matches!(cli.command, cli::Command::Demo(_));
+    // The STUN/TURN protocol crates log every refused request (a client's first, unauthenticated
+    // one is refused by design) as an error; the relay node reports what matters itself.
     let default_level = match cli.verbose {
-        0 if quiet => "error",
-        0 => "warn,koe=info,koe_auth=info",
-        1 => "info",
+        0 if quiet => "error,stun_proto=off,turn_server_proto=off",
+        0 => "warn,koe=info,koe_auth=info,stun_proto=off,turn_server_proto=off",
+        1 => "info,stun_proto=warn,turn_server_proto=warn",
         _ => "debug",
     };
     tracing_subscriber::fmt()

@@ -21,8 +21,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::node::start_supernode;
-use crate::cli::DemoArgs;
+use super::node::{start_supernode, RelayPlacement};
+use crate::cli::{DemoArgs, RelayLimits};
 use crate::daemon::control::{ask, ControlRequest};
 use crate::daemon::calls::AutoAnswer;
 use crate::daemon::{self, DaemonOptions};
@@ -314,9 +314,11 @@ impl DemoSupernodes {
     async fn start(dir: &Path, network: &NetworkFile, count: usize, narrator: &mut Narrator) -> Result<Self> {
         let mut network = network.clone();
         let mut this = Self { network: network.clone(), addresses: Vec::new(), metrics: Vec::new(), stops: Vec::new(), tasks: Vec::new() };
+        let limits = RelayLimits::default();
         for _ in 0..count {
             let listen = SocketAddr::from(([127, 0, 0, 1], 0));
-            let (node, address, stun) = start_supernode(&network, DeviceKey::generate(), listen, &[]).await?;
+            let relay = RelayPlacement { listen: None, tls_listen: None, limits: &limits };
+            let (node, address, stun) = start_supernode(&network, DeviceKey::generate(), listen, &[], Some(relay)).await?;
             network.bootstrap.push(address.to_string());
             this.metrics.push(node.metrics());
             let (stop, stopped) = oneshot::channel::<()>();

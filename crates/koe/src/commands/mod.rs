@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod network;
 pub mod node;
+pub mod relay;
 
 use std::io::BufRead;
 
@@ -31,6 +32,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Passwd(args) => account::change_password(&profile()?, args).await,
         Command::DeleteAccount(args) => account::delete_account(&profile()?, args).await,
         Command::Node(args) => node::run(home, args, shutdown_signal()).await,
+        Command::Relay(args) => relay::run(args, shutdown_signal()).await,
         Command::Up(args) => client::up(profile()?, args).await,
         Command::Status => client::control(&profile()?, ControlRequest::Status).await,
         Command::Lookup { username } => client::control(&profile()?, ControlRequest::Lookup { username }).await,

@@ -14,9 +14,10 @@ use koe_auth::private_file::{read_private_file, replace_private_file, write_priv
 use koe_overlay::metrics::SupernodeMetrics;
 use koe_overlay::supernode::{Supernode, SupernodeConfig};
 use koe_overlay::Multiaddr;
+use koe_relay::RelayHandle;
 use koe_types::{DeviceKey, NetworkFile};
 
-use crate::cli::NodeArgs;
+use crate::cli::{NodeArgs, RelayLimits};
 use crate::profile::Profile;
 
 const NODE_KEY_FILE: &str = "node.key";
@@ -58,15 +59,26 @@ fn remembered_supernodes(home: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Builds and starts a supernode; returns it with its dialable address.
-/// Starts a supernode on `listen` (TCP) and its STUN responder on the UDP port of the same
-/// number.
+/// Where a supernode's relay node listens, and its limits.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayPlacement<'a> {
+    /// TURN over UDP and TCP [default: the supernode's port + 1, or any port if that is 0].
+    pub listen: Option<SocketAddr>,
+    /// TURN over TLS [default: the relay's port + 1].
+    pub tls_listen: Option<SocketAddr>,
+    pub limits: &'a RelayLimits,
+}
+
+/// Starts a supernode on `listen` (TCP), its STUN responder on the UDP port of the same
+/// number, and (with `relay`) a relay node whose credentials it hands its clients. Returns
+/// the supernode with its dialable address and the services that run beside it.
 pub async fn start_supernode(
     network: &NetworkFile,
     identity: DeviceKey,
     listen: SocketAddr,
     remembered: &[String],
-) -> Result<(Supernode, Multiaddr, StunResponder)> {
+    relay: Option<RelayPlacement<'_>>,
+) -> Result<(Supernode, Multiaddr, BesideSupernode)> {
     let mut node = Supernode::new(SupernodeConfig {
         network: network.clone(),
         identity,
@@ -76,7 +88,31 @@ pub async fn start_supernode(
     let address = node.listening_address().await;
     let port = tcp_port(&address.to_string()).unwrap_or(listen.port());
     let stun = StunResponder::start(SocketAddr::new(listen.ip(), port)).await;
-    Ok((node, address, stun))
+    let relay = match relay {
+        Some(placement) => {
+            let (relay, issuer) = super::relay::start_beside_supernode(listen, placement.listen, placement.tls_listen, placement.limits).await?;
+            node.offer_relays(issuer);
+            Some(relay)
+        }
+        None => None,
+    };
+    Ok((node, address, BesideSupernode { _stun: stun, relay }))
+}
+
+/// What runs beside a supernode: its STUN responder and its relay node, if any.
+#[derive(Debug)]
+pub struct BesideSupernode {
+    _stun: StunResponder,
+    pub relay: Option<RelayHandle>,
+}
+
+impl BesideSupernode {
+    /// Runs `work` (the supernode) with these alive; they stop when `work` ends.
+    pub async fn alongside<T>(self, work: impl std::future::Future<Output = T>) -> T {
+        let outcome = work.await;
+        drop(self);
+        outcome
+    }
 }
 
 /// The TCP port of a multiaddr such as `/ip4/1.2.3.4/tcp/4100/p2p/…`.
@@ -105,15 +141,6 @@ impl StunResponder {
     }
 }
 
-impl StunResponder {
-    /// Runs `work` (the supernode) with this responder alive; it stops when `work` ends.
-    pub async fn alongside<T>(self, work: impl std::future::Future<Output = T>) -> T {
-        let outcome = work.await;
-        drop(self);
-        outcome
-    }
-}
-
 impl Drop for StunResponder {
     fn drop(&mut self) {
         if let Some(task) = self.0.take() {
@@ -127,14 +154,19 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
     let network = load_network_file(&args.network)?;
     let identity = node_identity(profile.home())?;
     let remembered = remembered_supernodes(profile.home());
-    let (node, address, _stun) = start_supernode(&network, identity, args.listen, &remembered).await?;
+    let relay = (!args.no_relay).then_some(RelayPlacement { listen: args.relay_listen, tls_listen: args.relay_tls_listen, limits: &args.relay });
+    let (node, address, beside) = start_supernode(&network, identity, args.listen, &remembered, relay).await?;
     // The first line on stdout is the address, for scripts and `koe network add-bootstrap`.
     println!("{address}");
+    if let Some(relay) = &beside.relay {
+        println!("{}", super::relay::describe(relay));
+    }
     let metrics = node.metrics();
     if let Some(listen) = args.metrics {
         serve_metrics(listen, Arc::clone(&metrics)).await?;
     }
     let summary_metrics = Arc::clone(&metrics);
+    let relay_stats = beside.relay.as_ref().map(|relay| relay.stats_handle());
     let every = args.summary_every;
     let known = node.known_supernodes_handle();
     let cache_path = profile.home().join(NODE_HOST_CACHE_FILE);
@@ -144,6 +176,9 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
         loop {
             ticks.tick().await;
             println!("{}", summary_metrics.summary());
+            if let Some(stats) = &relay_stats {
+                println!("{}", super::relay::summary(&stats.get()));
+            }
             let known = known.lock().map(|k| k.clone()).unwrap_or_default();
             if !known.is_empty() {
                 if let Ok(bytes) = serde_json::to_vec_pretty(&known) {

@@ -399,7 +399,7 @@ async fn promote_when_ready(state: Arc<DaemonState>, network: NetworkFile, promo
     loop {
         let attempt = async {
             let identity = crate::commands::node::node_identity(&state.home).map_err(|e| e.to_string())?;
-            let (node, address, stun) = crate::commands::node::start_supernode(&network, identity, promotion.listen, &[])
+            let (node, address, stun) = crate::commands::node::start_supernode(&network, identity, promotion.listen, &[], None)
                 .await
                 .map_err(|e| e.to_string())?;
             // The supernode must be running to answer the parent's dial-back.

@@ -1,0 +1,130 @@
+//! `koe relay`, and the relay node a supernode runs beside it: configuration from the command
+//! line, the one-line summary, and the credentials a supernode hands its clients.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use koe_overlay::{RelayIssuer, RelayOffer};
+use koe_relay::{start_relay, RelayConfig, RelayHandle, RelayPolicy, RelaySecret, RelayStats};
+
+use crate::cli::{RelayArgs, RelayLimits};
+
+/// How long the credentials a supernode issues stay valid; a client asks again for every call.
+const ISSUED_CREDENTIALS_LIFETIME: Duration = Duration::from_secs(3600);
+
+pub fn relay_config(listen: SocketAddr, tls_listen: Option<SocketAddr>, limits: &RelayLimits) -> Result<RelayConfig> {
+    let mut config = RelayConfig::new(listen);
+    config.tls_listen = tls_listen;
+    config.relayed_ip = limits.relayed_ip;
+    for user in &limits.users {
+        let Some((name, password)) = user.split_once(':') else {
+            bail!("--relay-user takes NAME:PASSWORD, got {user:?}");
+        };
+        if name.is_empty() || password.is_empty() {
+            bail!("--relay-user needs both a name and a password");
+        }
+        config.users.push((name.to_owned(), password.to_owned()));
+    }
+    config.policy = RelayPolicy {
+        max_allocations: limits.max_allocations,
+        max_allocations_per_user: limits.max_allocations_per_user,
+        bytes_per_second_per_allocation: limits.max_kbps_per_allocation * 1000 / 8,
+        allow_loopback_peers: config.policy.allow_loopback_peers,
+    };
+    Ok(config)
+}
+
+pub async fn run(args: RelayArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let mut config = relay_config(args.listen, args.tls_listen, &args.limits)?;
+    config.realm = args.realm.clone();
+    if let Some(path) = &args.secret_file {
+        let secret = std::fs::read(path).with_context(|| format!("cannot read the relay secret {}", path.display()))?;
+        let secret = secret.trim_ascii().to_vec();
+        if secret.len() < 16 {
+            bail!("the relay secret in {} is shorter than 16 bytes", path.display());
+        }
+        config.secret = Some(RelaySecret::new(secret));
+    }
+    if config.users.is_empty() && config.secret.is_none() {
+        bail!("nobody could use this relay: give --relay-user NAME:PASSWORD or --secret-file FILE");
+    }
+    let relay = start_relay(config).await?;
+    println!("{}", describe(&relay));
+    let summary_every = args.summary_every;
+    let summaries = async {
+        let mut ticks = tokio::time::interval(summary_every);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            println!("{}", summary(&relay.stats()));
+        }
+    };
+    tokio::select! {
+        _ = shutdown => {}
+        _ = summaries => {}
+    }
+    println!("{}", summary(&relay.stats()));
+    Ok(())
+}
+
+/// The relay node inside `koe node`, on `listen` (default: the supernode's port + 1) with TLS
+/// on the port after; it takes the credentials this supernode issues.
+pub async fn start_beside_supernode(supernode: SocketAddr, relay_listen: Option<SocketAddr>, tls_listen: Option<SocketAddr>, limits: &RelayLimits) -> Result<(RelayHandle, RelayIssuer)> {
+    let listen = relay_listen.unwrap_or(SocketAddr::new(supernode.ip(), next_port(supernode.port())));
+    let tls_listen = tls_listen.unwrap_or(SocketAddr::new(listen.ip(), next_port(listen.port())));
+    let mut config = relay_config(listen, Some(tls_listen), limits)?;
+    let secret = RelaySecret::random();
+    config.secret = Some(secret.clone());
+    let relay = start_relay(config).await.context("the supernode's relay node did not start (--relay-listen, or --no-relay)")?;
+    let address = relay.public_address().to_string();
+    let tls_address = relay.public_tls_address().map(|address| address.to_string());
+    let tls_fingerprint = relay.tls_fingerprint.clone();
+    let issuer: RelayIssuer = Box::new(move |username: &str| {
+        let credentials = secret.issue(username, ISSUED_CREDENTIALS_LIFETIME);
+        vec![RelayOffer {
+            address: address.clone(),
+            tls_address: tls_address.clone(),
+            tls_fingerprint: tls_fingerprint.clone(),
+            username: credentials.username,
+            password: credentials.password,
+            expires_unix: credentials.expires_unix,
+        }]
+    });
+    Ok((relay, issuer))
+}
+
+/// The port after `port`; any free port (0) after an unspecified one or the last one.
+fn next_port(port: u16) -> u16 {
+    if port == 0 {
+        0
+    } else {
+        port.checked_add(1).unwrap_or(0)
+    }
+}
+
+pub fn describe(relay: &RelayHandle) -> String {
+    let mut line = format!("relay node: TURN over UDP and TCP on {}", relay.public_address());
+    if let Some(tls) = relay.public_tls_address() {
+        line.push_str(&format!(", TLS on {tls}"));
+        if let Some(fingerprint) = &relay.tls_fingerprint {
+            line.push_str(&format!(" (certificate SHA-256 {fingerprint})"));
+        }
+    }
+    line
+}
+
+pub fn summary(stats: &RelayStats) -> String {
+    format!(
+        "relay: {} allocations, {} packets relayed ({:.1} MB); dropped {} over bandwidth, {} to forbidden peers; refused {} over quota, {} over capacity, {} expired credentials; {} streams closed for not speaking TURN",
+        stats.allocations,
+        stats.packets_relayed,
+        stats.bytes_relayed as f64 / 1e6,
+        stats.packets_dropped_bandwidth,
+        stats.packets_dropped_forbidden_peer,
+        stats.allocations_refused_quota,
+        stats.allocations_refused_capacity,
+        stats.requests_refused_expired,
+        stats.streams_closed_not_turn,
+    )
+}
