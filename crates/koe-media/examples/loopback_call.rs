@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use koe_media::driver::{self, CallAudio, MediaControls, Microphone};
+use koe_media::driver::{self, CallAudio, MediaControls, Microphone, RelayStreams};
 use koe_media::MediaSession;
 use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::{wav, Backend, SAMPLE_RATE};
@@ -56,8 +56,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let length = Duration::from_secs(seconds);
         let cpu_before = cpu_seconds();
         let (a, b) = tokio::join!(
-            driver::run(a, a_socket, audio(speech.clone()), MediaControls::default(), tokio::time::sleep(length)),
-            driver::run(b, b_socket, audio(Vec::new()), MediaControls::default(), tokio::time::sleep(length)),
+            driver::run(a, a_socket, RelayStreams::default(), audio(speech.clone()), MediaControls::default(), tokio::time::sleep(length)),
+            driver::run(b, b_socket, RelayStreams::default(), audio(Vec::new()), MediaControls::default(), tokio::time::sleep(length)),
         );
         let cpu = cpu_seconds() - cpu_before;
         let (a, b) = (a?, b?);

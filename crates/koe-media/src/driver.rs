@@ -13,8 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use koe_voice::{Backend, JitterConfig, ReceiverStats, SenderStats, VoiceReceiver, VoiceSender, FRAME_SAMPLES, SAMPLE_RATE};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
+
+use crate::relay::AllocationState;
 
 use crate::{MediaError, MediaOutput, MediaPath, MediaSession};
 
@@ -153,10 +157,125 @@ pub struct CallSummary {
     pub failure: Option<String>,
 }
 
+/// Writes queued towards one relay stream before more are dropped (voice is worth nothing late).
+const RELAY_STREAM_QUEUE: usize = 256;
+
+/// A byte stream to a relay node: TCP, or TLS over TCP, perhaps through an HTTP proxy.
+pub trait RelayStreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> RelayStreamIo for T {}
+
+/// The call's streams to relay nodes, each with a task that reads it and writes to it.
+#[derive(Debug)]
+pub struct RelayStreams {
+    writers: std::collections::HashMap<usize, mpsc::Sender<Vec<u8>>>,
+    events: mpsc::Receiver<(usize, Option<Vec<u8>>)>,
+    events_sender: mpsc::Sender<(usize, Option<Vec<u8>>)>,
+}
+
+impl Default for RelayStreams {
+    fn default() -> Self {
+        let (events_sender, events) = mpsc::channel(1024);
+        Self { writers: Default::default(), events, events_sender }
+    }
+}
+
+impl RelayStreams {
+    /// Carries relay `relay`'s stream (the index [`MediaSession::add_relay`] gave).
+    pub fn add(&mut self, relay: usize, stream: impl RelayStreamIo) {
+        let (writer, mut writes) = mpsc::channel::<Vec<u8>>(RELAY_STREAM_QUEUE);
+        self.writers.insert(relay, writer);
+        let events = self.events_sender.clone();
+        tokio::spawn(async move {
+            let (mut reader, mut writer) = tokio::io::split(stream);
+            let writing = async {
+                while let Some(bytes) = writes.recv().await {
+                    if writer.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let reading = async {
+                let mut buffer = vec![0u8; 4096];
+                loop {
+                    match reader.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if events.send((relay, Some(buffer[..n].to_vec()))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                () = writing => {}
+                () = reading => {}
+            }
+            let _ = events.send((relay, None)).await;
+        });
+    }
+
+    fn write(&self, relay: usize, bytes: Vec<u8>) {
+        if let Some(writer) = self.writers.get(&relay) {
+            let _ = writer.try_send(bytes);
+        }
+    }
+
+    /// The next piece read from a stream (`None` bytes: it closed). Pends forever without streams.
+    async fn next(&mut self) -> (usize, Option<Vec<u8>>) {
+        match self.events.recv().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Feeds a datagram or stream piece to the session.
+fn deliver_stream_event(session: &mut MediaSession, (relay, bytes): (usize, Option<Vec<u8>>)) {
+    match bytes {
+        Some(bytes) => session.receive_stream(Instant::now(), relay, &bytes),
+        None => session.stream_closed(relay),
+    }
+}
+
+/// Lets the session's relay allocations finish (or fail) before its description is sent, so
+/// the relayed candidates are in it; gives up on those not ready by `deadline`.
+pub async fn gather_relays(session: &mut MediaSession, socket: &UdpSocket, streams: &mut RelayStreams, deadline: Instant) {
+    let local = socket.local_addr().ok();
+    let mut buffer = vec![0u8; 2048];
+    loop {
+        let wake = loop {
+            match session.poll(Instant::now()) {
+                MediaOutput::Transmit { destination, datagram, .. } => {
+                    let _ = socket.send_to(&datagram, destination).await;
+                }
+                MediaOutput::StreamWrite { relay, bytes } => streams.write(relay, bytes),
+                MediaOutput::WaitUntil(at) => break at,
+                // Nothing else happens before the session starts.
+                _ => {}
+            }
+        };
+        let pending = session.relay_states().iter().any(|(_, _, state)| *state == AllocationState::Allocating);
+        if !pending || Instant::now() >= deadline {
+            return;
+        }
+        tokio::select! {
+            received = socket.recv_from(&mut buffer) => {
+                if let (Ok((n, from)), Some(local)) = (received, local) {
+                    session.receive(Instant::now(), from, local, &buffer[..n]);
+                }
+            }
+            event = streams.next() => deliver_stream_event(session, event),
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake.min(deadline))) => {}
+        }
+    }
+}
+
 /// Runs the media of one call until `stop` completes or the path fails.
 pub async fn run(
     mut session: MediaSession,
     socket: UdpSocket,
+    mut streams: RelayStreams,
     audio: CallAudio,
     controls: MediaControls,
     stop: impl Future<Output = ()>,
@@ -184,6 +303,7 @@ pub async fn run(
                 MediaOutput::Transmit { destination, datagram, .. } => {
                     let _ = socket.send_to(&datagram, destination).await;
                 }
+                MediaOutput::StreamWrite { relay, bytes } => streams.write(relay, bytes),
                 MediaOutput::Voice { payload, arrived } => {
                     let _ = receiver.receive(arrived, &payload);
                 }
@@ -206,6 +326,7 @@ pub async fn run(
                     session.receive(Instant::now(), from, local, &buffer[..n]);
                 }
             }
+            event = streams.next() => deliver_stream_event(&mut session, event),
             _ = tick.tick(), if connected.is_some() => {
                 let now = Instant::now();
                 audio.microphone.fill(frames_sent as usize, &recording, &mut frame);

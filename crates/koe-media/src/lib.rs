@@ -10,14 +10,18 @@
 //! receiver's [`LossReport`] ([`MediaSession::send_loss_report`]) inside SRTCP, so each sender's
 //! copies follow what the other end sees. Candidates: host ones at creation, server-reflexive
 //! ones learned from a supernode's STUN responder ([`MediaSession::add_server_reflexive`]);
-//! relayed ones will enter through [`MediaSession::add_local_candidate`] too.
+//! relayed ones from allocations on relay nodes ([`MediaSession::add_relay`], [`relay`]): data
+//! str0m sends from a relayed address goes to that relay, wrapped, and what the relay
+//! delivers from peers comes back to str0m as if it had arrived at the relayed address.
 
 pub mod driver;
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use koe_voice::jitter::LossReport;
+use relay::{AllocationState, RelayAllocation, RelayServer, RelayTransport};
 use serde::{Deserialize, Serialize};
 use str0m::change::DirectApi;
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
@@ -63,6 +67,9 @@ pub struct MediaDescription {
 pub enum MediaOutput {
     /// Send this datagram from `source` (one of the local candidates) to `destination`.
     Transmit { source: SocketAddr, destination: SocketAddr, datagram: Vec<u8> },
+    /// Write these bytes to the stream (TCP or TLS) to relay `relay` (an index from
+    /// [`MediaSession::add_relay`]).
+    StreamWrite { relay: usize, bytes: Vec<u8> },
     /// A voice payload from the other side.
     Voice { payload: Vec<u8>, arrived: Instant },
     /// The other side's receiver says how it hears us: for our sender's copies.
@@ -128,6 +135,7 @@ pub struct MediaSession {
     /// difference failed SRTP authentication or replay protection, or was malformed.
     rtp_arrived: u64,
     rtp_delivered: u64,
+    relays: Vec<RelayAllocation>,
 }
 
 impl std::fmt::Debug for MediaSession {
@@ -142,7 +150,8 @@ fn install_crypto() {
 }
 
 impl MediaSession {
-    /// A session whose host candidates are `local` (the addresses of its UDP sockets).
+    /// A session whose host candidates are `local` (the addresses of its UDP sockets); with none,
+    /// only relayed candidates (added later) are offered, and every path goes through a relay.
     pub fn new(now: Instant, local: &[SocketAddr]) -> Result<Self, MediaError> {
         install_crypto();
         let mut rtc = RtcConfig::new()
@@ -181,7 +190,60 @@ impl MediaSession {
             media_time: 0,
             rtp_arrived: 0,
             rtp_delivered: 0,
+            relays: Vec::new(),
         })
+    }
+
+    /// Starts an allocation on a relay node, reached from `local` (the media socket for UDP,
+    /// the stream's local address for TCP and TLS). Returns its index; once it is ready
+    /// ([`Self::relay_states`]) its relayed address is a local candidate.
+    pub fn add_relay(&mut self, server: RelayServer, local: SocketAddr, now: Instant) -> usize {
+        self.relays.push(RelayAllocation::new(server, local, now));
+        self.relays.len() - 1
+    }
+
+    /// Each relay's transport, server and state, in [`Self::add_relay`] order.
+    pub fn relay_states(&self) -> Vec<(RelayTransport, SocketAddr, AllocationState)> {
+        self.relays.iter().map(|relay| (relay.server.transport, relay.server.address, relay.state().clone())).collect()
+    }
+
+    /// Bytes read from the stream to relay `relay`.
+    pub fn receive_stream(&mut self, now: Instant, relay: usize, bytes: &[u8]) {
+        let Some(allocation) = self.relays.get_mut(relay) else { return };
+        let delivered = allocation.receive(bytes, now);
+        self.after_relay_input(relay, now);
+        for (peer, data) in delivered {
+            self.receive_relayed(now, relay, peer, &data);
+        }
+    }
+
+    /// The stream to relay `relay` closed.
+    pub fn stream_closed(&mut self, relay: usize) {
+        if let Some(allocation) = self.relays.get_mut(relay) {
+            allocation.stream_closed();
+        }
+    }
+
+    fn receive_relayed(&mut self, now: Instant, relay: usize, peer: SocketAddr, data: &[u8]) {
+        let Some(relayed) = self.relays[relay].relayed() else { return };
+        self.receive_at(now, peer, relayed, data);
+    }
+
+    /// After the relay took input: adopt a newly allocated address as a candidate.
+    fn after_relay_input(&mut self, relay: usize, _now: Instant) {
+        let Some(relayed) = self.relays[relay].relayed() else { return };
+        if self.local_candidates.iter().any(|candidate| candidate.addr() == relayed) {
+            return;
+        }
+        let local = self.relays[relay].local;
+        if let Ok(candidate) = Candidate::relayed(relayed, local, "udp") {
+            self.rtc.add_local_candidate(candidate.clone());
+            self.local_candidates.push(candidate);
+        }
+        let peers: Vec<std::net::IpAddr> = self.remote_candidates.iter().map(|candidate| candidate.addr().ip()).collect();
+        for peer in peers {
+            self.relays[relay].permit(peer, _now);
+        }
     }
 
     /// Adds a candidate found later (server-reflexive from a supernode, relayed from a relay).
@@ -235,6 +297,12 @@ impl MediaSession {
         for candidate in &candidates {
             self.rtc.add_remote_candidate(candidate.clone());
         }
+        // Let the other side's candidates through every relay we allocated on.
+        for relay in &mut self.relays {
+            for candidate in &candidates {
+                relay.permit(candidate.addr().ip(), self.started_at.max(Instant::now()));
+            }
+        }
         self.remote_candidates = candidates;
         let mid = self.mid;
         let mut api: DirectApi = self.rtc.direct_api();
@@ -248,6 +316,18 @@ impl MediaSession {
 
     /// A datagram that arrived on the local socket `destination` from `source`.
     pub fn receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
+        if let Some(relay) = self.relays.iter().position(|relay| relay.owns_datagram(source, destination)) {
+            let delivered = self.relays[relay].receive(datagram, now);
+            self.after_relay_input(relay, now);
+            for (peer, data) in delivered {
+                self.receive_relayed(now, relay, peer, &data);
+            }
+            return;
+        }
+        self.receive_at(now, source, destination, datagram);
+    }
+
+    fn receive_at(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
         let Ok(contents) = datagram.try_into() else {
             return; // Not STUN, DTLS or RTP: ignore.
         };
@@ -293,6 +373,9 @@ impl MediaSession {
                 reason: format!("no audio from the other side for {} s: it or the network went away", VOICE_TIMEOUT.as_secs()),
             };
         }
+        if let Some(output) = self.poll_relays(now) {
+            return output;
+        }
         loop {
             let output = match self.rtc.poll_output() {
                 Ok(output) => output,
@@ -307,9 +390,20 @@ impl MediaSession {
                         let _ = self.rtc.handle_input(Input::Timeout(now));
                         continue;
                     }
+                    let relays_wake = self.relays.iter_mut().map(|relay| relay.poll_timeout(now)).min();
+                    let at = relays_wake.map_or(at, |wake| wake.min(at));
                     return MediaOutput::WaitUntil(at.min(now + Duration::from_millis(100)));
                 }
                 Output::Transmit(transmit) => {
+                    if let Some(relay) = self.relays.iter().position(|relay| relay.relayed() == Some(transmit.source)) {
+                        let Some(wire) = self.relays[relay].send_to(transmit.destination, &transmit.contents, now) else {
+                            continue;
+                        };
+                        if let Some(output) = self.to_relay(relay, wire) {
+                            return output;
+                        }
+                        continue;
+                    }
                     return MediaOutput::Transmit {
                         source: transmit.source,
                         destination: transmit.destination,
@@ -354,6 +448,27 @@ impl MediaSession {
 
     pub fn is_connected(&self) -> bool {
         self.connected
+    }
+
+    /// Protocol messages the relays want sent (allocation, refreshes, permissions).
+    fn poll_relays(&mut self, now: Instant) -> Option<MediaOutput> {
+        for relay in 0..self.relays.len() {
+            if let Some(wire) = self.relays[relay].poll_transmit(now) {
+                self.after_relay_input(relay, now);
+                return self.to_relay(relay, wire);
+            }
+            self.after_relay_input(relay, now);
+        }
+        None
+    }
+
+    /// How bytes for relay `relay` leave: a datagram from the media socket, or a stream write.
+    fn to_relay(&self, relay: usize, wire: Vec<u8>) -> Option<MediaOutput> {
+        let allocation = &self.relays[relay];
+        Some(match allocation.server.transport {
+            RelayTransport::Udp => MediaOutput::Transmit { source: allocation.local, destination: allocation.server.address, datagram: wire },
+            RelayTransport::Tcp | RelayTransport::Tls => MediaOutput::StreamWrite { relay, bytes: wire },
+        })
     }
 
     /// RTP packets of the other side's stream that were dropped unread: they failed SRTP

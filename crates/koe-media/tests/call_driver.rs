@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, Microphone};
+use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, Microphone, RelayStreams};
 use koe_media::MediaSession;
 use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::{Backend, SAMPLE_RATE};
@@ -36,8 +36,8 @@ async fn call_with(
     b.start(&offer, false).unwrap();
     a.start(&answer, true).unwrap();
     let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone, speaker: None };
-    let a_task = tokio::spawn(driver::run(a, a_socket, audio(a_microphone), a_controls, tokio::time::sleep(a_for)));
-    let b_task = tokio::spawn(driver::run(b, b_socket, audio(b_microphone), MediaControls::default(), tokio::time::sleep(b_for)));
+    let a_task = tokio::spawn(driver::run(a, a_socket, RelayStreams::default(), audio(a_microphone), a_controls, tokio::time::sleep(a_for)));
+    let b_task = tokio::spawn(driver::run(b, b_socket, RelayStreams::default(), audio(b_microphone), MediaControls::default(), tokio::time::sleep(b_for)));
     (a_task.await.unwrap().unwrap(), b_task.await.unwrap().unwrap())
 }
 
@@ -159,8 +159,8 @@ async fn sound_device_queues_carry_the_call() {
     let a_audio = CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone: Microphone::Device(microphone), speaker: None };
     let b_audio = CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone: Microphone::Samples(Vec::new()), speaker: Some(speaker) };
     let stop = || tokio::time::sleep(Duration::from_secs(4));
-    let a_task = tokio::spawn(driver::run(a, a_socket, a_audio, MediaControls::default(), stop()));
-    let b_task = tokio::spawn(driver::run(b, b_socket, b_audio, MediaControls::default(), stop()));
+    let a_task = tokio::spawn(driver::run(a, a_socket, RelayStreams::default(), a_audio, MediaControls::default(), stop()));
+    let b_task = tokio::spawn(driver::run(b, b_socket, RelayStreams::default(), b_audio, MediaControls::default(), stop()));
     let (a, b) = (a_task.await.unwrap().unwrap(), b_task.await.unwrap().unwrap());
     capture.await.unwrap();
     let heard = playback.await.unwrap();

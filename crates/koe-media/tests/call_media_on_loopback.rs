@@ -75,6 +75,7 @@ impl Side {
                 MediaOutput::Voice { payload, arrived } => {
                     let _ = self.receiver.receive(arrived, &payload);
                 }
+                MediaOutput::StreamWrite { .. } => unreachable!("these sessions use no relay"),
                 MediaOutput::LossReport(report) => {
                     self.sender.on_loss_report(report);
                     self.reports += 1;

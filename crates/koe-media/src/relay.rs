@@ -1,0 +1,187 @@
+//! One TURN allocation on a relay node, sans-IO, as a call's media uses it: turn-client-proto
+//! does the protocol (401/nonce, refreshes, permissions); this owns the glue to the call.
+//!
+//! The allocation is always a UDP one on the relay (media is datagrams); the connection to the
+//! relay is UDP (from the call's media socket) or a stream (TCP or TLS, which the driver opens,
+//! perhaps through an HTTP proxy). Data goes in Send indications, never channels: channel
+//! framing on streams is broken in turn-client-proto 0.7.3 (notes/str0m-turn.md), and one
+//! code path for both keeps it simple.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use turn_client_proto::api::{TurnClientApi, TurnConfig, TurnEvent, TurnPollRet, TurnRecvRet};
+use turn_client_proto::client::TurnClient;
+use turn_client_proto::tcp::TurnClientTcp;
+use turn_client_proto::udp::TurnClientUdp;
+use turn_types::stun::TransportType;
+use turn_types::TurnCredentials;
+
+/// How the client reaches a relay node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RelayTransport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl std::fmt::Display for RelayTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+        })
+    }
+}
+
+/// A relay node to allocate on, with the credentials its supernode issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayServer {
+    pub transport: RelayTransport,
+    pub address: SocketAddr,
+    pub username: String,
+    pub password: String,
+}
+
+/// What became of an allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllocationState {
+    Allocating,
+    /// The relayed address peers send to.
+    Ready(SocketAddr),
+    Failed(String),
+}
+
+/// One allocation and the state of its permissions.
+#[derive(Debug)]
+pub struct RelayAllocation {
+    pub server: RelayServer,
+    /// The local end of the connection to the relay (the media socket, or the stream's local address).
+    pub local: SocketAddr,
+    client: TurnClient,
+    epoch: Instant,
+    state: AllocationState,
+    requested_permissions: HashSet<IpAddr>,
+}
+
+impl RelayAllocation {
+    /// Starts allocating on `server` from `local`.
+    pub fn new(server: RelayServer, local: SocketAddr, now: Instant) -> Self {
+        let credentials = TurnCredentials::new(&server.username, &server.password);
+        let config = TurnConfig::new(credentials);
+        let client: TurnClient = match server.transport {
+            RelayTransport::Udp => TurnClientUdp::allocate(local, server.address, config).into(),
+            RelayTransport::Tcp | RelayTransport::Tls => TurnClientTcp::allocate(local, server.address, config).into(),
+        };
+        Self { server, local, client, epoch: now, state: AllocationState::Allocating, requested_permissions: HashSet::new() }
+    }
+
+    pub fn state(&self) -> &AllocationState {
+        &self.state
+    }
+
+    pub fn relayed(&self) -> Option<SocketAddr> {
+        match self.state {
+            AllocationState::Ready(address) => Some(address),
+            _ => None,
+        }
+    }
+
+    fn now(&self, now: Instant) -> turn_types::Instant {
+        let elapsed = now.saturating_duration_since(self.epoch);
+        turn_types::Instant::from_nanos(i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX))
+    }
+
+    /// Whether a datagram from `source` to `destination` belongs to this allocation (UDP only).
+    pub fn owns_datagram(&self, source: SocketAddr, destination: SocketAddr) -> bool {
+        self.server.transport == RelayTransport::Udp && source == self.server.address && destination == self.local
+    }
+
+    /// Bytes from the relay (a datagram, or a piece of the stream); returns what peers sent.
+    pub fn receive(&mut self, bytes: &[u8], now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+        let at = self.now(now);
+        let transport = self.client.transport();
+        let transmit = turn_client_proto::api::Transmit::new(bytes, transport, self.server.address, self.local);
+        let mut peer_data = Vec::new();
+        if let TurnRecvRet::PeerData(data) = self.client.recv(transmit, at) {
+            peer_data.push((data.peer, data.data().to_vec()));
+        }
+        // A stream read may hold more than one message.
+        while let Some(data) = self.client.poll_recv(at) {
+            peer_data.push((data.peer, data.data().to_vec()));
+        }
+        self.update(at);
+        peer_data
+    }
+
+    /// Wire bytes for the relay that carry `data` to `peer`; asks for a permission first if
+    /// none was asked for that peer's IP (the packet is then dropped; ICE retries).
+    pub fn send_to(&mut self, peer: SocketAddr, data: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let at = self.now(now);
+        if !self.client.have_permission(TransportType::Udp, peer.ip()) {
+            self.permit(peer.ip(), now);
+            return None;
+        }
+        match self.client.send_to(TransportType::Udp, peer, data, at) {
+            Ok(Some(transmit)) => Some(transmit.build().data),
+            _ => None,
+        }
+    }
+
+    /// Asks the relay to let `peer` through (once per IP; refreshed by the client).
+    pub fn permit(&mut self, peer: IpAddr, now: Instant) {
+        if self.relayed().is_none() || !self.requested_permissions.insert(peer) {
+            return;
+        }
+        let at = self.now(now);
+        let _ = self.client.create_permission(TransportType::Udp, peer, at);
+    }
+
+    /// Bytes the protocol wants sent to the relay now (requests, refreshes).
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        let at = self.now(now);
+        let transmit = self.client.poll_transmit(at)?;
+        Some(transmit.data.to_vec())
+    }
+
+    /// Runs timers; returns when to come back.
+    pub fn poll_timeout(&mut self, now: Instant) -> Instant {
+        let at = self.now(now);
+        let wake = match self.client.poll(at) {
+            TurnPollRet::WaitUntil(wake) => wake.to_std(self.epoch),
+            TurnPollRet::Closed => {
+                if !matches!(self.state, AllocationState::Failed(_)) {
+                    self.state = AllocationState::Failed("the relay closed the allocation".into());
+                }
+                now + Duration::from_secs(60)
+            }
+            // TCP allocations are never asked for.
+            TurnPollRet::AllocateTcpSocket { .. } | TurnPollRet::TcpClose { .. } => now,
+        };
+        self.update(at);
+        wake.max(now)
+    }
+
+    /// The stream to the relay is gone.
+    pub fn stream_closed(&mut self) {
+        self.client.protocol_error();
+        self.state = AllocationState::Failed("the connection to the relay closed".into());
+    }
+
+    fn update(&mut self, _at: turn_types::Instant) {
+        while let Some(event) = self.client.poll_event() {
+            match event {
+                TurnEvent::AllocationCreated(_, relayed) => self.state = AllocationState::Ready(relayed),
+                TurnEvent::AllocationCreateFailed(_) => {
+                    self.state = AllocationState::Failed("the relay refused the allocation (credentials or quota)".into())
+                }
+                TurnEvent::PermissionCreateFailed(_, peer) => {
+                    self.requested_permissions.remove(&peer);
+                }
+                _ => {}
+            }
+        }
+    }
+}
