@@ -70,7 +70,10 @@ impl RelayAllocation {
     /// Starts allocating on `server` from `local`.
     pub fn new(server: RelayServer, local: SocketAddr, now: Instant) -> Self {
         let credentials = TurnCredentials::new(&server.username, &server.password);
-        let config = TurnConfig::new(credentials);
+        let mut config = TurnConfig::new(credentials);
+        // Send USERNAME, not USERHASH: a relay checks short-lived credentials by reading the
+        // expiry in the username, which a hash hides.
+        config.set_anonymous_username(turn_client_proto::stun::auth::Feature::Disabled);
         let client: TurnClient = match server.transport {
             RelayTransport::Udp => TurnClientUdp::allocate(local, server.address, config).into(),
             RelayTransport::Tcp | RelayTransport::Tls => TurnClientTcp::allocate(local, server.address, config).into(),
@@ -142,6 +145,13 @@ impl RelayAllocation {
     /// Bytes the protocol wants sent to the relay now (requests, refreshes).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
         let at = self.now(now);
+        if let Some(transmit) = self.client.poll_transmit(at) {
+            return Some(transmit.data.to_vec());
+        }
+        // A request queued by the last input (the authenticated Allocate after a 401, a
+        // permission) goes out only once the client has been polled.
+        let _ = self.client.poll(at);
+        self.update(at);
         let transmit = self.client.poll_transmit(at)?;
         Some(transmit.data.to_vec())
     }

@@ -86,3 +86,24 @@ async fn a_call_through_a_relay_reached_over_tcp_by_one_side() {
     let (caller, callee, speech) = call(RelayTransport::Tcp, RelayTransport::Udp).await;
     assert_heard(&caller, &callee, &speech);
 }
+
+/// The credentials a supernode issues (TURN REST API, `EXPIRY:USER`) allocate: the client
+/// sends the username in the clear (not USERHASH), so the relay can read the expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_credentials_allocate() {
+    let secret = koe_relay::RelaySecret::new(b"0123456789abcdef".to_vec());
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap());
+    config.secret = Some(secret.clone());
+    let relay = start_relay(config).await.unwrap();
+    let credentials = secret.issue("carol", Duration::from_secs(3600));
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = socket.local_addr().unwrap();
+    let mut session = MediaSession::new(Instant::now(), &[]).unwrap();
+    let server = RelayServer { transport: RelayTransport::Udp, address: relay.udp, username: credentials.username, password: credentials.password };
+    let mut streams = RelayStreams::default();
+    session.add_relay(server, local, Instant::now());
+    driver::gather_relays(&mut session, &socket, &mut streams, Instant::now() + Duration::from_secs(2)).await;
+    let states = session.relay_states();
+    assert!(matches!(states[0].2, AllocationState::Ready(_)), "{states:?}");
+    assert_eq!(relay.stats().allocations, 1);
+}

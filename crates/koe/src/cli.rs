@@ -292,6 +292,10 @@ pub struct UpArgs {
     /// With --auto-answer: record what each answered call plays out to this WAV file
     #[arg(long, value_name = "FILE.wav")]
     pub record: Option<PathBuf>,
+    /// Make and take calls only through relay nodes: no direct path, and the other side never
+    /// learns this device's address
+    #[arg(long)]
+    pub relay_only: bool,
 }
 
 #[derive(Debug, Args)]

@@ -34,7 +34,7 @@ pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
     };
     let auto_answer =
         args.auto_answer.then(|| daemon::calls::AutoAnswer { play: args.play.clone(), record: args.record.clone(), echo: None });
-    let options = DaemonOptions { status, preferred_supernodes: preferred, promotion, auto_answer };
+    let options = DaemonOptions { status, preferred_supernodes: preferred, promotion, auto_answer, relay_only: args.relay_only };
     let result = daemon::run(profile, options, shutdown_signal()).await;
     if let Some((stop, task)) = supernode {
         let _ = stop.send(());
@@ -52,6 +52,7 @@ pub async fn echo_bot(profile: Profile, listen: std::time::Duration) -> Result<(
         preferred_supernodes: Vec::new(),
         promotion: None,
         auto_answer: Some(auto_answer),
+        relay_only: false,
     };
     daemon::run(profile, options, shutdown_signal()).await
 }

@@ -173,7 +173,7 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     let network = supernodes.network.clone();
     let alice = DemoUser::join(dir, &network, "alice", narrator).await?;
     let bob = DemoUser::join(dir, &network, "bob", narrator).await?;
-    let _carol = DemoUser::join(dir, &network, "carol", narrator).await?;
+    let carol = DemoUser::join(dir, &network, "carol", narrator).await?;
 
     let now = UnixTime::now();
     for (checker, subject) in [(&alice, &bob), (&bob, &alice)] {
@@ -227,8 +227,8 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     // --record FILE` does).
     let recording = dir.join("alice-heard.wav");
     let answering = AutoAnswer { play: None, record: Some(recording.clone()), echo: None };
-    let alice_up = DemoClient::up(&alice, &supernodes.addresses[0], Some(answering), narrator).await?;
-    let bob_up = DemoClient::up(&bob, &supernodes.addresses[SUPERNODES - 1], None, narrator).await?;
+    let alice_up = DemoClient::up(&alice, &supernodes.addresses[0], Some(answering), false, narrator).await?;
+    let bob_up = DemoClient::up(&bob, &supernodes.addresses[SUPERNODES - 1], None, false, narrator).await?;
 
     let started = Instant::now();
     let found = alice_up.ask(ControlRequest::Lookup { username: "bob".into() }).await?;
@@ -286,12 +286,28 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     let nobody = alice_up.ask_expecting_failure(ControlRequest::Lookup { username: "dave".into() }).await?;
     narrator.step(format!("Looking up dave, who has no account, says so (the login server knows accounts): {nobody}."));
 
+    // carol comes online in the mode that never shows her address to the other side: her
+    // calls go through a relay node (what `koe up --relay-only` does).
+    let carol_up = DemoClient::up(&carol, &supernodes.addresses[1 % SUPERNODES], None, true, narrator).await?;
+    narrator.step(format!(
+        "carol calls alice through a relay node: her client offers only an address on the relay beside her supernode (`koe up --relay-only`), so alice never learns carol's. Sending {source}:"
+    ));
+    let call = carol_up
+        .ask(ControlRequest::Call { username: "alice".into(), play: Some(speech.display().to_string()), record: None, duration_ms: None })
+        .await?;
+    for line in call.lines() {
+        narrator.detail(line.trim());
+    }
+    if !call.contains("relayed (") {
+        bail!("carol's call did not go through a relay node:\n{call}");
+    }
+    carol_up.stop().await;
     alice_up.stop().await;
     bob_up.stop().await;
     let routed: u64 = supernodes.metrics.iter().map(|m| m.envelopes_routed.load(Ordering::Relaxed)).sum();
     let held: u64 = supernodes.metrics.iter().map(|m| m.records_held.load(Ordering::Relaxed)).sum();
     narrator.step(format!(
-        "Stopped alice's and bob's clients. The supernodes relayed envelopes {routed} times (each message passes two) and hold {held} copies of presence records (each is kept by several supernodes); they expire on their own."
+        "Stopped the clients. The supernodes relayed envelopes {routed} times (each message passes two) and hold {held} copies of presence records (each is kept by several supernodes); they expire on their own."
     ));
     supernodes.stop().await;
     login_server.stop().await?;
@@ -359,7 +375,7 @@ struct DemoClient {
 }
 
 impl DemoClient {
-    async fn up(user: &DemoUser, supernode: &str, auto_answer: Option<AutoAnswer>, narrator: &mut Narrator) -> Result<Self> {
+    async fn up(user: &DemoUser, supernode: &str, auto_answer: Option<AutoAnswer>, relay_only: bool, narrator: &mut Narrator) -> Result<Self> {
         let home = user.profile.home().to_path_buf();
         let (stop, stopped) = oneshot::channel::<()>();
         let options = DaemonOptions {
@@ -367,6 +383,7 @@ impl DemoClient {
             preferred_supernodes: vec![supernode.to_string()],
             promotion: None,
             auto_answer,
+            relay_only,
         };
         let task = tokio::spawn(daemon::run(user.profile.clone(), options, async {
             let _ = stopped.await;

@@ -15,9 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use koe_call::{Call, CallEvent, CallId, CallOutput, CallSignal};
-use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, MediaStats, Microphone, SoundQueue};
+use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, MediaStats, Microphone, RelayStreams, SoundQueue};
+use koe_media::relay::{AllocationState, RelayServer, RelayTransport};
 use koe_media::MediaSession;
 use koe_overlay::client::SendOutcome;
+use koe_overlay::RelayOffer;
 use koe_types::{UnixTime, Username};
 use koe_voice::{codec::DEFAULT_BITRATE, quality, wav, Backend, SAMPLE_RATE};
 use tokio::net::UdpSocket;
@@ -186,11 +188,24 @@ async fn parent_address(state: &DaemonState) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, crate::commands::node::tcp_port(&parent)?))
 }
 
+/// How long a call waits for its relay allocations before it offers without them.
+const RELAY_GATHER: Duration = Duration::from_millis(1500);
+
+/// A call's network side before it starts: the media socket, the session with its candidates,
+/// and the streams to relay nodes reached over TCP or TLS.
+struct CallNetwork {
+    socket: UdpSocket,
+    session: MediaSession,
+    streams: RelayStreams,
+}
+
 /// The call's media socket and session: host candidate on the address that routes to the
-/// parent supernode (found without sending anything; else loopback), plus a server-reflexive
-/// one if the parent's STUN responder sees this socket at another address (a NAT). If the
-/// responder does not answer at all, UDP is probably blocked here, and `log` says so.
-async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<(UdpSocket, MediaSession), String> {
+/// parent supernode (found without sending anything; else loopback), a server-reflexive one if
+/// the parent's STUN responder sees this socket at another address (a NAT), and relayed ones
+/// on the relay nodes the parent offers: over UDP when UDP works, else over TCP, or TLS through
+/// an HTTP proxy. If the responder does not answer at all, UDP is probably blocked here, and
+/// `log` says so. With `--relay-only` only relayed candidates are offered.
+async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetwork, String> {
     let parent = parent_address(state).await;
     let local_ip = parent
         .and_then(|parent| {
@@ -203,20 +218,115 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<(UdpSock
         .await
         .map_err(|e| format!("cannot open a socket for the call's audio: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
-    let mut session = MediaSession::new(Instant::now(), &[local]).map_err(|e| e.to_string())?;
-    if let Some(parent) = parent {
-        match koe_stun::reflexive_address(&socket, parent).await {
-            Ok(mapped) => session.add_server_reflexive(mapped, local).map_err(|e| e.to_string())?,
-            Err(koe_stun::StunError::Timeout(after)) => {
-                log.line(format!(
-                    "no answer over UDP from the parent supernode within {} ms: UDP may be blocked on this network, and calls need it (relays over TCP are not built yet)",
-                    after.as_millis()
-                ));
-            }
-            Err(error) => info!(%error, "no server-reflexive candidate from the parent supernode"),
+    let hosts = if state.relay_only { Vec::new() } else { vec![local] };
+    let mut session = MediaSession::new(Instant::now(), &hosts).map_err(|e| e.to_string())?;
+    let reflexive = async {
+        match parent {
+            Some(parent) => Some(koe_stun::reflexive_address(&socket, parent).await),
+            None => None,
+        }
+    };
+    let (reflexive, offers) = tokio::join!(reflexive, state.client.relay_credentials());
+    let mut udp_works = true;
+    match reflexive {
+        Some(Ok(mapped)) if !state.relay_only => session.add_server_reflexive(mapped, local).map_err(|e| e.to_string())?,
+        Some(Err(koe_stun::StunError::Timeout(after))) => {
+            udp_works = false;
+            log.line(format!(
+                "no answer over UDP from the parent supernode within {} ms: UDP may be blocked on this network; trying relays over TCP",
+                after.as_millis()
+            ));
+        }
+        Some(Err(error)) => info!(%error, "no server-reflexive candidate from the parent supernode"),
+        _ => {}
+    }
+    let offers = offers.unwrap_or_else(|error| {
+        info!(%error, "no relay nodes from the parent supernode");
+        Vec::new()
+    });
+    let mut streams = RelayStreams::default();
+    for offer in offers.iter().take(2) {
+        add_relays(&mut session, &mut streams, local, offer, udp_works).await;
+    }
+    driver::gather_relays(&mut session, &socket, &mut streams, Instant::now() + RELAY_GATHER).await;
+    let relays = session.relay_states();
+    for (transport, server, state) in &relays {
+        if let AllocationState::Failed(reason) = state {
+            info!(%transport, %server, %reason, "no relayed candidate");
         }
     }
-    Ok((socket, session))
+    let relayed = relays.iter().filter(|(_, _, state)| matches!(state, AllocationState::Ready(_))).count();
+    if state.relay_only && relayed == 0 {
+        return Err(if offers.is_empty() {
+            "no relay node was offered by the parent supernode, and this client only calls through relays (--relay-only)".into()
+        } else {
+            "no relay node could be reached, and this client only calls through relays (--relay-only)".into()
+        });
+    }
+    Ok(CallNetwork { socket, session, streams })
+}
+
+/// Starts allocations on one offered relay node: over UDP from the media socket when UDP
+/// works and no proxy stands in the way; else over TCP, or TLS (through the HTTP proxy if one
+/// is configured: proxies carry TLS).
+async fn add_relays(session: &mut MediaSession, streams: &mut RelayStreams, local: SocketAddr, offer: &RelayOffer, udp_works: bool) {
+    let Ok(address) = offer.address.parse::<SocketAddr>() else {
+        info!(address = %offer.address, "a relay offer with an unusable address");
+        return;
+    };
+    let server = |transport, address| RelayServer { transport, address, username: offer.username.clone(), password: offer.password.clone() };
+    let proxied = koe_proxy::for_host(&address.ip().to_string()).is_some();
+    if udp_works && !proxied {
+        session.add_relay(server(RelayTransport::Udp, address), local, Instant::now());
+        return;
+    }
+    if !proxied {
+        match tokio::time::timeout(RELAY_GATHER, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(stream)) => {
+                if let Ok(stream_local) = stream.local_addr() {
+                    let _ = stream.set_nodelay(true);
+                    let index = session.add_relay(server(RelayTransport::Tcp, address), stream_local, Instant::now());
+                    streams.add(index, stream);
+                    return;
+                }
+            }
+            Ok(Err(error)) => info!(%address, %error, "cannot reach the relay over TCP; trying TLS"),
+            Err(_) => info!(%address, "the relay did not accept TCP in time; trying TLS"),
+        }
+    }
+    let (Some(tls_address), Some(fingerprint)) = (offer.tls_address.as_deref(), offer.tls_fingerprint.as_deref()) else { return };
+    match connect_tls(tls_address, fingerprint).await {
+        Ok((stream, stream_local, address)) => {
+            let index = session.add_relay(server(RelayTransport::Tls, address), stream_local, Instant::now());
+            streams.add(index, stream);
+        }
+        Err(error) => info!(%tls_address, %error, "cannot reach the relay over TLS"),
+    }
+}
+
+/// TURN over TLS to `address`, through the HTTP proxy if configured, accepting exactly the
+/// certificate with `fingerprint` (the supernode that offered the relay vouches for it).
+async fn connect_tls(
+    address: &str,
+    fingerprint: &str,
+) -> Result<(tokio_rustls::client::TlsStream<tokio::net::TcpStream>, SocketAddr, SocketAddr), String> {
+    let target: SocketAddr = address.parse().map_err(|_| format!("not an address: {address}"))?;
+    let fingerprint = koe_types::network::TlsFingerprint::parse(fingerprint).ok_or("a relay offer with a malformed certificate fingerprint")?;
+    let tcp = tokio::time::timeout(RELAY_GATHER, koe_proxy::connect(&target.ip().to_string(), target.port()))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let config = koe_auth::tls::PinnedServerCertificate::new(fingerprint).client_config().map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("koe-relay").map_err(|e| e.to_string())?;
+    let stream = tokio::time::timeout(RELAY_GATHER, tokio_rustls::TlsConnector::from(config).connect(name, tcp))
+        .await
+        .map_err(|_| "the TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS: {e}"))?;
+    // Through a proxy the local address is the proxy connection's: TURN only needs it to be
+    // this stream's, consistently.
+    Ok((stream, local, target))
 }
 
 fn unspecified(like: IpAddr) -> IpAddr {
@@ -348,7 +458,7 @@ pub async fn place(
     if devices == 0 {
         return Err(state.absence(&to).await);
     }
-    let (socket, mut session) = media?;
+    let CallNetwork { socket, mut session, streams } = media?;
     let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
     let (mut signals, hangup) = state.calls.register(id, &to);
     let (dialed, started_at) = (Instant::now(), UnixTime::now());
@@ -376,7 +486,7 @@ pub async fn place(
                 Duration::ZERO => DEFAULT_TALK,
                 length => length + Duration::from_millis(500),
             });
-            let media = Media { session, socket, remote: remote_media, caller: true, sound, record: record.clone(), talk };
+            let media = Media { session, socket, streams, remote: remote_media, caller: true, sound, record: record.clone(), talk };
             talk_until_done(&state, &to, id, &mut call, media, &mut signals, hangup, &mut log).await.map(Some)
         }
         None => Ok(None),
@@ -390,6 +500,7 @@ pub async fn place(
 struct Media {
     session: MediaSession,
     socket: UdpSocket,
+    streams: RelayStreams,
     remote: koe_media::MediaDescription,
     caller: bool,
     sound: Sound,
@@ -411,7 +522,7 @@ async fn talk_until_done(
     hangup: impl std::future::Future<Output = Result<(), oneshot::error::RecvError>>,
     log: &mut CallLog,
 ) -> Result<MediaStats, String> {
-    let Media { mut session, socket, remote, caller, sound, record, talk } = media;
+    let Media { mut session, socket, streams, remote, caller, sound, record, talk } = media;
     session.start(&remote, caller).map_err(|e| format!("the other side's media offer is unusable: {e}"))?;
     let Sound { microphone, speaker, _devices } = sound;
     let audio = CallAudio { backend: Backend::OpusPure, bitrate: DEFAULT_BITRATE, microphone, speaker };
@@ -420,7 +531,7 @@ async fn talk_until_done(
         talking.insert(id, controls.clone());
     }
     let (stop_media, media_stopped) = oneshot::channel::<()>();
-    let mut media = tokio::spawn(driver::run(session, socket, audio, controls.clone(), async move {
+    let mut media = tokio::spawn(driver::run(session, socket, streams, audio, controls.clone(), async move {
         let _ = media_stopped.await;
     }));
     let mut stop_media = Some(stop_media);
@@ -564,10 +675,10 @@ async fn answer_now(
         // The caller decides how long the call lasts; this is only a bound.
         None => (Sound::for_call(auto.play.as_deref(), log)?, Duration::from_secs(4 * 3600)),
     };
-    let (socket, mut session) = media_socket(state, log).await?;
+    let CallNetwork { socket, mut session, streams } = media_socket(state, log).await?;
     call.answer(session.local_description()).map_err(str::to_string)?;
     drain(state, from, call, log).await;
-    let media = Media { session, socket, remote: remote_media.clone(), caller: false, sound, record: auto.record, talk };
+    let media = Media { session, socket, streams, remote: remote_media.clone(), caller: false, sound, record: auto.record, talk };
     talk_until_done(state, from, id, call, media, signals, hangup, log).await
 }
 

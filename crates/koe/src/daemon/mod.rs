@@ -71,6 +71,8 @@ pub struct DaemonState {
     /// This device, as calls name it (its key's fingerprint).
     device: String,
     calls: calls::Calls,
+    /// Offer only relayed candidates in calls (`--relay-only`).
+    relay_only: bool,
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -381,6 +383,8 @@ pub struct DaemonOptions {
     pub promotion: Option<Promotion>,
     /// `--auto-answer`: answer every call at once.
     pub auto_answer: Option<calls::AutoAnswer>,
+    /// Calls go only through relay nodes: the other side never learns this device's address.
+    pub relay_only: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -489,6 +493,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         serving: Mutex::new(None),
         device,
         calls: calls::Calls::new(options.auto_answer),
+        relay_only: options.relay_only,
     });
     let promotion_task = options
         .promotion
