@@ -157,9 +157,9 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
     let relay = (!args.no_relay).then_some(RelayPlacement { listen: args.relay_listen, tls_listen: args.relay_tls_listen, limits: &args.relay });
     let (node, address, beside) = start_supernode(&network, identity, args.listen, &remembered, relay).await?;
     // The first line on stdout is the address, for scripts and `koe network add-bootstrap`.
-    println!("{address}");
+    report(&address.to_string());
     if let Some(relay) = &beside.relay {
-        println!("{}", super::relay::describe(relay));
+        report(&super::relay::describe(relay));
     }
     let metrics = node.metrics();
     if let Some(listen) = args.metrics {
@@ -175,9 +175,9 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
         ticks.tick().await;
         loop {
             ticks.tick().await;
-            println!("{}", summary_metrics.summary());
+            report(&summary_metrics.summary());
             if let Some(stats) = &relay_stats {
-                println!("{}", super::relay::summary(&stats.get()));
+                report(&super::relay::summary(&stats.get()));
             }
             let known = known.lock().map(|k| k.clone()).unwrap_or_default();
             if !known.is_empty() {
@@ -189,6 +189,13 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
     });
     node.run(shutdown).await;
     Ok(())
+}
+
+/// Prints a line for the operator. A service keeps running when nobody reads its output any
+/// more (a closed pipe): `println!` would panic there.
+pub fn report(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// Serves `GET /metrics` in Prometheus text format.

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use koe_overlay::{RelayIssuer, RelayOffer};
 use koe_relay::{start_relay, RelayConfig, RelayHandle, RelayPolicy, RelaySecret, RelayStats};
 
+use super::node::report;
 use crate::cli::{RelayArgs, RelayLimits};
 
 /// How long the credentials a supernode issues stay valid; a client asks again for every call.
@@ -50,21 +51,21 @@ pub async fn run(args: RelayArgs, shutdown: impl std::future::Future<Output = ()
         bail!("nobody could use this relay: give --relay-user NAME:PASSWORD or --secret-file FILE");
     }
     let relay = start_relay(config).await?;
-    println!("{}", describe(&relay));
+    report(&describe(&relay));
     let summary_every = args.summary_every;
     let summaries = async {
         let mut ticks = tokio::time::interval(summary_every);
         ticks.tick().await;
         loop {
             ticks.tick().await;
-            println!("{}", summary(&relay.stats()));
+            report(&summary(&relay.stats()));
         }
     };
     tokio::select! {
         _ = shutdown => {}
         _ = summaries => {}
     }
-    println!("{}", summary(&relay.stats()));
+    report(&summary(&relay.stats()));
     Ok(())
 }
 
