@@ -4,8 +4,12 @@
 //! media, ICE and STUN lose packets while signalling (TCP) does not. Bob's recording must
 //! still be alice's speech, with the copies of earlier frames filling the gaps.
 //!
-//! And a network that drops all UDP: the call cannot get its media through, and both the
-//! reason and the suspicion (UDP blocked) are said, within seconds, not a hang.
+//! A network that blocks the clients' UDP (the relay nodes, "out on the internet", still
+//! exchange datagrams): the clients say UDP looks blocked, reach the relays over TCP, and the
+//! call carries the speech through them.
+//!
+//! And a network that drops all UDP, relays' too: the call cannot get its media through, and
+//! both the reason and the suspicion (UDP blocked) are said, within seconds, not a hang.
 //!
 //! The tests re-run themselves inside the namespace (`ip netns exec … <this test binary>`),
 //! so every process they start there shares that namespace's loopback.
@@ -27,8 +31,15 @@ const LOSS: &str = "0.10";
 /// Runs the test `inner` of this binary inside a fresh namespace whose firewall drops UDP
 /// datagrams as `drop_rule` says.
 fn run_inside(what: &str, inner: &str, drop_rule: &[&str]) {
+    run_inside_with(what, inner, &[drop_rule]);
+}
+
+/// Like [`run_inside`], with several drop rules (a datagram matching any is dropped).
+fn run_inside_with(what: &str, inner: &str, drop_rules: &[&[&str]]) {
     let namespace = Namespace::new(what);
-    namespace.run(&[&["iptables", "-A", "INPUT", "-p", "udp"], drop_rule, &["-j", "DROP"]].concat());
+    for drop_rule in drop_rules {
+        namespace.run(&[&["iptables", "-A", "INPUT", "-p", "udp"], *drop_rule, &["-j", "DROP"]].concat());
+    }
     let test_binary = std::env::current_exe().unwrap();
     let output = namespace
         .command(test_binary.to_str().unwrap())
@@ -56,6 +67,46 @@ fn with_udp_blocked_a_call_ends_with_the_reason_not_a_hang() {
         return;
     }
     run_inside("noudp", "the_call_inside_the_namespace_without_udp", &[]);
+}
+
+#[test]
+fn with_the_clients_udp_blocked_a_call_goes_over_tcp_to_relay_nodes() {
+    if std::env::var(INSIDE).is_ok() || !netns::available("call over TCP relays") {
+        return;
+    }
+    // Drop every datagram unless it goes from a relay node to a relay node.
+    run_inside_with(
+        "tcprelay",
+        "the_call_inside_the_namespace_where_clients_have_no_udp",
+        &[&["!", "-s", common::RELAY_IP], &["!", "-d", common::RELAY_IP]],
+    );
+}
+
+/// Runs only inside the namespace made by `with_the_clients_udp_blocked_a_call_goes_over_tcp_to_relay_nodes`.
+#[test]
+fn the_call_inside_the_namespace_where_clients_have_no_udp() {
+    if std::env::var(INSIDE).is_err() {
+        return;
+    }
+    let (network, _login, _supernodes, homes) = common::network_with(&["alice", "bob"]);
+    let (alice, bob) = (homes[0].clone(), homes[1].clone());
+    let speech = speechlike(3);
+    let speech_file = network.dir.path().join("speech.wav");
+    wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
+    let recording = network.dir.path().join("bob-heard.wav");
+    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--record", recording.to_str().unwrap()]);
+    let _alice_up = KoeProcess::up(&alice);
+    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "4s"], ""));
+    eprintln!("{call}");
+    assert!(call.contains("UDP may be blocked on this network; trying relays over TCP"), "{call}");
+    assert!(call.contains("talked") && call.contains("over relayed (relay 127.0.0.2:"), "{call}");
+    wait_until(Duration::from_secs(10), || recording.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    let heard = wav::read_mono_48k(&recording).unwrap();
+    let second = SAMPLE_RATE as usize;
+    let (_, similarity) = best_lag(&speech[..second * 4 / 5], &heard, second / 2);
+    assert!(similarity > 0.8, "bob heard alice through relays reached over TCP (correlation {similarity:.3})");
 }
 
 /// Runs only inside the namespace made by `with_udp_blocked_a_call_ends_with_the_reason_not_a_hang`.

@@ -162,6 +162,11 @@ impl Drop for LoginServerProcess {
     }
 }
 
+/// Where the test supernodes' relay nodes listen and relay from: another loopback address than
+/// the clients' 127.0.0.1, so that a namespace's firewall can block the clients' UDP and still
+/// let relay nodes exchange datagrams, as relays out on the internet would.
+pub const RELAY_IP: &str = "127.0.0.2";
+
 /// A long-running `koe` child process (`node` or `up`), killed when dropped.
 pub struct KoeProcess {
     pub child: Child,
@@ -169,7 +174,8 @@ pub struct KoeProcess {
 }
 
 impl KoeProcess {
-    /// `koe node` on a free loopback port; waits for its address line.
+    /// `koe node` on a free loopback port; waits for its address line. Its relay node listens
+    /// on [`RELAY_IP`], so a firewall can tell relay traffic from the clients'.
     pub fn node(home: &Path, network_file: &Path) -> Self {
         let mut child = koe()
             .arg("--home")
@@ -177,6 +183,7 @@ impl KoeProcess {
             .args(["node", "--network"])
             .arg(network_file)
             .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--relay-listen", &format!("{RELAY_IP}:0"), "--relay-tls-listen", &format!("{RELAY_IP}:0")])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
