@@ -1,6 +1,8 @@
 //! A client whose way out is an HTTP proxy (tinyproxy, a real one): with `--proxy` it signs up,
 //! logs in and attaches to a supernode through `CONNECT` tunnels, finds a user who connects
-//! directly and chats with them; the proxy's log shows the tunnels. A proxy that wants
+//! directly, chats with them and calls them through a relay node reached by TURN over TLS
+//! through the proxy (the caller offers only relayed candidates, so that is the call's only
+//! way); the proxy's log shows the tunnels. A proxy that wants
 //! credentials, one that refuses them and one that is not there each get a clear error.
 //! Needs tinyproxy: skipped without it, unless `KOE_REQUIRE_TINYPROXY=1` (CI) makes that a
 //! failure.
@@ -14,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{fails, free_port, ok, run, stdout, wait_until, KoeProcess, TestNetwork};
+use koe_voice::signal::{best_lag, speechlike};
+use koe_voice::{wav, SAMPLE_RATE};
 
 /// tinyproxy in the foreground with a configuration of its own, killed when dropped.
 struct Tinyproxy {
@@ -58,7 +62,7 @@ impl Drop for Tinyproxy {
 }
 
 #[test]
-fn a_client_behind_an_http_proxy_logs_in_attaches_and_chats() {
+fn a_client_behind_an_http_proxy_logs_in_attaches_chats_and_calls() {
     let network = TestNetwork::init();
     let Some(proxy) = Tinyproxy::start(network.dir.path()) else { return };
     let _login = network.serve();
@@ -84,11 +88,25 @@ fn a_client_behind_an_http_proxy_logs_in_attaches_and_chats() {
 
     ok(signup(&alice, "alice", &["--proxy", &good]));
     ok(signup(&bob, "bob", &[]));
-    let _alice_up = KoeProcess::daemon(&alice, &["--proxy", &good, "up"]);
-    let _bob_up = KoeProcess::up(&bob);
+    // alice calls only through relays, so her call's only way is TURN over TLS through the proxy.
+    let _alice_up = KoeProcess::daemon(&alice, &["--proxy", &good, "up", "--relay-only"]);
+    let bob_heard = network.dir.path().join("bob-heard.wav");
+    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--record", bob_heard.to_str().unwrap()]);
     wait_until(Duration::from_secs(15), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
     assert!(ok(run(&alice, &["chat", "bob", "hello from behind the proxy"], "")).contains("delivered"));
     assert!(ok(run(&bob, &["messages", "alice"], "")).contains("hello from behind the proxy"));
+
+    let speech = speechlike(3);
+    let speech_file = network.dir.path().join("alice.wav");
+    wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
+    let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "4s"], ""));
+    assert!(call.contains("talked") && call.contains("over relayed (relay "), "{call}");
+    wait_until(Duration::from_secs(10), || bob_heard.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    let heard = wav::read_mono_48k(&bob_heard).unwrap();
+    let second = SAMPLE_RATE as usize;
+    let (_, similarity) = best_lag(&speech[..second * 4 / 5], &heard, second / 2);
+    assert!(similarity > 0.8, "bob heard alice through TURN over TLS through the proxy (correlation {similarity:.3})");
 
     // Every connection alice made went through tinyproxy: the login server's and the
     // supernode's ports appear in its log as CONNECT targets.
@@ -97,4 +115,5 @@ fn a_client_behind_an_http_proxy_logs_in_attaches_and_chats() {
     for port in [network.port.to_string(), supernode_port.to_string()] {
         assert!(log.contains(&format!("CONNECT 127.0.0.1:{port} HTTP/1.1")), "no tunnel to port {port} in:\n{log}");
     }
+    assert!(log.contains(&format!("CONNECT {}:", common::RELAY_IP)), "no tunnel to the relay node in:\n{log}");
 }
