@@ -126,7 +126,6 @@ pub struct RelayCore {
     /// Every username and password accepted, for listeners added later.
     users: Vec<(String, String)>,
     policy: RelayPolicy,
-    relayed_ips: HashSet<IpAddr>,
     output: VecDeque<RelayOutput>,
     stats: RelayStats,
 }
@@ -146,7 +145,6 @@ impl RelayCore {
             known_short_lived: HashSet::new(),
             users: Vec::new(),
             policy,
-            relayed_ips: HashSet::new(),
             output: VecDeque::new(),
             stats: RelayStats::default(),
         }
@@ -279,7 +277,6 @@ impl RelayCore {
         let Some(listener) = self.listener_index(request.transport, request.listen) else { return };
         let user = self.allocating_user.remove(&(request.transport == TransportType::Tcp, request.listen, request.client)).unwrap_or_default();
         if let Ok(relayed) = result {
-            self.relayed_ips.insert(relayed.ip());
             *self.allocations_per_user.entry(user.clone()).or_default() += 1;
             let stream = (request.transport == TransportType::Tcp).then_some((request.listen, request.client));
             let bucket = TokenBucket::new(self.policy.bytes_per_second_per_allocation, now);
@@ -445,7 +442,7 @@ impl RelayCore {
     fn emit(&mut self, transport: TransportType, from: SocketAddr, to: SocketAddr, data: Vec<u8>, now: Instant) {
         if let Some(allocation) = self.allocations.get_mut(&from) {
             // From the client, out of the relayed socket towards a peer.
-            if !peer_allowed(to.ip(), self.policy.allow_loopback_peers, &self.relayed_ips) {
+            if !peer_allowed(to.ip(), self.policy.allow_loopback_peers) {
                 self.stats.packets_dropped_forbidden_peer += 1;
                 return;
             }
@@ -480,9 +477,9 @@ impl RelayCore {
 }
 
 /// Whether a relayed socket may send to `peer`. Never to unspecified, multicast or broadcast
-/// addresses, nor to the relay's own relayed addresses (which would loop data through the relay);
-/// loopback only where allowed.
-fn peer_allowed(peer: IpAddr, allow_loopback: bool, relayed_ips: &HashSet<IpAddr>) -> bool {
+/// addresses; loopback only where allowed. Other relayed addresses (this relay's own included)
+/// are fine: two clients that both need a relay talk relay to relay.
+fn peer_allowed(peer: IpAddr, allow_loopback: bool) -> bool {
     if peer.is_unspecified() || peer.is_multicast() {
         return false;
     }
@@ -494,7 +491,7 @@ fn peer_allowed(peer: IpAddr, allow_loopback: bool, relayed_ips: &HashSet<IpAddr
     if peer.is_loopback() {
         return allow_loopback;
     }
-    !relayed_ips.contains(&peer)
+    true
 }
 
 fn looks_like_stun(data: &[u8]) -> bool {
@@ -546,12 +543,11 @@ mod tests {
 
     #[test]
     fn peers_that_are_never_reached() {
-        let none = HashSet::new();
         for peer in ["0.0.0.0", "224.0.0.1", "255.255.255.255", "::", "ff02::1"] {
-            assert!(!peer_allowed(peer.parse().unwrap(), true, &none), "{peer}");
+            assert!(!peer_allowed(peer.parse().unwrap(), true), "{peer}");
         }
-        assert!(!peer_allowed("127.0.0.1".parse().unwrap(), false, &none));
-        assert!(peer_allowed("127.0.0.1".parse().unwrap(), true, &none));
-        assert!(peer_allowed("198.51.100.7".parse().unwrap(), false, &none));
+        assert!(!peer_allowed("127.0.0.1".parse().unwrap(), false));
+        assert!(peer_allowed("127.0.0.1".parse().unwrap(), true));
+        assert!(peer_allowed("198.51.100.7".parse().unwrap(), false));
     }
 }
