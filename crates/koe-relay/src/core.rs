@@ -214,7 +214,7 @@ impl RelayCore {
             self.output.push_back(RelayOutput::Datagram { from: local, to: from, data: answer });
             return;
         }
-        if looks_like_stun(data) && !self.admit_request(TransportType::Udp, local, from, data) {
+        if is_stun_request(data) && !self.admit_request(TransportType::Udp, local, from, data) {
             return;
         }
         self.hand_to_server(listener, TransportType::Udp, from, local, data, now, now_turn);
@@ -236,7 +236,7 @@ impl RelayCore {
                             self.output.push_back(RelayOutput::Stream { listen, client, data: answer });
                             continue;
                         }
-                        if !self.admit_request(TransportType::Tcp, listen, client, message) {
+                        if is_stun_request(message) && !self.admit_request(TransportType::Tcp, listen, client, message) {
                             continue;
                         }
                     }
@@ -300,9 +300,9 @@ impl RelayCore {
             let reply = reply.build();
             self.emit(reply.transport, reply.from, reply.to, reply.data, now);
         }
-        if looks_like_stun(data) {
+        if is_stun_request(data) {
             // A request may have changed what the server wants from us (a socket to open, one to
-            // close); plain data never does.
+            // close); data (ChannelData, Send indications) never does.
             self.poll_listener(listener, now_turn);
         } else {
             self.drain_transmits(listener, now, now_turn);
@@ -494,8 +494,10 @@ fn peer_allowed(peer: IpAddr, allow_loopback: bool) -> bool {
     true
 }
 
-fn looks_like_stun(data: &[u8]) -> bool {
-    data.len() >= 20 && data[0] < 0x40 && data[4..8] == [0x21, 0x12, 0xA4, 0x42]
+/// A STUN request (not an indication or a response): the class bits of the message type are 00.
+fn is_stun_request(data: &[u8]) -> bool {
+    let is_stun = data.len() >= 20 && data[0] < 0x40 && data[4..8] == [0x21, 0x12, 0xA4, 0x42];
+    is_stun && u16::from_be_bytes([data[0], data[1]]) & 0x0110 == 0
 }
 
 /// A token bucket in bytes: `rate` per second, holding at most one second's worth.
@@ -539,6 +541,22 @@ mod tests {
         let later = start + Duration::from_millis(500);
         let passed = (0..50).filter(|_| bucket.take(100, later)).count();
         assert_eq!(passed, 5, "half a second refills half");
+    }
+
+    #[test]
+    fn only_requests_count_as_requests() {
+        let message = |kind: u16| {
+            let mut bytes = kind.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&[0, 0, 0x21, 0x12, 0xA4, 0x42]);
+            bytes.extend_from_slice(&[0; 12]);
+            bytes
+        };
+        assert!(is_stun_request(&message(0x0001)), "Binding request");
+        assert!(is_stun_request(&message(0x0003)), "Allocate request");
+        assert!(!is_stun_request(&message(0x0016)), "Send indication");
+        assert!(!is_stun_request(&message(0x0103)), "Allocate success response");
+        assert!(!is_stun_request(&message(0x0113)), "Allocate error response");
+        assert!(!is_stun_request(&[0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4]), "ChannelData");
     }
 
     #[test]
