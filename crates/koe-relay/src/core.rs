@@ -217,12 +217,11 @@ impl RelayCore {
         if is_stun_request(data) && !self.admit_request(TransportType::Udp, local, from, data) {
             return;
         }
-        self.hand_to_server(listener, TransportType::Udp, from, local, data, now, now_turn);
+        self.hand_to_server(listener, TransportType::Udp, from, local, data, now);
     }
 
     /// Bytes arrived on a stream (TCP or decrypted TLS) that `client` opened to `listen`.
     pub fn recv_stream(&mut self, listen: SocketAddr, client: SocketAddr, bytes: &[u8], now: Instant) {
-        let now_turn = self.turn_now(now);
         let Some(listener) = self.listener_index(TransportType::Tcp, listen) else { return };
         let framer = self.streams.entry((listen, client)).or_default();
         framer.push(bytes);
@@ -240,7 +239,7 @@ impl RelayCore {
                             continue;
                         }
                     }
-                    self.hand_to_server(listener, TransportType::Tcp, client, listen, frame.bytes(), now, now_turn);
+                    self.hand_to_server(listener, TransportType::Tcp, client, listen, frame.bytes(), now);
                 }
                 Err(error) => {
                     tracing::info!(%client, %error, "closing a stream that does not speak TURN");
@@ -294,7 +293,8 @@ impl RelayCore {
         self.poll_listener(listener, now_turn);
     }
 
-    fn hand_to_server(&mut self, listener: usize, transport: TransportType, from: SocketAddr, to: SocketAddr, data: &[u8], now: Instant, now_turn: turn_types::Instant) {
+    fn hand_to_server(&mut self, listener: usize, transport: TransportType, from: SocketAddr, to: SocketAddr, data: &[u8], now: Instant) {
+        let now_turn = self.turn_now(now);
         let reply = self.listeners[listener].1.recv(turn_server_proto::api::Transmit::new(data, transport, from, to), now_turn);
         if let Some(reply) = reply {
             let reply = reply.build();
@@ -529,6 +529,7 @@ impl TokenBucket {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

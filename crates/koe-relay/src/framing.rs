@@ -85,7 +85,7 @@ impl StreamFramer {
                     return Ok(None);
                 }
                 let length = u16::from_be_bytes([self.buffered[2], self.buffered[3]]) as usize;
-                if self.buffered[4..8] != MAGIC_COOKIE || length % 4 != 0 {
+                if self.buffered[4..8] != MAGIC_COOKIE || !length.is_multiple_of(4) {
                     return Err(FramingError::BadStunHeader);
                 }
                 let total = STUN_HEADER + length;
@@ -159,6 +159,7 @@ fn pad_for_stream(mut frame: Vec<u8>) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

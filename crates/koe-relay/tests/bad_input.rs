@@ -2,6 +2,8 @@
 //! (or is dropped where TURN says so), nothing is relayed that should not be, and the relay keeps
 //! serving everyone else. Real sockets, hand-built STUN messages.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

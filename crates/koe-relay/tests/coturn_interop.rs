@@ -5,6 +5,8 @@
 //! Needs the `coturn` package. Without it the tests say so and pass, unless
 //! `KOE_REQUIRE_COTURN=1` (set in CI) makes its absence a failure.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;

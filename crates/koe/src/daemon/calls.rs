@@ -226,7 +226,22 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
             None => None,
         }
     };
-    let (reflexive, offers) = tokio::join!(reflexive, state.client.relay_credentials());
+    let mut streams = RelayStreams::default();
+    // UDP blocked on the last call: reach the relays over TCP at once, while the STUN query
+    // checks again, instead of after its time-out.
+    let udp_was_blocked = state.udp_blocked.load(Ordering::Relaxed);
+    let (reflexive, offers) = if udp_was_blocked {
+        let offers = state.client.relay_credentials().await;
+        let relays = async {
+            for offer in offers.iter().flatten().take(2) {
+                add_relays(&mut session, &mut streams, local, offer, false).await;
+            }
+        };
+        let (reflexive, ()) = tokio::join!(reflexive, relays);
+        (reflexive, offers)
+    } else {
+        tokio::join!(reflexive, state.client.relay_credentials())
+    };
     let mut udp_works = true;
     match reflexive {
         Some(Ok(mapped)) if !state.relay_only => session.add_server_reflexive(mapped, local).map_err(|e| e.to_string())?,
@@ -240,13 +255,15 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
         Some(Err(error)) => info!(%error, "no server-reflexive candidate from the parent supernode"),
         _ => {}
     }
+    state.udp_blocked.store(!udp_works, Ordering::Relaxed);
     let offers = offers.unwrap_or_else(|error| {
         info!(%error, "no relay nodes from the parent supernode");
         Vec::new()
     });
-    let mut streams = RelayStreams::default();
-    for offer in offers.iter().take(2) {
-        add_relays(&mut session, &mut streams, local, offer, udp_works).await;
+    if !udp_was_blocked {
+        for offer in offers.iter().take(2) {
+            add_relays(&mut session, &mut streams, local, offer, udp_works).await;
+        }
     }
     driver::gather_relays(&mut session, &socket, &mut streams, Instant::now() + RELAY_GATHER).await;
     let relays = session.relay_states();

@@ -73,6 +73,8 @@ pub struct DaemonState {
     calls: calls::Calls,
     /// Offer only relayed candidates in calls (`--relay-only`).
     relay_only: bool,
+    /// The last call found UDP blocked (its STUN query got no answer).
+    udp_blocked: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -494,6 +496,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         device,
         calls: calls::Calls::new(options.auto_answer),
         relay_only: options.relay_only,
+        udp_blocked: std::sync::atomic::AtomicBool::new(false),
     });
     let promotion_task = options
         .promotion
