@@ -136,6 +136,8 @@ pub struct MediaSession {
     rtp_arrived: u64,
     rtp_delivered: u64,
     relays: Vec<RelayAllocation>,
+    /// The other side's candidates are known and not yet permitted on every relay.
+    permissions_pending: bool,
 }
 
 impl std::fmt::Debug for MediaSession {
@@ -191,6 +193,7 @@ impl MediaSession {
             rtp_arrived: 0,
             rtp_delivered: 0,
             relays: Vec::new(),
+            permissions_pending: false,
         })
     }
 
@@ -229,8 +232,9 @@ impl MediaSession {
         self.receive_at(now, peer, relayed, data);
     }
 
-    /// After the relay took input: adopt a newly allocated address as a candidate.
-    fn after_relay_input(&mut self, relay: usize, _now: Instant) {
+    /// After the relay took input: adopt a newly allocated address as a candidate, and let the
+    /// other side's candidates (if known) through it.
+    fn after_relay_input(&mut self, relay: usize, now: Instant) {
         let Some(relayed) = self.relays[relay].relayed() else { return };
         if self.local_candidates.iter().any(|candidate| candidate.addr() == relayed) {
             return;
@@ -240,9 +244,13 @@ impl MediaSession {
             self.rtc.add_local_candidate(candidate.clone());
             self.local_candidates.push(candidate);
         }
+        self.permit_remote_candidates(relay, now);
+    }
+
+    fn permit_remote_candidates(&mut self, relay: usize, now: Instant) {
         let peers: Vec<std::net::IpAddr> = self.remote_candidates.iter().map(|candidate| candidate.addr().ip()).collect();
         for peer in peers {
-            self.relays[relay].permit(peer, _now);
+            self.relays[relay].permit(peer, now);
         }
     }
 
@@ -297,13 +305,9 @@ impl MediaSession {
         for candidate in &candidates {
             self.rtc.add_remote_candidate(candidate.clone());
         }
-        // Let the other side's candidates through every relay we allocated on.
-        for relay in &mut self.relays {
-            for candidate in &candidates {
-                relay.permit(candidate.addr().ip(), self.started_at.max(Instant::now()));
-            }
-        }
         self.remote_candidates = candidates;
+        // The next poll lets the other side's candidates through every relay allocated on.
+        self.permissions_pending = true;
         let mid = self.mid;
         let mut api: DirectApi = self.rtc.direct_api();
         api.set_remote_fingerprint(fingerprint);
@@ -452,6 +456,12 @@ impl MediaSession {
 
     /// Protocol messages the relays want sent (allocation, refreshes, permissions).
     fn poll_relays(&mut self, now: Instant) -> Option<MediaOutput> {
+        if self.permissions_pending {
+            for relay in 0..self.relays.len() {
+                self.permit_remote_candidates(relay, now);
+            }
+            self.permissions_pending = self.relays.iter().any(|relay| *relay.state() == AllocationState::Allocating);
+        }
         for relay in 0..self.relays.len() {
             if let Some(wire) = self.relays[relay].poll_transmit(now) {
                 self.after_relay_input(relay, now);
