@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
 use turn_server_proto::api::SocketAllocateError;
@@ -18,8 +18,10 @@ use turn_types::stun::TransportType;
 use crate::core::{AllocationRequest, RelayCore, RelayOutput, RelayPolicy, RelayStats};
 use crate::credentials::RelaySecret;
 
-/// Largest datagram or stream read handled at once (a TURN message is at most 20 + 65,535 bytes).
+/// Largest datagram handled at once (a TURN message is at most 20 + 65,535 bytes).
 const READ_BUFFER: usize = 65_600;
+/// One read from a stream; the framer puts larger messages together.
+const STREAM_READ_BUFFER: usize = 16 * 1024;
 /// Frames queued towards one stream before further ones are dropped (voice is worth nothing late).
 const STREAM_QUEUE: usize = 512;
 const EVENT_QUEUE: usize = 16_384;
@@ -124,15 +126,49 @@ impl Drop for RelayHandle {
 
 enum Event {
     Datagram { local: SocketAddr, from: SocketAddr, data: Vec<u8> },
-    StreamOpened { listen: SocketAddr, client: SocketAddr, writer: mpsc::Sender<Vec<u8>>, close: oneshot::Sender<()> },
+    StreamOpened { listen: SocketAddr, client: SocketAddr, writer: StreamWriter, close: oneshot::Sender<()> },
     StreamBytes { listen: SocketAddr, client: SocketAddr, data: Vec<u8> },
     StreamClosed { listen: SocketAddr, client: SocketAddr },
 }
 
 /// The driver's end of a client stream; dropping it ends the stream's task.
 struct Stream {
-    writer: mpsc::Sender<Vec<u8>>,
+    writer: StreamWriter,
     _close: oneshot::Sender<()>,
+}
+
+/// How the driver writes to a client's stream.
+enum StreamWriter {
+    /// Plain TCP, written from the driver's own task (no hand-off per frame) while the socket
+    /// takes whole frames.
+    Direct(Arc<TcpStream>),
+    /// TLS, or a TCP socket that once did not take a whole frame: a task writes the queue in
+    /// order; beyond [`STREAM_QUEUE`] frames are dropped (voice is worth nothing late).
+    Queued(mpsc::Sender<Vec<u8>>),
+}
+
+impl StreamWriter {
+    fn write(&mut self, frame: Vec<u8>) {
+        match self {
+            Self::Direct(socket) => {
+                let rest = match socket.try_write(&frame) {
+                    Ok(length) if length == frame.len() => return,
+                    Ok(length) => frame[length..].to_vec(),
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => frame,
+                    // The reading side sees the connection end and closes the stream.
+                    Err(_) => return,
+                };
+                // The socket is full: from now on a task writes, so nothing is reordered.
+                let (queue, frames) = mpsc::channel(STREAM_QUEUE);
+                let _ = queue.try_send(rest);
+                tokio::spawn(write_tcp(Arc::clone(socket), frames));
+                *self = Self::Queued(queue);
+            }
+            Self::Queued(queue) => {
+                let _ = queue.try_send(frame);
+            }
+        }
+    }
 }
 
 struct RelayedSocket {
@@ -307,8 +343,8 @@ impl Driver {
                     let _ = socket.try_send_to(&data, to);
                 }
                 RelayOutput::Stream { listen, client, data } => {
-                    if let Some(stream) = self.streams.get(&(listen, client)) {
-                        let _ = stream.writer.try_send(data);
+                    if let Some(stream) = self.streams.get_mut(&(listen, client)) {
+                        stream.writer.write(data);
                     }
                 }
                 RelayOutput::CloseStream { listen, client } => {
@@ -360,30 +396,83 @@ async fn accept_streams(listener: TcpListener, listen: SocketAddr, tls: Option<t
     loop {
         let Ok((stream, client)) = listener.accept().await else { continue };
         let _ = stream.set_nodelay(true);
-        let (writer, frames) = mpsc::channel(STREAM_QUEUE);
         let (close, closed) = oneshot::channel();
-        // Registered before the first byte is read, so the core never sees bytes of an unknown stream.
-        if events.send(Event::StreamOpened { listen, client, writer, close }).await.is_err() {
-            return;
-        }
-        let events = events.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => serve_stream(stream, listen, client, frames, closed, &events).await,
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_stream(stream, listen, client, frames, closed, &events).await,
-                    Ok(Err(error)) => tracing::debug!(%client, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
-                },
+        let events_for_task = events.clone();
+        match tls.clone() {
+            None => {
+                let socket = Arc::new(stream);
+                let writer = StreamWriter::Direct(Arc::clone(&socket));
+                // Registered before the first byte is read, so the core never sees bytes of an
+                // unknown stream.
+                if events.send(Event::StreamOpened { listen, client, writer, close }).await.is_err() {
+                    return;
+                }
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = read_tcp(&socket, listen, client, &events_for_task) => {}
+                        _ = closed => {}
+                    }
+                    let _ = events_for_task.send(Event::StreamClosed { listen, client }).await;
+                });
             }
-            let _ = events.send(Event::StreamClosed { listen, client }).await;
-        });
+            Some(acceptor) => {
+                let (writer, frames) = mpsc::channel(STREAM_QUEUE);
+                if events.send(Event::StreamOpened { listen, client, writer: StreamWriter::Queued(writer), close }).await.is_err() {
+                    return;
+                }
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_stream(stream, listen, client, frames, closed, &events_for_task).await,
+                        Ok(Err(error)) => tracing::debug!(%client, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
+                    }
+                    let _ = events_for_task.send(Event::StreamClosed { listen, client }).await;
+                });
+            }
+        }
     }
 }
 
-/// Reads one client stream into events and writes the frames the core sends it, until either
-/// side ends or the core lets go of the stream.
+/// Reads a plain TCP client stream into events until it ends (the driver writes to it itself).
+async fn read_tcp(socket: &TcpStream, listen: SocketAddr, client: SocketAddr, events: &mpsc::Sender<Event>) {
+    let mut buffer = vec![0u8; STREAM_READ_BUFFER];
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        match socket.try_read(&mut buffer) {
+            Ok(0) => return,
+            Ok(length) => {
+                let data = buffer[..length].to_vec();
+                if events.send(Event::StreamBytes { listen, client, data }).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes queued frames to a plain TCP stream, in order, as it takes them.
+async fn write_tcp(socket: Arc<TcpStream>, mut frames: mpsc::Receiver<Vec<u8>>) {
+    while let Some(frame) = frames.recv().await {
+        let mut written = 0;
+        while written < frame.len() {
+            if socket.writable().await.is_err() {
+                return;
+            }
+            match socket.try_write(&frame[written..]) {
+                Ok(length) => written += length,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Reads one TLS client stream into events and writes the frames the core sends it, until
+/// either side ends or the core lets go of the stream.
 async fn serve_stream<S>(
     stream: S,
     listen: SocketAddr,
@@ -403,7 +492,7 @@ async fn serve_stream<S>(
         }
     };
     let reading = async {
-        let mut buffer = vec![0u8; READ_BUFFER];
+        let mut buffer = vec![0u8; STREAM_READ_BUFFER];
         loop {
             match reader.read(&mut buffer).await {
                 Ok(0) | Err(_) => return,
