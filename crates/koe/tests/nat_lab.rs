@@ -114,7 +114,7 @@ fn internet() -> Namespace {
     inet.run(&["ip", "link", "set", "br0", "up"]);
     inet.run(&["ip", "addr", "add", &format!("{SERVERS_IP}/24"), "dev", "br0"]);
     // Frames crossing the bridge must not go through iptables (notes/nat-lab-pitfalls.md).
-    let _ = inet.command("sh").args(["-c", "sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null; true"]).status();
+    let _ = inet.command("sh").args(["-c", "echo 0 > /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null; true"]).status();
     inet
 }
 
@@ -144,7 +144,7 @@ fn build_site(inet: &Namespace, n: u8, name: &'static str, kind: SiteKind, dir: 
     client.run(&["ip", "addr", "add", &format!("{client_ip}/24"), "dev", "eth0"]);
     client.run(&["ip", "link", "set", "eth0", "up"]);
     client.run(&["ip", "route", "add", "default", "via", &lan_ip]);
-    router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    router.run(&["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]);
     let mut masquerade = vec!["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"];
     if kind == SiteKind::Symmetric {
         masquerade.push("--random-fully");
