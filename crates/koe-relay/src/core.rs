@@ -326,8 +326,11 @@ impl RelayCore {
                     return false;
                 }
                 if self.known_short_lived.insert(username.clone()) {
+                    // Every listener exists by now: no need to keep it for later ones.
                     let password = secret.password_for(&username);
-                    self.add_user(&username, &password);
+                    for (_, server) in &mut self.listeners {
+                        server.add_user(username.clone(), password.clone());
+                    }
                 }
             }
         }

@@ -11,6 +11,9 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
+/// Expiries of issued credentials are multiples of this (Unix seconds).
+pub const EXPIRY_STEP: u64 = 600;
+
 /// The secret a relay node shares with the supernodes that hand out its credentials.
 #[derive(Clone)]
 pub struct RelaySecret(Vec<u8>);
@@ -51,9 +54,12 @@ impl RelaySecret {
         Self(bytes)
     }
 
-    /// Credentials for `user`, valid for `lifetime` from now.
+    /// Credentials for `user`, valid for at least `lifetime` from now. The expiry is rounded up
+    /// to [`EXPIRY_STEP`], so a user calling often gets the same username again: a relay cannot
+    /// forget a username it has accepted (turn-server-proto 0.7 has no way to remove one), and
+    /// this bounds how many it learns.
     pub fn issue(&self, user: &str, lifetime: Duration) -> RelayCredentials {
-        let expires_unix = unix_now() + lifetime.as_secs();
+        let expires_unix = (unix_now() + lifetime.as_secs()).next_multiple_of(EXPIRY_STEP);
         let username = format!("{expires_unix}:{user}");
         let password = self.password_for(&username);
         RelayCredentials { username, password, expires_unix }
@@ -99,6 +105,8 @@ mod tests {
         let secret = RelaySecret::new(b"north".to_vec());
         let issued = secret.issue("alice", Duration::from_secs(600));
         assert!(issued.username.ends_with(":alice"));
+        assert_eq!(secret.issue("alice", Duration::from_secs(600)), issued, "the same within a step");
+        assert!(issued.expires_unix >= unix_now() + 600 && issued.expires_unix % EXPIRY_STEP == 0);
         assert_eq!(secret.password_for(&issued.username), issued.password);
         assert_eq!(check_short_lived(&issued.username, unix_now()), Ok(()));
         assert_eq!(check_short_lived(&issued.username, issued.expires_unix + 5), Err(ShortLivedError::Expired(5)));

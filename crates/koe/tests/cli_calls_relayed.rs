@@ -28,7 +28,7 @@ fn a_relay_only_client_calls_and_is_called_through_relay_nodes() {
     wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
 
     let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "4s"], ""));
-    assert!(call.contains("talked") && call.contains("over relayed (relay 127.0.0.1:"), "the call went through a relay:\n{call}");
+    assert!(call.contains("talked") && call.contains(&format!("over relayed (relay {}:", common::RELAY_IP)), "the call went through a relay:\n{call}");
     wait_until(Duration::from_secs(10), || bob_heard.exists());
     std::thread::sleep(Duration::from_millis(300));
     let heard = wav::read_mono_48k(&bob_heard).unwrap();
@@ -48,6 +48,6 @@ fn a_relay_only_client_calls_and_is_called_through_relay_nodes() {
     assert!(answered.contains("over relayed ("), "the answered call went through a relay:\n{answered}");
 
     let history = ok(run(&alice, &["calls"], ""));
-    assert!(history.contains("call to bob: talked") && history.contains("over relayed (relay 127.0.0.1:"), "{history}");
+    assert!(history.contains("call to bob: talked") && history.contains(&format!("over relayed (relay {}:", common::RELAY_IP)), "{history}");
     assert!(history.contains("call from bob: talked"), "{history}");
 }

@@ -26,6 +26,8 @@ fn the_demo_runs_a_network_and_places_every_step() {
         "alice's client answered by itself and recorded",
         "carol is offline",
         "no such user: dave",
+        "carol calls alice through a relay node",
+        "over relayed (relay 127.0.0.1:",
         "Removed the demo's files",
     ] {
         assert!(out.contains(expected), "the demo did not say {expected:?}:\n{out}");
