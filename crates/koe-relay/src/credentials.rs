@@ -106,7 +106,7 @@ mod tests {
         let issued = secret.issue("alice", Duration::from_secs(600));
         assert!(issued.username.ends_with(":alice"));
         assert_eq!(secret.issue("alice", Duration::from_secs(600)), issued, "the same within a step");
-        assert!(issued.expires_unix >= unix_now() + 600 && issued.expires_unix % EXPIRY_STEP == 0);
+        assert!(issued.expires_unix >= unix_now() + 600 && issued.expires_unix.is_multiple_of(EXPIRY_STEP));
         assert_eq!(secret.password_for(&issued.username), issued.password);
         assert_eq!(check_short_lived(&issued.username, unix_now()), Ok(()));
         assert_eq!(check_short_lived(&issued.username, issued.expires_unix + 5), Err(ShortLivedError::Expired(5)));

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::{self, Namespace};
 use common::{stdout, wait_until};
-use koe_voice::signal::{best_lag, speechlike};
+use koe_voice::signal::speechlike;
 use koe_voice::{wav, SAMPLE_RATE};
 
 const SERVERS_IP: &str = "198.51.100.1";
@@ -223,7 +223,7 @@ fn call(caller: &Site, callee: &Site, speech_file: &Path, speech: &[f32]) -> Cal
         }
         std::thread::sleep(Duration::from_millis(300));
         if let Ok(heard) = wav::read_mono_48k(&callee.recording) {
-            similarity = speech_match(speech, &heard);
+            similarity = common::speech_match(speech, &heard);
         }
     }
     CallResult {
@@ -237,33 +237,6 @@ fn call(caller: &Site, callee: &Site, speech_file: &Path, speech: &[f32]) -> Cal
         similarity,
         output: text,
     }
-}
-
-/// How well `heard` holds the first two seconds of `speech`: the median correlation of
-/// quarter-second windows, each found near where the speech sits in the recording. The callee
-/// records from the moment its media connects and the caller speaks from the moment its own
-/// does (through a proxy and relays that can be a second apart), and the jitter buffer moves
-/// the speech by a few milliseconds as it adapts: one correlation over the whole would punish
-/// both.
-fn speech_match(speech: &[f32], heard: &[f32]) -> f64 {
-    let second = SAMPLE_RATE as usize;
-    let quarter = second / 4;
-    let probe = &speech[quarter..quarter + second / 2];
-    let (offset, _) = best_lag(probe, heard, 2 * second);
-    let offset = offset - quarter as isize;
-    let mut similarities: Vec<f64> = (0..2 * second)
-        .step_by(quarter)
-        .filter_map(|start| {
-            let from = (start as isize + offset - quarter as isize).max(0) as usize;
-            (from + 3 * quarter <= heard.len()).then(|| best_lag(&speech[start..start + quarter], &heard[from..], 2 * quarter).1)
-        })
-        .collect();
-    if similarities.len() < 5 {
-        eprintln!("only {} quarter-second windows of speech in a recording of {} samples (speech at {offset})", similarities.len(), heard.len());
-        return 0.0;
-    }
-    similarities.sort_by(f64::total_cmp);
-    similarities[similarities.len() / 2]
 }
 
 fn matrix_table(results: &[CallResult]) -> String {
