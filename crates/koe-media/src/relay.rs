@@ -115,7 +115,7 @@ impl RelayAllocation {
         while let Some(data) = self.client.poll_recv(at) {
             peer_data.push((data.peer, data.data().to_vec()));
         }
-        self.update(at);
+        self.update();
         peer_data
     }
 
@@ -151,7 +151,7 @@ impl RelayAllocation {
         // A request queued by the last input (the authenticated Allocate after a 401, a
         // permission) goes out only once the client has been polled.
         let _ = self.client.poll(at);
-        self.update(at);
+        self.update();
         let transmit = self.client.poll_transmit(at)?;
         Some(transmit.data.to_vec())
     }
@@ -170,7 +170,7 @@ impl RelayAllocation {
             // TCP allocations are never asked for.
             TurnPollRet::AllocateTcpSocket { .. } | TurnPollRet::TcpClose { .. } => now,
         };
-        self.update(at);
+        self.update();
         wake.max(now)
     }
 
@@ -180,7 +180,7 @@ impl RelayAllocation {
         self.state = AllocationState::Failed("the connection to the relay closed".into());
     }
 
-    fn update(&mut self, _at: turn_types::Instant) {
+    fn update(&mut self) {
         while let Some(event) = self.client.poll_event() {
             match event {
                 TurnEvent::AllocationCreated(_, relayed) => self.state = AllocationState::Ready(relayed),

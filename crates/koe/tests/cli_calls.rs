@@ -10,10 +10,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{fails, network_with, ok, run, stdout, wait_until, KoeProcess};
+use common::{fails, network_with, ok, run, stdout, wait_until, write_speech, KoeProcess};
 use koe_voice::signal::{best_lag, speechlike};
 use koe_voice::{wav, SAMPLE_RATE};
 
@@ -119,12 +119,6 @@ fn energy(samples: &[f32]) -> f32 {
     samples.iter().map(|s| s * s).sum::<f32>() / samples.len().max(1) as f32
 }
 
-fn write_speech(dir: &Path, name: &str, samples: &[f32]) -> PathBuf {
-    let path = dir.join(name);
-    wav::write_mono(&path, samples, SAMPLE_RATE).unwrap();
-    path
-}
-
 #[test]
 fn echo_test_mute_live_statistics_and_call_history() {
     let (network, _login, _node, homes) = network_with(&["alice", "bob", "echo123"]);
@@ -173,9 +167,7 @@ fn echo_test_mute_live_statistics_and_call_history() {
     // Every 5 s, the statistics of the last second.
     let live = call.lines().find(|line| line.starts_with("0:0") && line.contains(" direct (host")).unwrap_or_else(|| panic!("no live statistics:\n{call}"));
     assert!(live.contains("round trip") && live.contains("MOS"), "{live}");
-    wait_until(Duration::from_secs(10), || recording.exists());
-    std::thread::sleep(Duration::from_millis(300));
-    let heard = wav::read_mono_48k(&recording).unwrap();
+    let heard = common::recording_when_written(&recording);
     let tenths: Vec<f32> = heard.chunks(second / 10).map(energy).collect();
     let longest_silence = tenths.split(|&e| e > 1e-5).map(<[f32]>::len).max().unwrap_or(0);
     assert!(longest_silence >= 15, "muted for 2 s, bob heard {longest_silence} tenths of a second of silence at most: {tenths:?}");

@@ -21,9 +21,9 @@ mod common;
 use std::time::Duration;
 
 use common::netns::{self, Namespace};
-use common::{ok, run, stdout, wait_until, KoeProcess};
+use common::{ok, run, stdout};
 use koe_voice::signal::{best_lag, speechlike};
-use koe_voice::{wav, SAMPLE_RATE};
+use koe_voice::SAMPLE_RATE;
 
 const INSIDE: &str = "KOE_TEST_INSIDE_LOSSY_NAMESPACE";
 const LOSS: &str = "0.10";
@@ -88,22 +88,14 @@ fn the_call_inside_the_namespace_where_clients_have_no_udp() {
     if std::env::var(INSIDE).is_err() {
         return;
     }
-    let (network, _login, _supernodes, homes) = common::network_with(&["alice", "bob"]);
-    let (alice, bob) = (homes[0].clone(), homes[1].clone());
+    let lab = common::alice_and_answering_bob(&[]);
     let speech = speechlike(3);
-    let speech_file = network.dir.path().join("speech.wav");
-    wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
-    let recording = network.dir.path().join("bob-heard.wav");
-    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--record", recording.to_str().unwrap()]);
-    let _alice_up = KoeProcess::up(&alice);
-    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
-    let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "4s"], ""));
+    let speech_file = common::write_speech(lab.network.dir.path(), "speech.wav", &speech);
+    let call = ok(run(&lab.alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "4s"], ""));
     eprintln!("{call}");
     assert!(call.contains("UDP may be blocked on this network; trying relays over TCP"), "{call}");
-    assert!(call.contains("talked") && call.contains("over relayed (relay 127.0.0.2:"), "{call}");
-    wait_until(Duration::from_secs(10), || recording.exists());
-    std::thread::sleep(Duration::from_millis(300));
-    let heard = wav::read_mono_48k(&recording).unwrap();
+    assert!(call.contains("talked") && call.contains(&format!("over relayed (relay {}:", common::RELAY_IP)), "{call}");
+    let heard = common::recording_when_written(&lab.bob_heard);
     let second = SAMPLE_RATE as usize;
     let (_, similarity) = best_lag(&speech[..second * 4 / 5], &heard, second / 2);
     assert!(similarity > 0.8, "bob heard alice through relays reached over TCP (correlation {similarity:.3})");
@@ -115,19 +107,16 @@ fn the_call_inside_the_namespace_without_udp() {
     if std::env::var(INSIDE).is_err() {
         return;
     }
-    let (_network, _login, _supernodes, homes) = common::network_with(&["alice", "bob"]);
-    let (alice, bob) = (homes[0].clone(), homes[1].clone());
-    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer"]);
-    let _alice_up = KoeProcess::up(&alice);
-    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    let lab = common::alice_and_answering_bob(&[]);
+    let (alice, bob) = (&lab.alice, &lab.bob);
     let started = std::time::Instant::now();
-    let call = ok(run(&alice, &["call", "bob", "--duration", "30s"], ""));
+    let call = ok(run(alice, &["call", "bob", "--duration", "30s"], ""));
     eprintln!("{call}");
     assert!(call.contains("UDP may be blocked on this network"), "{call}");
     assert!(call.contains("ended: the call failed: no network path to the other side was found"), "{call}");
     assert!(call.contains("no audio: the media never connected"), "{call}");
     assert!(started.elapsed() < Duration::from_secs(20), "gave up after {:?}", started.elapsed());
-    let bobs = stdout(&run(&bob, &["calls"], ""));
+    let bobs = stdout(&run(bob, &["calls"], ""));
     assert!(bobs.contains("call from alice: ") && bobs.contains("no network path to the other side was found"), "{bobs}");
     assert!(!bobs.contains("talked"), "a call whose audio never connected was not talked in: {bobs}");
 }
@@ -138,24 +127,18 @@ fn the_call_inside_the_lossy_namespace() {
     if std::env::var(INSIDE).is_err() {
         return;
     }
-    let (network, _login, _node, homes) = common::network_with(&["alice", "bob"]);
-    let (alice, bob) = (homes[0].clone(), homes[1].clone());
+    let lab = common::alice_and_answering_bob(&[]);
+    let (alice, bob) = (&lab.alice, &lab.bob);
     let speech = speechlike(16);
-    let speech_file = network.dir.path().join("speech.wav");
-    wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
-    let recording = network.dir.path().join("bob-heard.wav");
-    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--record", recording.to_str().unwrap()]);
-    let _alice_up = KoeProcess::up(&alice);
-    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    let speech_file = common::write_speech(lab.network.dir.path(), "speech.wav", &speech);
+    let recording = &lab.bob_heard;
 
-    let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "16s"], ""));
+    let call = ok(run(alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "16s"], ""));
     eprintln!("{call}");
     assert!(call.contains("ended: you hung up"), "{call}");
-    wait_until(Duration::from_secs(10), || recording.exists());
-    std::thread::sleep(Duration::from_millis(300));
-    let heard = wav::read_mono_48k(&recording).unwrap();
+    let heard = common::recording_when_written(recording);
     if let Ok(keep) = std::env::var("KOE_TEST_KEEP_RECORDING") {
-        std::fs::copy(&recording, &keep).unwrap();
+        std::fs::copy(recording, &keep).unwrap();
         std::fs::copy(&speech_file, format!("{keep}.sent.wav")).unwrap();
     }
     let second = SAMPLE_RATE as usize;
@@ -190,6 +173,6 @@ fn the_call_inside_the_lossy_namespace() {
     let (on_the_way, after_recovery) = (percents[0], percents[1]);
     assert!(on_the_way >= 4.0, "the path really lost packets: {received}");
     assert!(after_recovery < 2.0, "copies of earlier frames filled the gaps: {received}");
-    let bobs = stdout(&run(&bob, &["calls"], ""));
+    let bobs = stdout(&run(bob, &["calls"], ""));
     assert!(bobs.contains("call from alice: talked"), "{bobs}");
 }

@@ -9,29 +9,21 @@ mod common;
 
 use std::time::Duration;
 
-use common::{network_with, ok, run, stdout, wait_until, KoeProcess};
+use common::{alice_and_answering_bob, ok, recording_when_written, run, stdout, wait_until, write_speech};
 use koe_voice::signal::{best_lag, speechlike};
-use koe_voice::{wav, SAMPLE_RATE};
+use koe_voice::SAMPLE_RATE;
 
 #[test]
 fn a_relay_only_client_calls_and_is_called_through_relay_nodes() {
-    let (network, _login, _supernodes, homes) = network_with(&["alice", "bob"]);
-    let (alice, bob) = (homes[0].clone(), homes[1].clone());
-    let dir = network.dir.path();
+    let lab = alice_and_answering_bob(&["--relay-only"]);
+    let (alice, bob) = (lab.alice.clone(), lab.bob.clone());
     let second = SAMPLE_RATE as usize;
     let speech = speechlike(3);
-    let speech_file = dir.join("alice.wav");
-    wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
-    let bob_heard = dir.join("bob-heard.wav");
-    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--record", bob_heard.to_str().unwrap()]);
-    let _alice_up = KoeProcess::up_with(&alice, &["--relay-only"]);
-    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    let speech_file = write_speech(lab.network.dir.path(), "alice.wav", &speech);
 
     let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "4s"], ""));
     assert!(call.contains("talked") && call.contains(&format!("over relayed (relay {}:", common::RELAY_IP)), "the call went through a relay:\n{call}");
-    wait_until(Duration::from_secs(10), || bob_heard.exists());
-    std::thread::sleep(Duration::from_millis(300));
-    let heard = wav::read_mono_48k(&bob_heard).unwrap();
+    let heard = recording_when_written(&lab.bob_heard);
     let (_, similarity) = best_lag(&speech[..second * 4 / 5], &heard, second / 2);
     assert!(similarity > 0.8, "bob heard alice through the relay (correlation {similarity:.3})");
 

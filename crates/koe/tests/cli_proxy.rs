@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use common::{fails, free_port, ok, run, stdout, wait_until, KoeProcess, TestNetwork};
 use koe_voice::signal::speechlike;
-use koe_voice::{wav, SAMPLE_RATE};
 
 /// tinyproxy in the foreground with a configuration of its own, killed when dropped.
 struct Tinyproxy {
@@ -97,13 +96,10 @@ fn a_client_behind_an_http_proxy_logs_in_attaches_chats_and_calls() {
     assert!(ok(run(&bob, &["messages", "alice"], "")).contains("hello from behind the proxy"));
 
     let speech = speechlike(3);
-    let speech_file = network.dir.path().join("alice.wav");
-    wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
+    let speech_file = common::write_speech(network.dir.path(), "alice.wav", &speech);
     let call = ok(run(&alice, &["call", "bob", "--play", speech_file.to_str().unwrap(), "--duration", "5s"], ""));
     assert!(call.contains("talked") && call.contains("over relayed (relay "), "{call}");
-    wait_until(Duration::from_secs(10), || bob_heard.exists());
-    std::thread::sleep(Duration::from_millis(300));
-    let heard = wav::read_mono_48k(&bob_heard).unwrap();
+    let heard = common::recording_when_written(&bob_heard);
     let similarity = common::speech_match(&speech, &heard);
     assert!(similarity > 0.8, "bob heard alice through TURN over TLS through the proxy (correlation {similarity:.3})");
 

@@ -310,3 +310,38 @@ pub fn speech_match(speech: &[f32], heard: &[f32]) -> f64 {
     similarities.sort_by(f64::total_cmp);
     similarities[similarities.len() / 2]
 }
+
+/// `samples` as a 48 kHz WAV file `name` in `dir`, for `--play`.
+pub fn write_speech(dir: &Path, name: &str, samples: &[f32]) -> PathBuf {
+    let path = dir.join(name);
+    koe_voice::wav::write_mono(&path, samples, koe_voice::SAMPLE_RATE).unwrap();
+    path
+}
+
+/// Waits (up to 10 s) for a client to write a call's recording, and reads it.
+pub fn recording_when_written(path: &Path) -> Vec<f32> {
+    wait_until(std::time::Duration::from_secs(10), || path.exists());
+    // The file appears before its writer is done with it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    koe_voice::wav::read_mono_48k(path).unwrap()
+}
+
+/// alice and bob on two supernodes, bob answering every call by himself and recording it to
+/// [`Self::bob_heard`], alice's client started with extra `koe up` arguments; both online.
+pub struct AliceAndAnsweringBob {
+    pub network: TestNetwork,
+    pub alice: PathBuf,
+    pub bob: PathBuf,
+    pub bob_heard: PathBuf,
+    _processes: (LoginServerProcess, [KoeProcess; 2], KoeProcess, KoeProcess),
+}
+
+pub fn alice_and_answering_bob(alice_up: &[&str]) -> AliceAndAnsweringBob {
+    let (network, login, supernodes, homes) = network_with(&["alice", "bob"]);
+    let (alice, bob) = (homes[0].clone(), homes[1].clone());
+    let bob_heard = network.dir.path().join("bob-heard.wav");
+    let bob_up = KoeProcess::up_with(&bob, &["--auto-answer", "--record", bob_heard.to_str().unwrap()]);
+    let alice_up = KoeProcess::up_with(&alice, alice_up);
+    wait_until(std::time::Duration::from_secs(10), || stdout(&run(&alice, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    AliceAndAnsweringBob { network, alice, bob, bob_heard, _processes: (login, supernodes, bob_up, alice_up) }
+}
