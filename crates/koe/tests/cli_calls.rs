@@ -91,13 +91,16 @@ fn alice_and_bob_on_different_supernodes_hear_each_other() {
     ringing.kill().unwrap();
     let _ = ringing.wait();
     wait_until(Duration::from_secs(10), || stdout(&run(&carol, &["calls"], "")).trim_end().ends_with("call from alice: missed"));
+    // Alice's side is over too once her history has it (carol's can be written first).
+    wait_until(Duration::from_secs(10), || stdout(&run(&alice, &["calls"], "")).lines().count() == 4);
     assert!(fails(run(&carol, &["answer"], "")).contains("no call is ringing"));
 
     // Bob's client vanishes in the middle of a call: alice's ends within seconds and says why.
     let alice_home = alice.clone();
     let caller = std::thread::spawn(move || run(&alice_home, &["call", "bob", "--duration", "30s"], ""));
     // `koe mute off` succeeds once a call is in progress.
-    wait_until(Duration::from_secs(10), || run(&alice, &["mute", "off"], "").status.success());
+    wait_until(Duration::from_secs(10), || run(&alice, &["mute", "off"], "").status.success() || caller.is_finished());
+    assert!(!caller.is_finished(), "the call to bob ended before it began: {:?}", caller.join().unwrap());
     std::thread::sleep(Duration::from_secs(1));
     let vanished = std::time::Instant::now();
     bob_up.kill();

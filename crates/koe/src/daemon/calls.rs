@@ -508,8 +508,9 @@ pub async fn place(
         }
         None => Ok(None),
     };
-    remember(&state, id, &to, false, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
+    // Free for the next call before the history is written (a redial must not find it busy).
     state.calls.forget(id);
+    remember(&state, id, &to, false, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
     result.map(|_| log.text)
 }
 
@@ -614,8 +615,8 @@ async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSig
         Some(auto) => answer_now(&state, &from, *id, &mut call, remote_media, auto, &mut signals, hangup, &mut log).await.map(Some),
         None => ring(&state, &from, &mut call, *id, remote_media, &mut signals, hangup, &mut log).await,
     };
-    remember(&state, *id, &from, true, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
     state.calls.forget(*id);
+    remember(&state, *id, &from, true, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
     match result {
         Ok(_) => info!("{}", log.text.trim_end().replace('\n', "; ")),
         Err(error) => warn!(%from, %error, "the call failed"),
