@@ -49,6 +49,32 @@ pub fn best_lag(earlier: &[f32], later: &[f32], max_lag: usize) -> (isize, f64) 
     best(&mut ((coarse - 24).max(earliest)..=coarse + 24))
 }
 
+/// How well `heard` (a recording) carries `speech` (at least 2.5 s of what was sent): the
+/// median correlation of quarter-second windows over its first two seconds, each found near
+/// where the speech sits in the recording; `None` if the recording holds fewer than five such
+/// windows. The two ends of a call start apart (through relays and proxies by up to a second),
+/// and the jitter buffer moves the speech by a few milliseconds as it adapts: one correlation
+/// over the whole would punish both.
+pub fn speech_match(speech: &[f32], heard: &[f32]) -> Option<f64> {
+    let second = SAMPLE_RATE as usize;
+    let quarter = second / 4;
+    let probe = &speech[quarter..quarter + second / 2];
+    let (offset, _) = best_lag(probe, heard, 2 * second);
+    let offset = offset - quarter as isize;
+    let mut similarities: Vec<f64> = (0..2 * second)
+        .step_by(quarter)
+        .filter_map(|start| {
+            let from = (start as isize + offset - quarter as isize).max(0) as usize;
+            (from + 3 * quarter <= heard.len()).then(|| best_lag(&speech[start..start + quarter], &heard[from..], 2 * quarter).1)
+        })
+        .collect();
+    if similarities.len() < 5 {
+        return None;
+    }
+    similarities.sort_by(f64::total_cmp);
+    Some(similarities[similarities.len() / 2])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +88,17 @@ mod tests {
         assert_eq!(lag, 1234);
         assert!(score > 0.999);
         assert_eq!(best_lag(&delayed, &speech, 4800).0, -1234);
+    }
+
+    #[test]
+    fn speech_matches_a_late_copy_and_not_silence_or_another_stretch() {
+        let second = SAMPLE_RATE as usize;
+        let speech = speechlike(3);
+        let mut late = vec![0.0; 40_000];
+        late.extend_from_slice(&speech);
+        assert!(speech_match(&speech, &late).unwrap() > 0.99);
+        let other = speechlike(6)[3 * second..].to_vec();
+        assert!(speech_match(&speech, &other).is_none_or(|similarity| similarity < 0.8));
+        assert_eq!(speech_match(&speech, &vec![0.0; second / 2]), None);
     }
 }

@@ -284,31 +284,12 @@ pub fn network_with(users: &[&str]) -> (TestNetwork, LoginServerProcess, [KoePro
     (network, login, [first, second], homes)
 }
 
-/// How well `heard` holds the first two seconds of `speech`: the median correlation of
-/// quarter-second windows, each found near where the speech sits in the recording. The callee
-/// records from the moment its media connects and the caller speaks from the moment its own
-/// does (through a proxy and relays that can be a second apart), and the jitter buffer moves
-/// the speech by a few milliseconds as it adapts: one correlation over the whole would punish
-/// both.
+/// [`koe_voice::signal::speech_match`], saying why when the recording is too short.
 pub fn speech_match(speech: &[f32], heard: &[f32]) -> f64 {
-    let second = koe_voice::SAMPLE_RATE as usize;
-    let quarter = second / 4;
-    let probe = &speech[quarter..quarter + second / 2];
-    let (offset, _) = koe_voice::signal::best_lag(probe, heard, 2 * second);
-    let offset = offset - quarter as isize;
-    let mut similarities: Vec<f64> = (0..2 * second)
-        .step_by(quarter)
-        .filter_map(|start| {
-            let from = (start as isize + offset - quarter as isize).max(0) as usize;
-            (from + 3 * quarter <= heard.len()).then(|| koe_voice::signal::best_lag(&speech[start..start + quarter], &heard[from..], 2 * quarter).1)
-        })
-        .collect();
-    if similarities.len() < 5 {
-        eprintln!("only {} quarter-second windows of speech in a recording of {} samples (speech at {offset})", similarities.len(), heard.len());
-        return 0.0;
-    }
-    similarities.sort_by(f64::total_cmp);
-    similarities[similarities.len() / 2]
+    koe_voice::signal::speech_match(speech, heard).unwrap_or_else(|| {
+        eprintln!("too little of the speech in a recording of {} samples", heard.len());
+        0.0
+    })
 }
 
 /// `samples` as a 48 kHz WAV file `name` in `dir`, for `--play`.
