@@ -139,12 +139,22 @@ pub struct MediaStats {
     /// How long media flowed.
     pub talked: Duration,
     pub path: Option<MediaPath>,
+    /// Every time the call moved to another path (a relay on it died, or a better one came up).
+    pub path_moves: Vec<PathMove>,
     pub rtt: Option<Duration>,
     pub sender: SenderStats,
     pub receiver: ReceiverStats,
     /// Packets of the other side's stream that failed SRTP authentication (or were replayed
     /// or malformed) and were dropped.
     pub rejected_packets: u64,
+}
+
+/// The call's media moved from one path to another, this far into the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathMove {
+    pub after: Duration,
+    pub from: MediaPath,
+    pub to: MediaPath,
 }
 
 /// How the call went, for the summary and the history.
@@ -288,6 +298,7 @@ pub async fn run(
     let mut connected: Option<Instant> = None;
     let mut failure = None;
     let (mut path, mut rtt) = (None, None);
+    let mut path_moves = Vec::new();
     let mut recording = Vec::new();
     let mut frames_sent = 0u64;
     let mut frame = vec![0.0f32; FRAME_SAMPLES];
@@ -309,6 +320,11 @@ pub async fn run(
                 }
                 MediaOutput::LossReport(report) => sender.on_loss_report(report),
                 MediaOutput::PathStats { path: now_path, rtt: now_rtt } => {
+                    if let (Some(from), Some(to), Some(connected)) = (path, now_path, connected) {
+                        if from != to {
+                            path_moves.push(PathMove { after: connected.elapsed(), from, to });
+                        }
+                    }
                     path = now_path.or(path);
                     rtt = now_rtt.or(rtt);
                 }
@@ -345,6 +361,7 @@ pub async fn run(
                     session.send_loss_report(receiver.loss_report());
                     if let Ok(mut live) = controls.live.lock() {
                         *live = stats(&session, &sender, &receiver, started, connected, path, rtt);
+                        live.path_moves.clone_from(&path_moves);
                     }
                 }
             }
@@ -352,7 +369,8 @@ pub async fn run(
             () = &mut stop => break 'call,
         }
     }
-    let stats = stats(&session, &sender, &receiver, started, connected, path, rtt);
+    let mut stats = stats(&session, &sender, &receiver, started, connected, path, rtt);
+    stats.path_moves = path_moves;
     if let Ok(mut live) = controls.live.lock() {
         *live = stats.clone();
     }
@@ -372,6 +390,7 @@ fn stats(
         connected_after: connected.map(|at| at - started),
         talked: connected.map_or(Duration::ZERO, |at| at.elapsed()),
         path,
+        path_moves: Vec::new(),
         rtt,
         sender: sender.stats(),
         receiver: receiver.stats(),

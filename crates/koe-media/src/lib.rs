@@ -13,6 +13,12 @@
 //! relayed ones from allocations on relay nodes ([`MediaSession::add_relay`], [`relay`]): data
 //! str0m sends from a relayed address goes to that relay, wrapped, and what the relay
 //! delivers from peers comes back to str0m as if it had arrived at the relayed address.
+//!
+//! The session also keeps a call going when a relay node on its path dies: ICE has checked
+//! every pair all along, so once the candidates on the dead relay are dropped it moves to the
+//! best other pair. A relay whose stream closed is dropped at once; when voice stops arriving
+//! on a path ([`PATH_QUIET`]), the session asks its own relay on that path whether it still
+//! answers, and drops it if not, or else the other side's relayed candidate on the path.
 
 pub mod driver;
 pub mod relay;
@@ -38,6 +44,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Koe clients send a frame every 20 ms for the whole call (silence and mute included), so
 /// this long without one means the other side or the path is gone.
 pub const VOICE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Voice arrives every 20 ms: a path this long without any is suspected of having lost a relay.
+pub const PATH_QUIET: Duration = Duration::from_millis(700);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
@@ -138,7 +146,12 @@ pub struct MediaSession {
     relays: Vec<RelayAllocation>,
     /// The other side's candidates are known and not yet permitted on every relay.
     permissions_pending: bool,
+    /// Where the other side's voice last came from, and to which of the local candidates.
+    receiving: Option<(SocketAddr, SocketAddr)>,
+    /// Candidates (local and remote, by address) dropped because a relay on them died.
+    dropped: Vec<SocketAddr>,
 }
+
 
 impl std::fmt::Debug for MediaSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -194,6 +207,8 @@ impl MediaSession {
             rtp_delivered: 0,
             relays: Vec::new(),
             permissions_pending: false,
+            receiving: None,
+            dropped: Vec::new(),
         })
     }
 
@@ -337,6 +352,7 @@ impl MediaSession {
         };
         if self.remote_ssrc.is_some_and(|ssrc| rtp_ssrc(datagram) == Some(*ssrc)) {
             self.rtp_arrived += 1;
+            self.receiving = Some((source, destination));
         }
         let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
         if self.rtc.accepts(&input) {
@@ -377,6 +393,7 @@ impl MediaSession {
                 reason: format!("no audio from the other side for {} s: it or the network went away", VOICE_TIMEOUT.as_secs()),
             };
         }
+        self.watch_path(now);
         if let Some(output) = self.poll_relays(now) {
             return output;
         }
@@ -452,6 +469,68 @@ impl MediaSession {
 
     pub fn is_connected(&self) -> bool {
         self.connected
+    }
+
+    /// Drops the candidates of relays that died, so that ICE moves the call to another pair:
+    /// a relay of this side that died (its stream closed, it closed the allocation, or it
+    /// stopped answering checks) takes its local candidate and the other side's relayed ones at
+    /// its IP; after [`PATH_QUIET`] without voice, while this side's end of the path answers,
+    /// the other side's relayed candidate the voice came from goes. The last candidate on
+    /// either side is kept: a path that is only quiet for a while may come back.
+    fn watch_path(&mut self, now: Instant) {
+        let running = self.connected && !self.failed;
+        if running {
+            for relay in &mut self.relays {
+                relay.keep_checking(now);
+            }
+        }
+        let dead: Vec<SocketAddr> = self
+            .relays
+            .iter()
+            .filter(|relay| matches!(relay.state(), AllocationState::Failed(_)))
+            .filter_map(RelayAllocation::allocated)
+            .filter(|relayed| !self.dropped.contains(relayed))
+            .collect();
+        for relayed in dead {
+            self.drop_candidate(relayed, true);
+            let same_host: Vec<SocketAddr> = self
+                .remote_candidates
+                .iter()
+                .filter(|c| c.kind() == CandidateKind::Relayed && c.addr().ip() == relayed.ip())
+                .map(Candidate::addr)
+                .collect();
+            for remote in same_host {
+                self.drop_candidate(remote, false);
+            }
+        }
+        let Some((source, destination)) = self.receiving.filter(|_| running) else { return };
+        let quiet_since = self.last_voice.unwrap_or(self.started_at);
+        if now.saturating_duration_since(quiet_since) < PATH_QUIET {
+            return;
+        }
+        if let Some(relay) = self.relays.iter().find(|relay| relay.relayed() == Some(destination)) {
+            if !relay.answered_since(quiet_since) {
+                return; // Not known yet whether this end is the dead one.
+            }
+        }
+        if self.remote_candidates.iter().any(|c| c.addr() == source && c.kind() == CandidateKind::Relayed) {
+            self.drop_candidate(source, false);
+        }
+    }
+
+    /// Drops a local or remote candidate from ICE, unless it is the last one on its side.
+    fn drop_candidate(&mut self, address: SocketAddr, local: bool) {
+        if self.dropped.contains(&address) {
+            return;
+        }
+        let candidates = if local { &self.local_candidates } else { &self.remote_candidates };
+        let others = candidates.iter().filter(|c| c.addr() != address && !self.dropped.contains(&c.addr())).count();
+        let Some(candidate) = candidates.iter().find(|c| c.addr() == address).cloned() else { return };
+        if others == 0 {
+            return;
+        }
+        self.dropped.push(address);
+        self.rtc.direct_api().invalidate_candidate(&candidate);
     }
 
     /// Protocol messages the relays want sent (allocation, refreshes, permissions).

@@ -54,6 +54,22 @@ pub enum AllocationState {
     Failed(String),
 }
 
+/// How often a call checks that its relays answer.
+pub const PROBE_EVERY: Duration = Duration::from_millis(400);
+/// How long a relay has to answer a check, and how often the check is sent meanwhile (a
+/// datagram can be lost).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(600);
+const PROBE_RESEND: Duration = Duration::from_millis(200);
+
+/// A Binding request out to the relay.
+#[derive(Debug)]
+struct Probe {
+    id: koe_stun::TransactionId,
+    first_sent: Instant,
+    /// When to send it (again).
+    next_send: Instant,
+}
+
 /// One allocation and the state of its permissions.
 #[derive(Debug)]
 pub struct RelayAllocation {
@@ -64,6 +80,13 @@ pub struct RelayAllocation {
     epoch: Instant,
     state: AllocationState,
     requested_permissions: HashSet<IpAddr>,
+    /// Checking that the relay answers: the check out, if any, and when to send the next.
+    probe: Option<Probe>,
+    next_probe: Option<Instant>,
+    /// When the last check that was answered had been sent.
+    answered_probe_sent: Option<Instant>,
+    /// The relayed address once allocated, kept after a failure (its candidate must go).
+    allocated: Option<SocketAddr>,
 }
 
 impl RelayAllocation {
@@ -78,11 +101,69 @@ impl RelayAllocation {
             RelayTransport::Udp => TurnClientUdp::allocate(local, server.address, config).into(),
             RelayTransport::Tcp | RelayTransport::Tls => TurnClientTcp::allocate(local, server.address, config).into(),
         };
-        Self { server, local, client, epoch: now, state: AllocationState::Allocating, requested_permissions: HashSet::new() }
+        Self {
+            server,
+            local,
+            client,
+            epoch: now,
+            state: AllocationState::Allocating,
+            requested_permissions: HashSet::new(),
+            probe: None,
+            next_probe: None,
+            answered_probe_sent: None,
+            allocated: None,
+        }
+    }
+
+    /// Checks that the relay answers, from now on (a call runs over it); marks the allocation
+    /// failed when a check goes unanswered for [`PROBE_TIMEOUT`].
+    pub fn keep_checking(&mut self, now: Instant) {
+        if self.relayed().is_none() {
+            return;
+        }
+        match &self.probe {
+            Some(probe) if now.saturating_duration_since(probe.first_sent) >= PROBE_TIMEOUT => {
+                self.probe = None;
+                self.next_probe = None;
+                self.state = AllocationState::Failed(format!("the relay stopped answering (nothing for {} ms)", PROBE_TIMEOUT.as_millis()));
+            }
+            Some(_) => {}
+            None if self.next_probe.is_none_or(|next| next <= now) => {
+                self.probe = Some(Probe { id: koe_stun::new_transaction_id(), first_sent: now, next_send: now });
+            }
+            None => {}
+        }
+    }
+
+    /// Whether the relay answered a check sent at or after `since`.
+    pub fn answered_since(&self, since: Instant) -> bool {
+        self.answered_probe_sent.is_some_and(|sent| sent >= since)
+    }
+
+    /// Notices the answer to the probe in `bytes` from the relay, if it is there.
+    fn notice_probe_answer(&mut self, bytes: &[u8]) -> bool {
+        let Some(probe) = &self.probe else { return false };
+        // On a stream the answer can sit among other messages: find its transaction id
+        // (random, 96 bits), preceded by a Binding success header.
+        let answered = bytes
+            .windows(probe.id.len())
+            .enumerate()
+            .any(|(at, window)| window == probe.id && at >= 8 && bytes[at - 8..at - 6] == [0x01, 0x01]);
+        if answered {
+            self.answered_probe_sent = Some(probe.first_sent);
+            self.next_probe = Some(probe.first_sent + PROBE_EVERY);
+            self.probe = None;
+        }
+        answered
     }
 
     pub fn state(&self) -> &AllocationState {
         &self.state
+    }
+
+    /// The relayed address this allocation had, even if it has failed since.
+    pub fn allocated(&self) -> Option<SocketAddr> {
+        self.allocated
     }
 
     pub fn relayed(&self) -> Option<SocketAddr> {
@@ -104,6 +185,10 @@ impl RelayAllocation {
 
     /// Bytes from the relay (a datagram, or a piece of the stream); returns what peers sent.
     pub fn receive(&mut self, bytes: &[u8], now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+        if self.notice_probe_answer(bytes) && self.server.transport == RelayTransport::Udp {
+            // The whole datagram was the answer: not for turn-client-proto.
+            return Vec::new();
+        }
         let at = self.now(now);
         let transport = self.client.transport();
         let transmit = turn_client_proto::api::Transmit::new(bytes, transport, self.server.address, self.local);
@@ -144,6 +229,10 @@ impl RelayAllocation {
 
     /// Bytes the protocol wants sent to the relay now (requests, refreshes).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        if let Some(probe) = self.probe.as_mut().filter(|probe| probe.next_send <= now) {
+            probe.next_send = now + PROBE_RESEND;
+            return Some(koe_stun::binding_request(&probe.id));
+        }
         let at = self.now(now);
         if let Some(transmit) = self.client.poll_transmit(at) {
             return Some(transmit.data.to_vec());
@@ -171,6 +260,11 @@ impl RelayAllocation {
             TurnPollRet::AllocateTcpSocket { .. } | TurnPollRet::TcpClose { .. } => now,
         };
         self.update();
+        let wake = match (&self.probe, self.next_probe) {
+            (Some(probe), _) => wake.min(probe.next_send).min(probe.first_sent + PROBE_TIMEOUT),
+            (None, Some(next)) => wake.min(next),
+            (None, None) => wake,
+        };
         wake.max(now)
     }
 
@@ -183,7 +277,10 @@ impl RelayAllocation {
     fn update(&mut self) {
         while let Some(event) = self.client.poll_event() {
             match event {
-                TurnEvent::AllocationCreated(_, relayed) => self.state = AllocationState::Ready(relayed),
+                TurnEvent::AllocationCreated(_, relayed) => {
+                    self.state = AllocationState::Ready(relayed);
+                    self.allocated = Some(relayed);
+                }
                 TurnEvent::AllocationCreateFailed(_) => {
                     self.state = AllocationState::Failed("the relay refused the allocation (credentials or quota)".into())
                 }

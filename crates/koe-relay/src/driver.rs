@@ -176,6 +176,13 @@ struct RelayedSocket {
     reader: AbortHandle,
 }
 
+impl Drop for RelayedSocket {
+    /// The socket closes with the relay (a stopped relay relays nothing, at once).
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
 /// Starts a relay node.
 pub async fn start_relay(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     let relayed_ip = match config.relayed_ip {
@@ -355,9 +362,8 @@ impl Driver {
                     self.core.relayed_socket_opened(request, result, Instant::now());
                 }
                 RelayOutput::CloseRelayedSocket { relayed } => {
-                    if let Some(socket) = self.relayed.remove(&relayed) {
-                        socket.reader.abort();
-                    }
+                    // Dropping it stops its reader.
+                    self.relayed.remove(&relayed);
                 }
             }
         }

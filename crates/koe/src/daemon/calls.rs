@@ -754,6 +754,10 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
         return out;
     }
     let _ = writeln!(out, "talked {:.1} s over {}; round trip {}", stats.talked.as_secs_f64(), path_text(stats), rtt_text(stats));
+    for moved in &stats.path_moves {
+        let at = moved.after.as_secs();
+        let _ = writeln!(out, "at {}:{:02} the call moved from {} to {}", at / 60, at % 60, moved.from, moved.to);
+    }
     let _ = writeln!(
         out,
         "received {} frames: {:.1} % lost on the way, {:.2} % after recovery ({} from copies, {} from FEC, {} concealed)",
