@@ -63,8 +63,12 @@ pub enum OverlayRequest {
     /// to its Kademlia routing table (an inbound connection shows only an ephemeral port).
     Hello { listen: Vec<String> },
     /// A client asks its parent for relay nodes and short-lived credentials to use them; the
-    /// parent issues them for the username on the client's certificate.
+    /// parent issues them for the username on the client's certificate, on its own relay and
+    /// on one other supernode's (so that a call can move when one relay node dies).
     RelayCredentials,
+    /// A supernode asks another to issue credentials on its relay for a client attached to it
+    /// (the asker has checked the client's certificate). Refused from attached clients.
+    RelayCredentialsFor { username: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -105,7 +105,14 @@ enum Outstanding {
     /// A Forward or Deliver whose answer goes back unchanged to whoever asked.
     Relay(ResponseChannel<OverlayResponse>),
     Hello,
+    /// Another supernode's relay offers, to add to this node's own for a client.
+    RelayOffers { own: Vec<crate::protocol::RelayOffer>, channel: ResponseChannel<OverlayResponse>, asked: Instant },
 }
+
+/// How many relay offers another supernode may add to a client's (it decides what it offers).
+const MAX_OTHER_RELAYS: usize = 2;
+/// How long a client's relay offers wait for another supernode's; then they go without.
+const OTHER_RELAY_WAIT: Duration = Duration::from_millis(500);
 
 pub struct Supernode {
     swarm: Swarm<OverlayBehaviour>,
@@ -228,10 +235,12 @@ impl Supernode {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut sweep = tokio::time::interval(EXPIRY_SWEEP_INTERVAL);
+        let mut relay_offers_due = tokio::time::interval(OTHER_RELAY_WAIT / 2);
         let mut bootstrapped = false;
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                _ = relay_offers_due.tick() => self.send_overdue_relay_offers(),
                 _ = sweep.tick() => {
                     self.index.expire(UnixTime::now());
                     self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
@@ -456,11 +465,52 @@ impl Supernode {
             OverlayRequest::Hello { listen } => self.welcome(peer, &listen, channel),
             OverlayRequest::RelayCredentials => match self.attached.get(&peer) {
                 Some(client) => {
-                    let relays = self.relay_issuer.as_ref().map(|issue| issue(client.certificate.username().as_str())).unwrap_or_default();
-                    self.respond(channel, OverlayResponse::Relays { relays });
+                    let username = client.certificate.username().to_string();
+                    let own = self.relay_issuer.as_ref().map(|issue| issue(&username)).unwrap_or_default();
+                    self.add_another_relay(username, own, channel);
                 }
                 None => self.refuse(channel, "attach first"),
             },
+            OverlayRequest::RelayCredentialsFor { username } => {
+                if self.attached.contains_key(&peer) {
+                    return self.refuse(channel, "an attached client is not a supernode");
+                }
+                match Username::parse_existing(&username) {
+                    Ok(username) => {
+                        let relays = self.relay_issuer.as_ref().map(|issue| issue(username.as_str())).unwrap_or_default();
+                        self.respond(channel, OverlayResponse::Relays { relays });
+                    }
+                    Err(error) => self.refuse(channel, format!("no such user: {error}")),
+                }
+            }
+        }
+    }
+
+    /// Answers a client's `RelayCredentials` with this node's `own` offers and those of one
+    /// other connected supernode, if one answers.
+    fn add_another_relay(&mut self, username: String, own: Vec<crate::protocol::RelayOffer>, channel: ResponseChannel<OverlayResponse>) {
+        let other = self.connected.iter().copied().find(|peer| !self.attached.contains_key(peer));
+        match other {
+            Some(other) => {
+                let id = self.swarm.behaviour_mut().overlay.send_request(&other, OverlayRequest::RelayCredentialsFor { username });
+                self.outstanding.insert(id, Outstanding::RelayOffers { own, channel, asked: Instant::now() });
+            }
+            None => self.respond(channel, OverlayResponse::Relays { relays: own }),
+        }
+    }
+
+    /// Relay offers that waited [`OTHER_RELAY_WAIT`] for another supernode go without its.
+    fn send_overdue_relay_offers(&mut self) {
+        let overdue: Vec<OutboundRequestId> = self
+            .outstanding
+            .iter()
+            .filter(|(_, outstanding)| matches!(outstanding, Outstanding::RelayOffers { asked, .. } if asked.elapsed() >= OTHER_RELAY_WAIT))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            if let Some(Outstanding::RelayOffers { own, channel, .. }) = self.outstanding.remove(&id) {
+                self.respond(channel, OverlayResponse::Relays { relays: own });
+            }
         }
     }
 
@@ -713,6 +763,12 @@ impl Supernode {
                     }
                 }
                 self.respond(channel, response);
+            }
+            Some(Outstanding::RelayOffers { mut own, channel, .. }) => {
+                if let Some(OverlayResponse::Relays { relays }) = response {
+                    own.extend(relays.into_iter().take(MAX_OTHER_RELAYS));
+                }
+                self.respond(channel, OverlayResponse::Relays { relays: own });
             }
             Some(Outstanding::Hello) | None => {}
         }

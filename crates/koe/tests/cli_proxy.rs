@@ -110,5 +110,5 @@ fn a_client_behind_an_http_proxy_logs_in_attaches_chats_and_calls() {
     for port in [network.port.to_string(), supernode_port.to_string()] {
         assert!(log.contains(&format!("CONNECT 127.0.0.1:{port} HTTP/1.1")), "no tunnel to port {port} in:\n{log}");
     }
-    assert!(log.contains(&format!("CONNECT {}:", common::RELAY_IP)), "no tunnel to the relay node in:\n{log}");
+    assert!(log.contains(&format!("CONNECT {}:", common::RELAY_IPS[0])), "no tunnel to the relay node in:\n{log}");
 }

@@ -230,8 +230,15 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
     // UDP blocked on the last call: reach the relays over TCP at once, while the STUN query
     // checks again, instead of after its time-out.
     let udp_was_blocked = state.udp_blocked.load(Ordering::Relaxed);
+    // The parent answers at once with its own relay, or within half a second with another
+    // supernode's too; a parent that does not answer must not hold the call up.
+    let relay_credentials = async {
+        tokio::time::timeout(RELAY_GATHER, state.client.relay_credentials())
+            .await
+            .unwrap_or_else(|_| Err("the parent supernode did not offer relay nodes in time".into()))
+    };
     let (reflexive, offers) = if udp_was_blocked {
-        let offers = state.client.relay_credentials().await;
+        let offers = relay_credentials.await;
         let relays = async {
             for offer in offers.iter().flatten().take(2) {
                 add_relays(&mut session, &mut streams, local, offer, false).await;
@@ -240,7 +247,7 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
         let (reflexive, ()) = tokio::join!(reflexive, relays);
         (reflexive, offers)
     } else {
-        tokio::join!(reflexive, state.client.relay_credentials())
+        tokio::join!(reflexive, relay_credentials)
     };
     let mut udp_works = true;
     match reflexive {

@@ -162,10 +162,18 @@ impl Drop for LoginServerProcess {
     }
 }
 
-/// Where the test supernodes' relay nodes listen and relay from: another loopback address than
+/// Where the test supernodes' relay nodes listen and relay from: other loopback addresses than
 /// the clients' 127.0.0.1, so that a namespace's firewall can block the clients' UDP and still
-/// let relay nodes exchange datagrams, as relays out on the internet would.
-pub const RELAY_IP: &str = "127.0.0.2";
+/// let relay nodes exchange datagrams, as relays out on the internet would; one per supernode
+/// of [`network_with`], as relay hosts have their own addresses.
+pub const RELAY_IPS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
+/// Both of [`RELAY_IPS`], for a firewall rule.
+pub const RELAY_NET: &str = "127.0.0.2/31";
+
+/// Whether a call's output or history names a path through one of the test relay nodes.
+pub fn relayed_through_test_relay(text: &str) -> bool {
+    RELAY_IPS.iter().any(|ip| text.contains(&format!("over relayed (relay {ip}:")))
+}
 
 /// A long-running `koe` child process (`node` or `up`), killed when dropped.
 pub struct KoeProcess {
@@ -175,15 +183,20 @@ pub struct KoeProcess {
 
 impl KoeProcess {
     /// `koe node` on a free loopback port; waits for its address line. Its relay node listens
-    /// on [`RELAY_IP`], so a firewall can tell relay traffic from the clients'.
+    /// on the first of [`RELAY_IPS`], so a firewall can tell relay traffic from the clients'.
     pub fn node(home: &Path, network_file: &Path) -> Self {
+        Self::node_relaying_on(home, network_file, RELAY_IPS[0])
+    }
+
+    /// `koe node` whose relay node listens on `relay_ip`.
+    pub fn node_relaying_on(home: &Path, network_file: &Path, relay_ip: &str) -> Self {
         let mut child = koe()
             .arg("--home")
             .arg(home)
             .args(["node", "--network"])
             .arg(network_file)
             .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--relay-listen", &format!("{RELAY_IP}:0"), "--relay-tls-listen", &format!("{RELAY_IP}:0")])
+            .args(["--relay-listen", &format!("{relay_ip}:0"), "--relay-tls-listen", &format!("{relay_ip}:0")])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -256,7 +269,7 @@ pub fn network_with(users: &[&str]) -> (TestNetwork, LoginServerProcess, [KoePro
     let pristine = std::fs::read_to_string(&net).unwrap();
     let first = KoeProcess::node(&network.home("supernode1"), &net);
     ok(koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&first.first_line).output().unwrap());
-    let second = KoeProcess::node(&network.home("supernode2"), &net);
+    let second = KoeProcess::node_relaying_on(&network.home("supernode2"), &net, RELAY_IPS[1]);
     let homes = users
         .iter()
         .enumerate()
