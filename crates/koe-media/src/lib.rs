@@ -16,9 +16,10 @@
 //!
 //! The session also keeps a call going when a relay node on its path dies: ICE has checked
 //! every pair all along, so once the candidates on the dead relay are dropped it moves to the
-//! best other pair. A relay whose stream closed is dropped at once; when voice stops arriving
-//! on a path ([`PATH_QUIET`]), the session asks its own relay on that path whether it still
-//! answers, and drops it if not, or else the other side's relayed candidate on the path.
+//! best other pair. Its own relays are checked while the call runs ([`relay`]); one that died
+//! takes with it its local candidate and the other side's relayed candidates at the same IP
+//! (the same relay host). When voice stops arriving ([`PATH_QUIET`]) while this side's end of
+//! the path still answers, the other side's relayed candidate it came from is dropped.
 
 pub mod driver;
 pub mod relay;
@@ -151,7 +152,6 @@ pub struct MediaSession {
     /// Candidates (local and remote, by address) dropped because a relay on them died.
     dropped: Vec<SocketAddr>,
 }
-
 
 impl std::fmt::Debug for MediaSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -508,9 +508,10 @@ impl MediaSession {
         if now.saturating_duration_since(quiet_since) < PATH_QUIET {
             return;
         }
-        if let Some(relay) = self.relays.iter().find(|relay| relay.relayed() == Some(destination)) {
-            if !relay.answered_since(quiet_since) {
-                return; // Not known yet whether this end is the dead one.
+        if let Some(relay) = self.relays.iter().find(|relay| relay.allocated() == Some(destination)) {
+            // This end is the dead one (dropped above), or not yet known to be alive.
+            if matches!(relay.state(), AllocationState::Failed(_)) || !relay.answered_since(quiet_since) {
+                return;
             }
         }
         if self.remote_candidates.iter().any(|c| c.addr() == source && c.kind() == CandidateKind::Relayed) {
