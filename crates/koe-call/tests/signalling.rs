@@ -18,6 +18,7 @@ fn media(tag: &str) -> MediaDescription {
         dtls_fingerprint: "sha-256 00".into(),
         candidates: vec![],
         ssrc: 1,
+        nat: Default::default(),
     }
 }
 

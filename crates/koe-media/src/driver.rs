@@ -18,11 +18,14 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
+use crate::punch::{is_punch, PortGuess, PortGuesser, Punches, MAPPING_SOCKETS, PUNCH};
 use crate::relay::AllocationState;
 
 use crate::{MediaError, MediaOutput, MediaPath, MediaSession};
 
 const FRAME: Duration = Duration::from_millis(20);
+/// Path changes this early after media connected are ICE settling, not moves worth reporting.
+const ICE_SETTLING: Duration = Duration::from_secs(1);
 /// Loss reports to the other side, and live statistics, once a second.
 const REPORT_EVERY_FRAMES: u64 = 50;
 /// The echo test's tone: before it listens and before it plays back.
@@ -240,6 +243,133 @@ impl RelayStreams {
     }
 }
 
+/// Port guessing under way ([`crate::punch`]): the mapping sockets of a symmetric side, each
+/// read by a task, or a cone side's probes from the media socket; once a mapping socket hears
+/// the other side it is the only one kept, and the call's host candidate.
+struct PortGuessing {
+    guesser: PortGuesser,
+    sockets: Vec<Arc<UdpSocket>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+    arrivals: mpsc::Receiver<(usize, SocketAddr, Vec<u8>)>,
+    /// The mapping socket that reached the other side.
+    kept: Option<(SocketAddr, Arc<UdpSocket>)>,
+}
+
+impl PortGuessing {
+    /// Opens the mapping sockets (symmetric side) on `ip`, the media socket's.
+    fn start(guess: PortGuess, ip: std::net::IpAddr) -> Self {
+        let (arrivals_sender, arrivals) = mpsc::channel(64);
+        let mut guessing = Self { guesser: PortGuesser::new(guess, Instant::now()), sockets: Vec::new(), readers: Vec::new(), arrivals, kept: None };
+        if let PortGuess::OpenMappings { .. } = guess {
+            for index in 0..MAPPING_SOCKETS {
+                let Some(socket) = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+                    .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+                    .ok()
+                    .and_then(|socket| UdpSocket::from_std(socket).ok())
+                else {
+                    break; // Out of sockets: guess with fewer.
+                };
+                let socket = Arc::new(socket);
+                let (reader_socket, arrivals) = (Arc::clone(&socket), arrivals_sender.clone());
+                guessing.readers.push(tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 2048];
+                    while let Ok((n, from)) = reader_socket.recv_from(&mut buffer).await {
+                        if arrivals.send((index, from, buffer[..n].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                }));
+                guessing.sockets.push(socket);
+            }
+        }
+        guessing
+    }
+
+    /// Sends the punches due now.
+    async fn send_due(&mut self, media_socket: &UdpSocket) {
+        if self.kept.is_some() {
+            return;
+        }
+        let random = || {
+            let mut bytes = [0u8; 2];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+            u16::from_le_bytes(bytes)
+        };
+        match self.guesser.poll(Instant::now(), random) {
+            Some(Punches::FromEveryMappingSocket { to }) => {
+                for socket in &self.sockets {
+                    let _ = socket.send_to(PUNCH, to).await;
+                }
+            }
+            Some(Punches::FromMediaSocket { to }) => {
+                for to in to {
+                    let _ = media_socket.send_to(PUNCH, to).await;
+                }
+            }
+            None => {}
+        }
+        if self.guesser.is_over(Instant::now()) {
+            self.stop_unless_kept();
+        }
+    }
+
+    /// When to send next, while guessing.
+    fn wake(&self) -> Option<Instant> {
+        (self.kept.is_none() && !self.guesser.is_over(Instant::now())).then(|| self.guesser.next_send())
+    }
+
+    /// A datagram on mapping socket `index`: from the other side's public IP, it is the hit.
+    /// Returns the socket's address when it becomes the kept one.
+    fn arrived(&mut self, index: usize, from: SocketAddr) -> Option<SocketAddr> {
+        let PortGuess::OpenMappings { toward } = self.guesser.guess else { return None };
+        if self.kept.is_some() || from.ip() != toward.ip() {
+            return None;
+        }
+        let socket = Arc::clone(self.sockets.get(index)?);
+        let local = socket.local_addr().ok()?;
+        self.kept = Some((local, socket));
+        for (other, reader) in self.readers.iter().enumerate() {
+            if other != index {
+                reader.abort();
+            }
+        }
+        self.sockets.clear();
+        Some(local)
+    }
+
+    fn stop_unless_kept(&mut self) {
+        if self.kept.is_none() {
+            for reader in &self.readers {
+                reader.abort();
+            }
+            self.sockets.clear();
+        }
+    }
+
+    /// The kept socket, if `source` is its address.
+    fn socket_for(&self, source: SocketAddr) -> Option<&UdpSocket> {
+        self.kept.as_ref().filter(|(local, _)| *local == source).map(|(_, socket)| socket.as_ref())
+    }
+
+    async fn next_arrival(guessing: &mut Option<Self>) -> (usize, SocketAddr, Vec<u8>) {
+        match guessing.as_mut() {
+            Some(guessing) => match guessing.arrivals.recv().await {
+                Some(arrival) => arrival,
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for PortGuessing {
+    fn drop(&mut self) {
+        for reader in &self.readers {
+            reader.abort();
+        }
+    }
+}
+
 /// Feeds a datagram or stream piece to the session.
 fn deliver_stream_event(session: &mut MediaSession, (relay, bytes): (usize, Option<Vec<u8>>)) {
     match bytes {
@@ -306,13 +436,18 @@ pub async fn run(
     let mut buffer = vec![0u8; 2048];
     let mut tick = tokio::time::interval(FRAME);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut guessing = session.port_guess().map(|guess| PortGuessing::start(guess, local.ip()));
     tokio::pin!(stop);
     'call: loop {
+        if let Some(guessing) = guessing.as_mut() {
+            guessing.send_due(&socket).await;
+        }
         // Carry out everything the session wants now.
         let wake = loop {
             match session.poll(Instant::now()) {
-                MediaOutput::Transmit { destination, datagram, .. } => {
-                    let _ = socket.send_to(&datagram, destination).await;
+                MediaOutput::Transmit { source, destination, datagram } => {
+                    let from = guessing.as_ref().and_then(|guessing| guessing.socket_for(source)).unwrap_or(&socket);
+                    let _ = from.send_to(&datagram, destination).await;
                 }
                 MediaOutput::StreamWrite { relay, bytes } => streams.write(relay, bytes),
                 MediaOutput::Voice { payload, arrived } => {
@@ -321,7 +456,8 @@ pub async fn run(
                 MediaOutput::LossReport(report) => sender.on_loss_report(report),
                 MediaOutput::PathStats { path: now_path, rtt: now_rtt } => {
                     if let (Some(from), Some(to), Some(connected)) = (path, now_path, connected) {
-                        if from != to {
+                        // In its first second ICE is still settling on the best pair.
+                        if from != to && connected.elapsed() >= ICE_SETTLING {
                             path_moves.push(PathMove { after: connected.elapsed(), from, to });
                         }
                     }
@@ -336,6 +472,7 @@ pub async fn run(
                 MediaOutput::WaitUntil(at) => break at,
             }
         };
+        let wake = guessing.as_ref().and_then(PortGuessing::wake).map_or(wake, |guess| guess.min(wake));
         tokio::select! {
             received = socket.recv_from(&mut buffer) => {
                 if let Ok((n, from)) = received {
@@ -343,6 +480,15 @@ pub async fn run(
                 }
             }
             event = streams.next() => deliver_stream_event(&mut session, event),
+            (index, from, datagram) = PortGuessing::next_arrival(&mut guessing) => {
+                let Some(guessing) = guessing.as_mut() else { continue };
+                if let Some(hit) = guessing.arrived(index, from) {
+                    session.add_host_candidate(hit)?;
+                }
+                if let Some((kept, _)) = guessing.kept.as_ref().filter(|_| !is_punch(&datagram)) {
+                    session.receive(Instant::now(), from, *kept, &datagram);
+                }
+            }
             _ = tick.tick(), if connected.is_some() => {
                 let now = Instant::now();
                 audio.microphone.fill(frames_sent as usize, &recording, &mut frame);

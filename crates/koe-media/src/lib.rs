@@ -22,12 +22,14 @@
 //! the path still answers, the other side's relayed candidate it came from is dropped.
 
 pub mod driver;
+pub mod punch;
 pub mod relay;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use koe_voice::jitter::LossReport;
+use punch::{NatMapping, PortGuess};
 use relay::{AllocationState, RelayAllocation, RelayServer, RelayTransport};
 use serde::{Deserialize, Serialize};
 use str0m::change::DirectApi;
@@ -69,6 +71,9 @@ pub struct MediaDescription {
     /// ICE candidates in SDP form (`candidate:…`).
     pub candidates: Vec<String>,
     pub ssrc: u32,
+    /// How this side's NAT maps sockets, for port guessing between a cone and a symmetric NAT.
+    #[serde(default)]
+    pub nat: NatMapping,
 }
 
 /// What the driver must do next.
@@ -149,8 +154,15 @@ pub struct MediaSession {
     permissions_pending: bool,
     /// Where the other side's voice last came from, and to which of the local candidates.
     receiving: Option<(SocketAddr, SocketAddr)>,
+    /// The pair (local, remote) this side's voice goes out on, and whether it changed since
+    /// the driver last heard.
+    sending: Option<(SocketAddr, SocketAddr)>,
+    path_moved: bool,
     /// Candidates (local and remote, by address) dropped because a relay on them died.
     dropped: Vec<SocketAddr>,
+    nat: NatMapping,
+    /// This side's part in port guessing, once both descriptions are known ([`punch`]).
+    port_guess: Option<PortGuess>,
 }
 
 impl std::fmt::Debug for MediaSession {
@@ -208,7 +220,11 @@ impl MediaSession {
             relays: Vec::new(),
             permissions_pending: false,
             receiving: None,
+            sending: None,
+            path_moved: false,
             dropped: Vec::new(),
+            nat: NatMapping::Unknown,
+            port_guess: None,
         })
     }
 
@@ -286,6 +302,23 @@ impl MediaSession {
         Ok(())
     }
 
+    /// How this side's NAT maps sockets (told to the other side in the description).
+    pub fn set_nat_mapping(&mut self, nat: NatMapping) {
+        self.nat = nat;
+    }
+
+    /// This side's part in port guessing, if the two NATs call for it (after [`Self::start`]).
+    pub fn port_guess(&self) -> Option<PortGuess> {
+        self.port_guess
+    }
+
+    /// A socket found later that reaches the other side (port guessing): a host candidate.
+    pub fn add_host_candidate(&mut self, address: SocketAddr) -> Result<(), MediaError> {
+        let candidate = Candidate::host(address, "udp").map_err(|e| MediaError::Engine(e.to_string()))?;
+        self.add_local_candidate(candidate);
+        Ok(())
+    }
+
     pub fn local_description(&mut self) -> MediaDescription {
         let candidates = self.local_candidates.iter().map(Candidate::to_sdp_string).collect();
         let api = self.rtc.direct_api();
@@ -296,6 +329,7 @@ impl MediaSession {
             dtls_fingerprint: api.local_dtls_fingerprint().to_string(),
             candidates,
             ssrc: *self.ssrc,
+            nat: self.nat,
         }
     }
 
@@ -320,6 +354,8 @@ impl MediaSession {
         for candidate in &candidates {
             self.rtc.add_remote_candidate(candidate.clone());
         }
+        let remote_public = candidates.iter().find(|c| c.kind() == CandidateKind::ServerReflexive).map(Candidate::addr);
+        self.port_guess = PortGuess::choose(self.nat, remote.nat, remote_public);
         self.remote_candidates = candidates;
         // The next poll lets the other side's candidates through every relay allocated on.
         self.permissions_pending = true;
@@ -394,6 +430,10 @@ impl MediaSession {
             };
         }
         self.watch_path(now);
+        if std::mem::take(&mut self.path_moved) {
+            let path = self.sending.map(|(local, remote)| self.path(local, remote));
+            return MediaOutput::PathStats { path, rtt: None };
+        }
         if let Some(output) = self.poll_relays(now) {
             return output;
         }
@@ -416,6 +456,10 @@ impl MediaSession {
                     return MediaOutput::WaitUntil(at.min(now + Duration::from_millis(100)));
                 }
                 Output::Transmit(transmit) => {
+                    if is_rtp_or_rtcp(&transmit.contents) && self.sending != Some((transmit.source, transmit.destination)) {
+                        self.sending = Some((transmit.source, transmit.destination));
+                        self.path_moved = true;
+                    }
                     if let Some(relay) = self.relays.iter().position(|relay| relay.relayed() == Some(transmit.source)) {
                         let Some(wire) = self.relays[relay].send_to(transmit.destination, &transmit.contents, now) else {
                             continue;
@@ -448,12 +492,8 @@ impl MediaSession {
                 }
                 Output::Event(Event::PeerStats(stats)) => {
                     let pair = stats.selected_candidate_pair;
-                    let path = pair.as_ref().map(|pair| MediaPath {
-                        local: pair.local.addr,
-                        local_kind: candidate_kind(&self.local_candidates, pair.local.addr),
-                        remote: pair.remote.addr,
-                        remote_kind: candidate_kind(&self.remote_candidates, pair.remote.addr),
-                    });
+                    // The pair voice goes out on, else the one ICE reports (it can lag a move).
+                    let path = self.sending.or(pair.as_ref().map(|pair| (pair.local.addr, pair.remote.addr))).map(|(local, remote)| self.path(local, remote));
                     // From RTCP receiver reports, else from ICE's consent checks on the path.
                     let rtt = stats.rtt.or_else(|| pair.and_then(|pair| pair.current_round_trip_time));
                     return MediaOutput::PathStats { path, rtt };
@@ -469,6 +509,15 @@ impl MediaSession {
 
     pub fn is_connected(&self) -> bool {
         self.connected
+    }
+
+    fn path(&self, local: SocketAddr, remote: SocketAddr) -> MediaPath {
+        MediaPath {
+            local,
+            local_kind: candidate_kind(&self.local_candidates, local),
+            remote,
+            remote_kind: candidate_kind(&self.remote_candidates, remote),
+        }
     }
 
     /// Drops the candidates of relays that died, so that ICE moves the call to another pair:
@@ -571,6 +620,11 @@ impl MediaSession {
 /// The kind of the candidate with this address; one ICE learned on the way is peer-reflexive.
 fn candidate_kind(candidates: &[Candidate], address: SocketAddr) -> CandidateKind {
     candidates.iter().find(|c| c.addr() == address).map_or(CandidateKind::PeerReflexive, Candidate::kind)
+}
+
+/// Whether a datagram is SRTP or SRTCP (RFC 7983: first byte 128–191), not STUN or DTLS.
+fn is_rtp_or_rtcp(datagram: &[u8]) -> bool {
+    datagram.first().is_some_and(|first| (128..=191).contains(first))
 }
 
 /// The SSRC of an RTP packet (not RTCP: payload types 192–223 are RTCP's).

@@ -16,7 +16,9 @@
 //! every pair of sites calls: the callee's recording must be the caller's speech. The path each
 //! call took and its setup times go into a table (printed, and written to the file named by
 //! `KOE_NAT_LAB_MATRIX` for docs/BENCHMARKS.md). Pairs in which neither side is behind the
-//! symmetric NAT or a UDP-blocking firewall must connect directly.
+//! symmetric NAT or a UDP-blocking firewall must connect directly. Last, a call between the two
+//! UDP-less sites (relayed at both ends) loses the supernode and relay node under it: it must
+//! move to the other relay and go on.
 //!
 //! Needs root, `ip`, `iptables` and tinyproxy; skipped without them unless `KOE_REQUIRE_NETNS=1`
 //! (CI). The namespaces (and every process in them) are removed even when the test fails.
@@ -37,6 +39,9 @@ use koe_voice::signal::speechlike;
 use koe_voice::{wav, SAMPLE_RATE};
 
 const SERVERS_IP: &str = "198.51.100.1";
+/// The supernodes (and the relay nodes beside them) are two hosts: the first shares the login
+/// server's address.
+const SUPERNODE_IPS: [&str; 2] = [SERVERS_IP, "198.51.100.2"];
 const LOGIN_PORT: u16 = 7400;
 const SUPERNODE_PORTS: [u16; 2] = [4100, 4200];
 const PROXY_PORT: u16 = 8888;
@@ -112,7 +117,9 @@ fn internet() -> Namespace {
     let inet = Namespace::new("inet");
     inet.run(&["ip", "link", "add", "br0", "type", "bridge"]);
     inet.run(&["ip", "link", "set", "br0", "up"]);
-    inet.run(&["ip", "addr", "add", &format!("{SERVERS_IP}/24"), "dev", "br0"]);
+    for ip in SUPERNODE_IPS {
+        inet.run(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "br0"]);
+    }
     // Frames crossing the bridge must not go through iptables (notes/nat-lab-pitfalls.md).
     let _ = inet.command("sh").args(["-c", "echo 0 > /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null; true"]).status();
     inet
@@ -239,6 +246,70 @@ fn call(caller: &Site, callee: &Site, speech_file: &Path, speech: &[f32]) -> Cal
     }
 }
 
+/// What became of the call whose relay died.
+struct Failover {
+    summary: String,
+    failure: Option<String>,
+}
+
+/// The longest run of silence (10 ms windows) in `samples`, in milliseconds.
+fn longest_silence_ms(samples: &[f32]) -> usize {
+    let window = SAMPLE_RATE as usize / 100;
+    let quiet: Vec<bool> = samples.chunks(window).map(|w| w.iter().map(|s| s * s).sum::<f32>() / (w.len() as f32) < 1e-6).collect();
+    quiet.split(|&q| !q).map(<[bool]>::len).max().unwrap_or(0) * 10
+}
+
+/// `caller` calls `callee` for 15 s; when the second live statistics (about 6 s in, when ICE
+/// has checked every pair) name the relay the call goes through at the caller's end, the
+/// supernode (and relay node) on that host is killed.
+fn relay_dies_under_a_call(caller: &Site, callee: &Site, supernodes: &mut [Process], dir: &Path) -> Failover {
+    let _ = std::fs::remove_file(&callee.recording);
+    let second = SAMPLE_RATE as usize;
+    let speech = speechlike(16);
+    let speech_file = dir.join("long-speech.wav");
+    wav::write_mono(&speech_file, &speech, SAMPLE_RATE).unwrap();
+    let mut call = common::koe()
+        .args(["--home", caller.home.to_str().unwrap(), "call", callee.name, "--play", speech_file.to_str().unwrap(), "--duration", "15s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(call.stdout.take().unwrap()).lines().map_while(Result::ok);
+    let mut output = String::new();
+    let live = lines.by_ref().inspect(|line| output.push_str(&format!("{line}\n"))).filter(|line| line.starts_with("0:0")).nth(1);
+    let dying = live.as_ref().and_then(|live| SUPERNODE_IPS.iter().position(|ip| live.contains(&format!("relayed (relay {ip}:"))));
+    if let Some(dying) = dying {
+        let _ = supernodes[dying].0.kill();
+        let _ = supernodes[dying].0.wait();
+    }
+    for line in lines {
+        output.push_str(&format!("{line}\n"));
+    }
+    let ended_well = call.wait().is_ok_and(|status| status.success()) && output.contains("ended: you hung up");
+    let moved = output.lines().rev().find(|line| line.contains("the call moved from")).map(str::to_string);
+    let heard = common::recording_when_written(&callee.recording);
+    let (gap, similarity) = if heard.len() > 12 * second {
+        (longest_silence_ms(&heard[2 * second..heard.len() - second]), common::speech_match(&speech[10 * second..], &heard[10 * second..]))
+    } else {
+        eprintln!("the callee recorded only {} s", heard.len() / second);
+        (0, 0.0)
+    };
+    let what = format!("{} → {}", caller.name, callee.name);
+    let summary = format!(
+        "Relay death: {what}; the supernode and relay node at {} were killed under the call; {}; longest silence the callee heard {gap} ms; speech match afterwards {similarity:.2}.",
+        dying.map_or("?", |dying| SUPERNODE_IPS[dying]),
+        moved.as_deref().unwrap_or("the call did not say it moved"),
+    );
+    let failure = if dying.is_none() {
+        Some(format!("{what}: the call was not through a lab relay:\n{output}"))
+    } else if !ended_well || moved.is_none() || similarity < 0.8 {
+        Some(format!("{what} did not survive its relay's death (speech match {similarity:.2}):\n{output}"))
+    } else {
+        None
+    };
+    Failover { summary, failure }
+}
+
 fn matrix_table(results: &[CallResult]) -> String {
     let mut table = String::from("| caller → callee | connected | path | dial → ringing | dial → answered | speech match |\n|---|---|---|---|---|---|\n");
     for result in results {
@@ -310,7 +381,7 @@ fn every_pair_of_sites_calls_and_hears_each_other() {
     let mut supernodes = Vec::new();
     for (index, port) in SUPERNODE_PORTS.iter().enumerate() {
         let home = dir.path().join(format!("supernode{index}"));
-        let listen = format!("{SERVERS_IP}:{port}");
+        let listen = format!("{}:{port}", SUPERNODE_IPS[index]);
         let (process, address) = spawn_in(&inet, &["--home", home.to_str().unwrap(), "node", "--network", network_file.to_str().unwrap(), "--listen", &listen]);
         assert!(address.contains("/p2p/"), "supernode: {address:?}");
         ok(run_in(&inet, &["network", "add-bootstrap", "--network", network_file.to_str().unwrap(), &address], ""), "add-bootstrap");
@@ -351,7 +422,10 @@ fn every_pair_of_sites_calls_and_hears_each_other() {
             results.push(result);
         }
     }
-    let table = matrix_table(&results);
+    let mut table = matrix_table(&results);
+    let site = |name: &str| sites.iter().find(|site| site.name == name).unwrap();
+    let failover = relay_dies_under_a_call(site("tcponly"), site("udpblocked"), &mut supernodes, dir.path());
+    table.push_str(&format!("\n{}\n", failover.summary));
     eprintln!("{table}");
     if let Ok(path) = std::env::var("KOE_NAT_LAB_MATRIX") {
         std::fs::write(path, &table).unwrap();
@@ -365,6 +439,9 @@ fn every_pair_of_sites_calls_and_hears_each_other() {
         } else if kind_of(result.caller).direct_capable() && kind_of(result.callee).direct_capable() && result.relayed {
             failures.push(format!("{} → {} should be direct but went {}", result.caller, result.callee, result.path));
         }
+    }
+    if let Some(failure) = failover.failure {
+        failures.push(failure);
     }
     drop(daemons);
     drop(supernodes);

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use koe_call::{Call, CallEvent, CallId, CallOutput, CallSignal};
 use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, MediaStats, Microphone, RelayStreams, SoundQueue};
+use koe_media::punch::NatMapping;
 use koe_media::relay::{AllocationState, RelayServer, RelayTransport};
 use koe_media::MediaSession;
 use koe_overlay::client::SendOutcome;
@@ -250,8 +251,17 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
         tokio::join!(reflexive, relay_credentials)
     };
     let mut udp_works = true;
+    let offers = offers.unwrap_or_else(|error| {
+        info!(%error, "no relay nodes from the parent supernode");
+        Vec::new()
+    });
     match reflexive {
-        Some(Ok(mapped)) if !state.relay_only => session.add_server_reflexive(mapped, local).map_err(|e| e.to_string())?,
+        Some(Ok(mapped)) if !state.relay_only => {
+            session.add_server_reflexive(mapped, local).map_err(|e| e.to_string())?;
+            if mapped != local {
+                session.set_nat_mapping(nat_mapping(&socket, mapped, &offers).await);
+            }
+        }
         Some(Err(koe_stun::StunError::Timeout(after))) => {
             udp_works = false;
             log.line(format!(
@@ -263,10 +273,6 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
         _ => {}
     }
     state.udp_blocked.store(!udp_works, Ordering::Relaxed);
-    let offers = offers.unwrap_or_else(|error| {
-        info!(%error, "no relay nodes from the parent supernode");
-        Vec::new()
-    });
     if !udp_was_blocked {
         for offer in offers.iter().take(2) {
             add_relays(&mut session, &mut streams, local, offer, udp_works).await;
@@ -288,6 +294,23 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
         });
     }
     Ok(CallNetwork { socket, session, streams })
+}
+
+/// How the NAT in front of `socket` maps it: the parent supernode's STUN responder saw it at
+/// `mapped`; the relay node beside the parent (another port, so another destination to the NAT)
+/// is asked too. The same address means one mapping for every destination ("cone"); another
+/// port, a mapping per destination ("symmetric"), which port guessing can get through.
+async fn nat_mapping(socket: &UdpSocket, mapped: SocketAddr, offers: &[RelayOffer]) -> NatMapping {
+    let Some(server) = offers.iter().find_map(|offer| offer.address.parse::<SocketAddr>().ok()) else {
+        return NatMapping::Unknown;
+    };
+    match koe_stun::reflexive_address(socket, server).await {
+        Ok(second) => NatMapping::from_reflexive(mapped, second),
+        Err(error) => {
+            info!(%error, "the relay node did not say where it sees this socket: NAT mapping unknown");
+            NatMapping::Unknown
+        }
+    }
 }
 
 /// Starts allocations on one offered relay node: over UDP from the media socket when UDP
