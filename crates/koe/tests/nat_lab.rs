@@ -16,7 +16,8 @@
 //! every pair of sites calls: the callee's recording must be the caller's speech. The path each
 //! call took and its setup times go into a table (printed, and written to the file named by
 //! `KOE_NAT_LAB_MATRIX` for docs/BENCHMARKS.md). Pairs in which neither side is behind the
-//! symmetric NAT or a UDP-blocking firewall must connect directly. Last, a call between the two
+//! symmetric NAT or a UDP-blocking firewall must connect directly; cone ↔ symmetric pairs try
+//! port guessing, and the table shows whether it got them a direct path. Last, a call between the two
 //! UDP-less sites (relayed at both ends) loses the supernode and relay node under it: it must
 //! move to the other relay and go on.
 //!

@@ -240,11 +240,7 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
     };
     let (reflexive, offers) = if udp_was_blocked {
         let offers = relay_credentials.await;
-        let relays = async {
-            for offer in offers.iter().flatten().take(2) {
-                add_relays(&mut session, &mut streams, local, offer, false).await;
-            }
-        };
+        let relays = add_relays(&mut session, &mut streams, local, offers.as_deref().unwrap_or_default(), false);
         let (reflexive, ()) = tokio::join!(reflexive, relays);
         (reflexive, offers)
     } else {
@@ -274,9 +270,7 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
     }
     state.udp_blocked.store(!udp_works, Ordering::Relaxed);
     if !udp_was_blocked {
-        for offer in offers.iter().take(2) {
-            add_relays(&mut session, &mut streams, local, offer, udp_works).await;
-        }
+        add_relays(&mut session, &mut streams, local, &offers, udp_works).await;
     }
     driver::gather_relays(&mut session, &socket, &mut streams, Instant::now() + RELAY_GATHER).await;
     let relays = session.relay_states();
@@ -313,41 +307,59 @@ async fn nat_mapping(socket: &UdpSocket, mapped: SocketAddr, offers: &[RelayOffe
     }
 }
 
-/// Starts allocations on one offered relay node: over UDP from the media socket when UDP
-/// works and no proxy stands in the way; else over TCP, or TLS (through the HTTP proxy if one
-/// is configured: proxies carry TLS).
-async fn add_relays(session: &mut MediaSession, streams: &mut RelayStreams, local: SocketAddr, offer: &RelayOffer, udp_works: bool) {
+/// A relay node reached, ready for its allocation: over UDP (from the media socket), or over
+/// a TCP or TLS stream from `local`.
+struct ReachedRelay {
+    server: RelayServer,
+    /// The media socket's address, or the stream's local end.
+    local: SocketAddr,
+    stream: Option<Box<dyn driver::RelayStreamIo>>,
+}
+
+/// Reaches the offered relay nodes at the same time (over TCP or TLS each can take a round trip
+/// or three, through a proxy more) and starts an allocation on each.
+async fn add_relays(session: &mut MediaSession, streams: &mut RelayStreams, local: SocketAddr, offers: &[RelayOffer], udp_works: bool) {
+    let (first, second) = tokio::join!(reach_relay(local, offers.first(), udp_works), reach_relay(local, offers.get(1), udp_works));
+    for ReachedRelay { server, local, stream } in [first, second].into_iter().flatten() {
+        let index = session.add_relay(server, local, Instant::now());
+        if let Some(stream) = stream {
+            streams.add(index, stream);
+        }
+    }
+}
+
+/// Reaches one offered relay node (if any): over UDP when UDP works and no proxy stands in the
+/// way; else over TCP, or TLS (through the HTTP proxy if one is configured: proxies carry TLS).
+async fn reach_relay(local: SocketAddr, offer: Option<&RelayOffer>, udp_works: bool) -> Option<ReachedRelay> {
+    let offer = offer?;
     let Ok(address) = offer.address.parse::<SocketAddr>() else {
         info!(address = %offer.address, "a relay offer with an unusable address");
-        return;
+        return None;
     };
     let server = |transport, address| RelayServer { transport, address, username: offer.username.clone(), password: offer.password.clone() };
     let proxied = koe_proxy::for_host(&address.ip().to_string()).is_some();
     if udp_works && !proxied {
-        session.add_relay(server(RelayTransport::Udp, address), local, Instant::now());
-        return;
+        return Some(ReachedRelay { server: server(RelayTransport::Udp, address), local, stream: None });
     }
     if !proxied {
         match tokio::time::timeout(RELAY_GATHER, tokio::net::TcpStream::connect(address)).await {
             Ok(Ok(stream)) => {
                 if let Ok(stream_local) = stream.local_addr() {
                     let _ = stream.set_nodelay(true);
-                    let index = session.add_relay(server(RelayTransport::Tcp, address), stream_local, Instant::now());
-                    streams.add(index, stream);
-                    return;
+                    return Some(ReachedRelay { server: server(RelayTransport::Tcp, address), local: stream_local, stream: Some(Box::new(stream)) });
                 }
             }
             Ok(Err(error)) => info!(%address, %error, "cannot reach the relay over TCP; trying TLS"),
             Err(_) => info!(%address, "the relay did not accept TCP in time; trying TLS"),
         }
     }
-    let (Some(tls_address), Some(fingerprint)) = (offer.tls_address.as_deref(), offer.tls_fingerprint.as_deref()) else { return };
+    let (Some(tls_address), Some(fingerprint)) = (offer.tls_address.as_deref(), offer.tls_fingerprint.as_deref()) else { return None };
     match connect_tls(tls_address, fingerprint).await {
-        Ok((stream, stream_local, address)) => {
-            let index = session.add_relay(server(RelayTransport::Tls, address), stream_local, Instant::now());
-            streams.add(index, stream);
+        Ok((stream, stream_local, address)) => Some(ReachedRelay { server: server(RelayTransport::Tls, address), local: stream_local, stream: Some(Box::new(stream)) }),
+        Err(error) => {
+            info!(%tls_address, %error, "cannot reach the relay over TLS");
+            None
         }
-        Err(error) => info!(%tls_address, %error, "cannot reach the relay over TLS"),
     }
 }
 
