@@ -189,6 +189,10 @@ async fn parent_address(state: &DaemonState) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, crate::commands::node::tcp_port(&parent)?))
 }
 
+/// After a call found UDP blocked, how long the next one's STUN query may take at least
+/// (half its usual time-out: an answer comes in a round trip).
+const UDP_RECHECK: Duration = Duration::from_millis(150);
+
 /// How long a call waits for its relay allocations before it offers without them.
 const RELAY_GATHER: Duration = Duration::from_millis(1500);
 
@@ -229,7 +233,7 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
     };
     let mut streams = RelayStreams::default();
     // UDP blocked on the last call: reach the relays over TCP at once, while the STUN query
-    // checks again, instead of after its time-out.
+    // checks again, instead of after its time-out; it gets only as long as the relays take.
     let udp_was_blocked = state.udp_blocked.load(Ordering::Relaxed);
     // The parent answers at once with its own relay, or within half a second with another
     // supernode's too; a parent that does not answer must not hold the call up.
@@ -240,8 +244,21 @@ async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetw
     };
     let (reflexive, offers) = if udp_was_blocked {
         let offers = relay_credentials.await;
-        let relays = add_relays(&mut session, &mut streams, local, offers.as_deref().unwrap_or_default(), false);
-        let (reflexive, ()) = tokio::join!(reflexive, relays);
+        let checking_since = Instant::now();
+        let reflexive = {
+            let mut relays = std::pin::pin!(add_relays(&mut session, &mut streams, local, offers.as_deref().unwrap_or_default(), false));
+            let mut reflexive = std::pin::pin!(reflexive);
+            tokio::select! {
+                answer = &mut reflexive => {
+                    relays.await;
+                    answer
+                }
+                () = &mut relays => {
+                    let deadline = tokio::time::Instant::from_std(checking_since + UDP_RECHECK);
+                    tokio::time::timeout_at(deadline, reflexive).await.unwrap_or_else(|_| Some(Err(koe_stun::StunError::Timeout(checking_since.elapsed()))))
+                }
+            }
+        };
         (reflexive, offers)
     } else {
         tokio::join!(reflexive, relay_credentials)
