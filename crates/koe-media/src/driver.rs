@@ -411,6 +411,14 @@ pub async fn gather_relays(session: &mut MediaSession, socket: &UdpSocket, strea
     }
 }
 
+/// Ends the session's allocations on relays reached over UDP (see
+/// [`MediaSession::release_relays`]), from `socket`, without waiting.
+pub fn release_relays(session: &mut MediaSession, socket: &UdpSocket) {
+    for (relay, datagram) in session.release_relays(Instant::now()) {
+        let _ = socket.try_send_to(&datagram, relay);
+    }
+}
+
 /// Runs the media of one call until `stop` completes or the path fails.
 pub async fn run(
     mut session: MediaSession,
@@ -515,6 +523,7 @@ pub async fn run(
             () = &mut stop => break 'call,
         }
     }
+    release_relays(&mut session, &socket);
     let mut stats = stats(&session, &sender, &receiver, started, connected, path, rtt);
     stats.path_moves = path_moves;
     if let Ok(mut live) = controls.live.lock() {

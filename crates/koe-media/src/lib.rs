@@ -583,6 +583,17 @@ impl MediaSession {
         self.rtc.direct_api().invalidate_candidate(&candidate);
     }
 
+    /// Ends the allocations on relays reached over UDP (at the end of the call, answered or
+    /// not), so they stop counting against the user's quota: the datagrams to send. Those
+    /// over TCP and TLS end when their streams close.
+    pub fn release_relays(&mut self, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.relays
+            .iter_mut()
+            .filter(|relay| relay.server.transport == RelayTransport::Udp)
+            .filter_map(|relay| Some((relay.server.address, relay.release(now)?)))
+            .collect()
+    }
+
     /// Protocol messages the relays want sent (allocation, refreshes, permissions).
     fn poll_relays(&mut self, now: Instant) -> Option<MediaOutput> {
         if self.permissions_pending {

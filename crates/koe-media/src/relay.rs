@@ -184,7 +184,19 @@ impl RelayAllocation {
     }
 
     /// Bytes from the relay (a datagram, or a piece of the stream); returns what peers sent.
+    /// An error answer to an Allocate (other than the 401/438 turn-client-proto handles by
+    /// asking again) leaves turn-client-proto waiting for ever: take it as the refusal it is.
+    fn notice_allocate_refusal(&mut self, bytes: &[u8]) {
+        if self.state != AllocationState::Allocating {
+            return;
+        }
+        if let Some(code) = allocate_error_code(bytes).filter(|code| !matches!(code, 401 | 438)) {
+            self.state = AllocationState::Failed(format!("the relay refused the allocation ({code}: quota, capacity or policy)"));
+        }
+    }
+
     pub fn receive(&mut self, bytes: &[u8], now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.notice_allocate_refusal(bytes);
         if self.notice_probe_answer(bytes) && self.server.transport == RelayTransport::Udp {
             // The whole datagram was the answer: not for turn-client-proto.
             return Vec::new();
@@ -268,6 +280,17 @@ impl RelayAllocation {
         wake.max(now)
     }
 
+    /// Ends the allocation on the relay (a Refresh with lifetime 0), so that it stops counting
+    /// against the user's quota there: the wire bytes to send, once. Over TCP and TLS closing
+    /// the stream does the same.
+    pub fn release(&mut self, now: Instant) -> Option<Vec<u8>> {
+        self.relayed()?;
+        let at = self.now(now);
+        self.client.delete(at).ok()?;
+        self.state = AllocationState::Failed("released at the end of the call".into());
+        self.client.poll_transmit(at).map(|transmit| transmit.data.to_vec())
+    }
+
     /// The stream to the relay is gone.
     pub fn stream_closed(&mut self) {
         self.client.protocol_error();
@@ -290,5 +313,48 @@ impl RelayAllocation {
                 _ => {}
             }
         }
+    }
+}
+
+/// The error code in `bytes` if they begin with an Allocate error response (RFC 8656: type
+/// 0x0113, ERROR-CODE attribute 0x0009).
+fn allocate_error_code(bytes: &[u8]) -> Option<u16> {
+    if bytes.get(..2)? != [0x01, 0x13] {
+        return None;
+    }
+    let length = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
+    let mut attributes = bytes.get(20..20 + length)?;
+    while let [t0, t1, l0, l1, rest @ ..] = attributes {
+        let (kind, size) = (u16::from_be_bytes([*t0, *t1]), usize::from(u16::from_be_bytes([*l0, *l1])));
+        let value = rest.get(..size)?;
+        if kind == 0x0009 && size >= 4 {
+            return Some(u16::from(value[2] & 0x07) * 100 + u16::from(value[3]));
+        }
+        attributes = rest.get(size.next_multiple_of(4)..)?;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_response(code: u16) -> Vec<u8> {
+        let mut message = vec![0x01, 0x13, 0, 12, 0x21, 0x12, 0xa4, 0x42];
+        message.extend_from_slice(&[7; 12]);
+        message.extend_from_slice(&[0x00, 0x09, 0, 8, 0, 0, (code / 100) as u8, (code % 100) as u8]);
+        message.extend_from_slice(b"Full");
+        message
+    }
+
+    #[test]
+    fn allocate_refusals_are_read_and_nothing_else_is() {
+        assert_eq!(allocate_error_code(&error_response(486)), Some(486));
+        assert_eq!(allocate_error_code(&error_response(401)), Some(401));
+        let mut success = error_response(486);
+        success[1] = 0x03;
+        assert_eq!(allocate_error_code(&success), None, "an Allocate success");
+        assert_eq!(allocate_error_code(&error_response(486)[..22]), None, "truncated");
+        assert_eq!(allocate_error_code(&[]), None);
     }
 }

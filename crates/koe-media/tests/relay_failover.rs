@@ -69,9 +69,9 @@ async fn relay_dies_mid_call(transport: RelayTransport) {
     a.start(&answer, true).unwrap();
 
     let second = SAMPLE_RATE as usize;
-    let speech = speechlike(10);
+    let speech = speechlike(12);
     let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone, speaker: None };
-    let length = Duration::from_secs(9);
+    let length = Duration::from_secs(11);
     let (a_controls, b_controls) = (MediaControls::default(), MediaControls::default());
     let a_task = tokio::spawn(driver::run(a, a_socket, a_streams, audio(Microphone::Samples(speech.clone())), a_controls.clone(), tokio::time::sleep(length)));
     let b_task = tokio::spawn(driver::run(b, b_socket, b_streams, audio(Microphone::Samples(Vec::new())), b_controls.clone(), tokio::time::sleep(length)));
@@ -101,7 +101,10 @@ async fn relay_dies_mid_call(transport: RelayTransport) {
     let heard = &callee.recording;
     let gap = longest_silence_ms(&heard[killed_at.saturating_sub(second / 2).min(heard.len())..]);
     let tail_from = (killed_at + 5 * second / 2).min(heard.len());
-    let speech_after = speech_match(&speech[tail_from.min(speech.len() - 3 * second)..], &heard[tail_from..]).unwrap_or(0.0);
+    let speech_after = speech_match(&speech[tail_from.min(speech.len() - 3 * second)..], &heard[tail_from..]).unwrap_or_else(|| {
+        eprintln!("too little speech after the move: {} samples recorded, from {tail_from}", heard.len());
+        0.0
+    });
     eprintln!("relay over {transport} died under the call: moved {:?}; the callee heard {gap} ms of silence; speech match afterwards {speech_after:.3}", caller.stats.path_moves);
     assert!(speech_after > 0.8, "the callee hears the caller again after the move (speech match {speech_after:.3})");
 }

@@ -487,9 +487,14 @@ impl Supernode {
     }
 
     /// Answers a client's `RelayCredentials` with this node's `own` offers and those of one
-    /// other connected supernode, if one answers.
+    /// other connected supernode (one in the routing table: not a client that only connected),
+    /// if one answers.
     fn add_another_relay(&mut self, username: String, own: Vec<crate::protocol::RelayOffer>, channel: ResponseChannel<OverlayResponse>) {
-        let other = self.connected.iter().copied().find(|peer| !self.attached.contains_key(peer));
+        let supernodes: HashSet<PeerId> = match self.swarm.behaviour_mut().kad.as_mut() {
+            Some(kad) => kad.kbuckets().flat_map(|bucket| bucket.iter().map(|entry| *entry.node.key.preimage()).collect::<Vec<_>>()).collect(),
+            None => HashSet::new(),
+        };
+        let other = self.connected.iter().copied().find(|peer| supernodes.contains(peer) && !self.attached.contains_key(peer));
         match other {
             Some(other) => {
                 let id = self.swarm.behaviour_mut().overlay.send_request(&other, OverlayRequest::RelayCredentialsFor { username });

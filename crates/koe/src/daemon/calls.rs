@@ -204,6 +204,13 @@ struct CallNetwork {
     streams: RelayStreams,
 }
 
+impl CallNetwork {
+    /// Unused after all (nobody to call, the call not answered): its allocations end.
+    fn release(&mut self) {
+        driver::release_relays(&mut self.session, &self.socket);
+    }
+}
+
 /// The call's media socket and session: host candidate on the address that routes to the
 /// parent supernode (found without sending anything; else loopback), a server-reflexive one if
 /// the parent's STUN responder sees this socket at another address (a NAT), and relayed ones
@@ -530,11 +537,18 @@ pub async fn place(
     let sound = Sound::for_call(play.as_deref(), &mut log)?;
     // Find the callee while the media socket learns its outside address.
     let (devices, media) = tokio::join!(state.client.lookup(to.clone()), media_socket(&state, &mut log));
-    let devices = devices?.len();
-    if devices == 0 {
-        return Err(state.absence(&to).await);
-    }
-    let CallNetwork { socket, mut session, streams } = media?;
+    let mut media = media?;
+    let devices = match devices {
+        Ok(devices) if !devices.is_empty() => devices.len(),
+        outcome => {
+            media.release();
+            return Err(match outcome {
+                Err(error) => error,
+                Ok(_) => state.absence(&to).await,
+            });
+        }
+    };
+    let CallNetwork { socket, mut session, streams } = media;
     let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
     let (mut signals, hangup) = state.calls.register(id, &to);
     let (dialed, started_at) = (Instant::now(), UnixTime::now());
@@ -565,7 +579,10 @@ pub async fn place(
             let media = Media { session, socket, streams, remote: remote_media, caller: true, sound, record: record.clone(), talk };
             talk_until_done(&state, &to, id, &mut call, media, &mut signals, hangup, &mut log).await.map(Some)
         }
-        None => Ok(None),
+        None => {
+            driver::release_relays(&mut session, &socket);
+            Ok(None)
+        }
     };
     // Free for the next call before the history is written (a redial must not find it busy).
     state.calls.forget(id);
@@ -600,7 +617,10 @@ async fn talk_until_done(
     log: &mut CallLog,
 ) -> Result<MediaStats, String> {
     let Media { mut session, socket, streams, remote, caller, sound, record, talk } = media;
-    session.start(&remote, caller).map_err(|e| format!("the other side's media offer is unusable: {e}"))?;
+    if let Err(error) = session.start(&remote, caller) {
+        driver::release_relays(&mut session, &socket);
+        return Err(format!("the other side's media offer is unusable: {error}"));
+    }
     let Sound { microphone, speaker, _devices } = sound;
     let audio = CallAudio { backend: Backend::OpusPure, bitrate: DEFAULT_BITRATE, microphone, speaker };
     let controls = MediaControls::default();
@@ -753,7 +773,10 @@ async fn answer_now(
         None => (Sound::for_call(auto.play.as_deref(), log)?, Duration::from_secs(4 * 3600)),
     };
     let CallNetwork { socket, mut session, streams } = media_socket(state, log).await?;
-    call.answer(session.local_description()).map_err(str::to_string)?;
+    if let Err(error) = call.answer(session.local_description()) {
+        driver::release_relays(&mut session, &socket);
+        return Err(error.to_string());
+    }
     drain(state, from, call, log).await;
     let media = Media { session, socket, streams, remote: remote_media.clone(), caller: false, sound, record: auto.record, talk };
     talk_until_done(state, from, id, call, media, signals, hangup, log).await
