@@ -3,7 +3,8 @@
 //! given up front, played in real time; a sound device's queue; or an echo test) and records
 //! every frame it plays out, silence included, on the playout clock, so that mouth-to-ear
 //! delay can be measured by aligning the recording with what the other side sent; with a
-//! speaker queue, what it plays also goes to a sound device.
+//! speaker queue, what it plays also goes to a sound device. Between a cone and a symmetric
+//! NAT it also does the sending and receiving of port guessing ([`crate::punch`]).
 
 use std::collections::VecDeque;
 use std::future::Future;

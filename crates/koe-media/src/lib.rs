@@ -36,7 +36,7 @@ use str0m::change::DirectApi;
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::Ssrc;
-use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use str0m::{Candidate, CandidateKind, Event, Input, Output, Rtc, RtcConfig};
 
 /// The one audio stream of a call.
 const MID: &str = "0";
@@ -498,10 +498,9 @@ impl MediaSession {
                     let rtt = stats.rtt.or_else(|| pair.and_then(|pair| pair.current_round_trip_time));
                     return MediaOutput::PathStats { path, rtt };
                 }
-                Output::Event(Event::IceConnectionStateChange(IceConnectionState::Disconnected)) if self.connected => {
-                    self.failed = true;
-                    return MediaOutput::Failed { reason: "the network path to the other side was lost".into() };
-                }
+                // ICE without a usable pair for now (a relay under the call died, candidates were
+                // dropped, and the other side has not nominated the next pair yet) recovers when
+                // it has one: the call ends only after VOICE_TIMEOUT without voice.
                 Output::Event(_) => continue,
             }
         }

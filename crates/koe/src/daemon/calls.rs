@@ -216,7 +216,8 @@ impl CallNetwork {
 /// the parent's STUN responder sees this socket at another address (a NAT), and relayed ones
 /// on the relay nodes the parent offers: over UDP when UDP works, else over TCP, or TLS through
 /// an HTTP proxy. If the responder does not answer at all, UDP is probably blocked here, and
-/// `log` says so. With `--relay-only` only relayed candidates are offered.
+/// `log` says so. Behind a NAT, the relay node is asked too, to learn how the NAT maps (for port
+/// guessing). With `--relay-only` only relayed candidates are offered.
 async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetwork, String> {
     let parent = parent_address(state).await;
     let local_ip = parent
