@@ -49,6 +49,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const VOICE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Voice arrives every 20 ms: a path this long without any is suspected of having lost a relay.
 pub const PATH_QUIET: Duration = Duration::from_millis(700);
+/// The session is polled at least every 20 ms during a call; a longer pause means this process
+/// did not run (an overloaded machine), and the quiet before it is no evidence about the path.
+const POLL_STALL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
@@ -158,6 +161,10 @@ pub struct MediaSession {
     /// the driver last heard.
     sending: Option<(SocketAddr, SocketAddr)>,
     path_moved: bool,
+    /// When [`Self::poll`] last ran, and since when the quiet on the path counts (not across a
+    /// pause of this process: the voice that arrived meanwhile is still in the socket).
+    last_polled: Instant,
+    listening_since: Instant,
     /// Candidates (local and remote, by address) dropped because a relay on them died.
     dropped: Vec<SocketAddr>,
     nat: NatMapping,
@@ -222,6 +229,8 @@ impl MediaSession {
             receiving: None,
             sending: None,
             path_moved: false,
+            last_polled: now,
+            listening_since: now,
             dropped: Vec::new(),
             nat: NatMapping::Unknown,
             port_guess: None,
@@ -522,14 +531,19 @@ impl MediaSession {
     /// Drops the candidates of relays that died, so that ICE moves the call to another pair:
     /// a relay of this side that died (its stream closed, it closed the allocation, or it
     /// stopped answering checks) takes its local candidate and the other side's relayed ones at
-    /// its IP; after [`PATH_QUIET`] without voice, while this side's end of the path answers,
-    /// the other side's relayed candidate the voice came from goes. The last candidate on
-    /// either side is kept: a path that is only quiet for a while may come back.
+    /// its IP; after [`PATH_QUIET`] without voice (while this process ran: see [`POLL_STALL`]),
+    /// while this side's end of the path answers, the other side's relayed candidate the voice
+    /// came from goes. The last candidate on either side is kept: a path that is only quiet for
+    /// a while may come back.
     fn watch_path(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_polled) > POLL_STALL {
+            self.listening_since = now;
+        }
+        self.last_polled = now;
         let running = self.connected && !self.failed;
         if running {
             for relay in &mut self.relays {
-                relay.keep_checking(now);
+                relay.keep_checking(now, self.listening_since);
             }
         }
         let dead: Vec<SocketAddr> = self
@@ -552,7 +566,7 @@ impl MediaSession {
             }
         }
         let Some((source, destination)) = self.receiving.filter(|_| running) else { return };
-        let quiet_since = self.last_voice.unwrap_or(self.started_at);
+        let quiet_since = self.last_voice.unwrap_or(self.started_at).max(self.listening_since);
         if now.saturating_duration_since(quiet_since) < PATH_QUIET {
             return;
         }

@@ -116,13 +116,14 @@ impl RelayAllocation {
     }
 
     /// Checks that the relay answers, from now on (a call runs over it); marks the allocation
-    /// failed when a check goes unanswered for [`PROBE_TIMEOUT`].
-    pub fn keep_checking(&mut self, now: Instant) {
+    /// failed when a check goes unanswered for [`PROBE_TIMEOUT`] while this process was
+    /// `listening_since` (an answer that came during a pause of the process is still unread).
+    pub fn keep_checking(&mut self, now: Instant, listening_since: Instant) {
         if self.relayed().is_none() {
             return;
         }
         match &self.probe {
-            Some(probe) if now.saturating_duration_since(probe.first_sent) >= PROBE_TIMEOUT => {
+            Some(probe) if now.saturating_duration_since(probe.first_sent.max(listening_since)) >= PROBE_TIMEOUT => {
                 self.probe = None;
                 self.next_probe = None;
                 self.state = AllocationState::Failed(format!("the relay stopped answering (nothing for {} ms)", PROBE_TIMEOUT.as_millis()));

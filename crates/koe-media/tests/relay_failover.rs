@@ -118,3 +118,45 @@ async fn a_call_moves_to_another_relay_when_its_udp_relay_dies() {
 async fn a_call_moves_to_another_relay_when_its_tcp_relay_dies() {
     relay_dies_mid_call(RelayTransport::Tcp).await;
 }
+
+/// The whole machine pauses for 1.5 s mid-call (an overloaded or suspended host; here the
+/// single-threaded runtime with both sides and both relays is blocked). When it resumes, the
+/// relays' answers and the other side's voice are still unread: no side may take the quiet
+/// before the pause for a dead relay or path, drop candidates and move the call.
+#[tokio::test]
+async fn a_pause_of_the_machine_does_not_move_the_call_off_its_relays() {
+    let relays = vec![relay("127.0.0.3").await, relay("127.0.0.4").await];
+    let (mut a, a_socket, a_streams, _) = relayed_side(&relays, "caller", RelayTransport::Udp).await;
+    let (mut b, b_socket, b_streams, _) = relayed_side(&relays, "callee", RelayTransport::Udp).await;
+    let (offer, answer) = (a.local_description(), b.local_description());
+    b.start(&offer, false).unwrap();
+    a.start(&answer, true).unwrap();
+
+    let second = SAMPLE_RATE as usize;
+    let speech = speechlike(9);
+    let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone, speaker: None };
+    let length = Duration::from_secs(8);
+    let (a_controls, b_controls) = (MediaControls::default(), MediaControls::default());
+    let a_task = tokio::spawn(driver::run(a, a_socket, a_streams, audio(Microphone::Samples(speech.clone())), a_controls.clone(), tokio::time::sleep(length)));
+    let b_task = tokio::spawn(driver::run(b, b_socket, b_streams, audio(Microphone::Samples(Vec::new())), b_controls, tokio::time::sleep(length)));
+
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if a_controls.live.lock().unwrap().talked >= Duration::from_secs(3) {
+            break;
+        }
+    }
+    // Blocks the runtime: nothing in this process runs meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (caller, callee) = (a_task.await.unwrap().unwrap(), b_task.await.unwrap().unwrap());
+
+    assert!(caller.failure.is_none() && callee.failure.is_none(), "the call went on: {:?} {:?}", caller.failure, callee.failure);
+    assert!(caller.stats.path_moves.is_empty(), "the caller stayed on its path: {:?}", caller.stats.path_moves);
+    assert!(callee.stats.path_moves.is_empty(), "the callee stayed on its path: {:?}", callee.stats.path_moves);
+    // The recording runs on the playout clock, which stood still during the pause: from 3.5 s
+    // on it is after the pause.
+    let heard = &callee.recording;
+    let tail_from = (7 * second / 2).min(heard.len());
+    let speech_after = speech_match(&speech[tail_from.min(speech.len() - 2 * second)..], &heard[tail_from..]).unwrap_or(0.0);
+    assert!(speech_after > 0.8, "the callee hears the caller after the pause (speech match {speech_after:.3})");
+}

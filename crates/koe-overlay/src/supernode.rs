@@ -497,10 +497,14 @@ impl Supernode {
         let other = self.connected.iter().copied().find(|peer| supernodes.contains(peer) && !self.attached.contains_key(peer));
         match other {
             Some(other) => {
+                debug!(%other, user = %username, "asking another supernode for an offer on its relay node");
                 let id = self.swarm.behaviour_mut().overlay.send_request(&other, OverlayRequest::RelayCredentialsFor { username });
                 self.outstanding.insert(id, Outstanding::RelayOffers { own, channel, asked: Instant::now() });
             }
-            None => self.respond(channel, OverlayResponse::Relays { relays: own }),
+            None => {
+                debug!(routing_table = supernodes.len(), connected = self.connected.len(), "no other supernode to ask for a relay offer");
+                self.respond(channel, OverlayResponse::Relays { relays: own });
+            }
         }
     }
 
@@ -514,6 +518,7 @@ impl Supernode {
             .collect();
         for id in overdue {
             if let Some(Outstanding::RelayOffers { own, channel, .. }) = self.outstanding.remove(&id) {
+                debug!("another supernode did not offer its relay node in time");
                 self.respond(channel, OverlayResponse::Relays { relays: own });
             }
         }

@@ -41,7 +41,8 @@ use koe_voice::{wav, SAMPLE_RATE};
 
 const SERVERS_IP: &str = "198.51.100.1";
 /// The supernodes (and the relay nodes beside them) are two hosts: the first shares the login
-/// server's address.
+/// server's address (and namespace), the second has its own namespace, so that what it sends
+/// comes from its own address, as from a host of its own.
 const SUPERNODE_IPS: [&str; 2] = [SERVERS_IP, "198.51.100.2"];
 const LOGIN_PORT: u16 = 7400;
 const SUPERNODE_PORTS: [u16; 2] = [4100, 4200];
@@ -118,12 +119,23 @@ fn internet() -> Namespace {
     let inet = Namespace::new("inet");
     inet.run(&["ip", "link", "add", "br0", "type", "bridge"]);
     inet.run(&["ip", "link", "set", "br0", "up"]);
-    for ip in SUPERNODE_IPS {
-        inet.run(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "br0"]);
-    }
+    inet.run(&["ip", "addr", "add", &format!("{SERVERS_IP}/24"), "dev", "br0"]);
     // Frames crossing the bridge must not go through iptables (notes/nat-lab-pitfalls.md).
     let _ = inet.command("sh").args(["-c", "echo 0 > /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null; true"]).status();
     inet
+}
+
+/// Another server host on the internet `inet`, at `ip`. (A second address on the bridge would
+/// not do: towards the first host, the kernel sends from the first host's own address, and a
+/// supernode only takes another's announced addresses from the IP it connects from.)
+fn server_host(inet: &Namespace, ip: &str) -> Namespace {
+    let host = Namespace::new("server");
+    let uplink = format!("s{}", ip.rsplit('.').next().unwrap_or("0"));
+    inet.run(&["ip", "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &host.name]);
+    inet.run(&["ip", "link", "set", &uplink, "master", "br0", "up"]);
+    host.run(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    host.run(&["ip", "link", "set", "eth0", "up"]);
+    host
 }
 
 /// Builds site number `n` of `kind` on the internet `inet`.
@@ -182,6 +194,10 @@ fn build_site(inet: &Namespace, n: u8, name: &'static str, kind: SiteKind, dir: 
 }
 
 impl Site {
+    fn daemon_log(&self) -> PathBuf {
+        self.home.with_extension("log")
+    }
+
     /// `koe [--home H] [--proxy P] ARGS…`
     fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
         let mut all = vec!["--home", self.home.to_str().unwrap()];
@@ -304,7 +320,14 @@ fn relay_dies_under_a_call(caller: &Site, callee: &Site, supernodes: &mut [Proce
     let failure = if dying.is_none() {
         Some(format!("{what}: the call was not through a lab relay:\n{output}"))
     } else if !ended_well || moved.is_none() || similarity < 0.8 {
-        Some(format!("{what} did not survive its relay's death (speech match {similarity:.2}):\n{output}"))
+        let log = |site: &Site| std::fs::read_to_string(site.daemon_log()).unwrap_or_default();
+        Some(format!(
+            "{what} did not survive its relay's death (speech match {similarity:.2}):\n{output}\n{} daemon's log:\n{}\n{} daemon's log:\n{}",
+            caller.name,
+            log(caller),
+            callee.name,
+            log(callee)
+        ))
     } else {
         None
     };
@@ -380,10 +403,12 @@ fn every_pair_of_sites_calls_and_hears_each_other() {
     );
     assert!(first.contains("listening on"), "login server: {first:?}");
     let mut supernodes = Vec::new();
+    let second_host = server_host(&inet, SUPERNODE_IPS[1]);
     for (index, port) in SUPERNODE_PORTS.iter().enumerate() {
         let home = dir.path().join(format!("supernode{index}"));
         let listen = format!("{}:{port}", SUPERNODE_IPS[index]);
-        let (process, address) = spawn_in(&inet, &["--home", home.to_str().unwrap(), "node", "--network", network_file.to_str().unwrap(), "--listen", &listen]);
+        let host = if index == 0 { &inet } else { &second_host };
+        let (process, address) = spawn_in(host, &["--home", home.to_str().unwrap(), "node", "--network", network_file.to_str().unwrap(), "--listen", &listen]);
         assert!(address.contains("/p2p/"), "supernode: {address:?}");
         ok(run_in(&inet, &["network", "add-bootstrap", "--network", network_file.to_str().unwrap(), &address], ""), "add-bootstrap");
         supernodes.push(process);
@@ -395,7 +420,9 @@ fn every_pair_of_sites_calls_and_hears_each_other() {
         let signup = site.args(&["signup", site.name, "--network", network_file.to_str().unwrap(), "--password-stdin"]);
         ok(run_in(&site.client, &signup, PASSWORD), &format!("{}: signup", site.name));
         let up = site.args(&["up", "--auto-answer", "--record", site.recording.to_str().unwrap()]);
-        let child = koe_in(&site.client).args(&up).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        // The daemon's log, for the failure message of the relay-death call.
+        let log = std::fs::File::create(site.daemon_log()).unwrap();
+        let child = koe_in(&site.client).args(&up).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         daemons.push(Process(child));
     }
     for site in &sites {
