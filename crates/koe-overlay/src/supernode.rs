@@ -780,7 +780,14 @@ impl Supernode {
                 }
                 self.respond(channel, OverlayResponse::Relays { relays: own });
             }
-            Some(Outstanding::Hello) | None => {}
+            Some(Outstanding::Hello) => {
+                // Typically this host sends from another address than the one it listens on
+                // (several addresses): the other supernode will not route to this one.
+                if let Some(OverlayResponse::Refused { reason }) = response {
+                    warn!(%reason, "another supernode refused this one's listen addresses");
+                }
+            }
+            None => {}
         }
     }
 
