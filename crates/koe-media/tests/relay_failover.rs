@@ -10,13 +10,14 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use koe_media::driver::{self, CallAudio, MediaControls, Microphone, RelayStreams};
+use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, Microphone, RelayStreams};
 use koe_media::relay::{AllocationState, RelayServer, RelayTransport};
-use koe_media::MediaSession;
+use koe_media::{MediaError, MediaSession};
 use koe_relay::{start_relay, RelayConfig, RelayHandle};
 use koe_voice::signal::{speech_match, speechlike};
 use koe_voice::{Backend, SAMPLE_RATE};
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
 
 /// A relay node on its own loopback address, as relay hosts have their own.
 async fn relay(ip: &str) -> RelayHandle {
@@ -60,38 +61,53 @@ fn longest_silence_ms(samples: &[f32]) -> usize {
     quiet.split(|&q| !q).map(<[bool]>::len).max().unwrap_or(0) * 10
 }
 
-async fn relay_dies_mid_call(transport: RelayTransport) {
-    let mut relays = vec![relay("127.0.0.3").await, relay("127.0.0.4").await];
-    let (mut a, a_socket, a_streams, a_relayed) = relayed_side(&relays, "caller", transport).await;
-    let (mut b, b_socket, b_streams, b_relayed) = relayed_side(&relays, "callee", transport).await;
+/// One side of a call running on its own task, and its live statistics.
+struct RunningSide {
+    task: JoinHandle<Result<CallSummary, MediaError>>,
+    controls: MediaControls,
+    relayed: Vec<SocketAddr>,
+}
+
+/// Both sides allocated on every relay over `transport` and connected for a call of `length`:
+/// the caller plays `speech`, the callee nothing.
+async fn relayed_call(relays: &[RelayHandle], transport: RelayTransport, speech: &[f32], length: Duration) -> (RunningSide, RunningSide) {
+    let (mut a, a_socket, a_streams, a_relayed) = relayed_side(relays, "caller", transport).await;
+    let (mut b, b_socket, b_streams, b_relayed) = relayed_side(relays, "callee", transport).await;
     let (offer, answer) = (a.local_description(), b.local_description());
     b.start(&offer, false).unwrap();
     a.start(&answer, true).unwrap();
+    let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone, speaker: None };
+    let (a_controls, b_controls) = (MediaControls::default(), MediaControls::default());
+    let a_task = tokio::spawn(driver::run(a, a_socket, a_streams, audio(Microphone::Samples(speech.to_vec())), a_controls.clone(), tokio::time::sleep(length)));
+    let b_task = tokio::spawn(driver::run(b, b_socket, b_streams, audio(Microphone::Samples(Vec::new())), b_controls.clone(), tokio::time::sleep(length)));
+    (
+        RunningSide { task: a_task, controls: a_controls, relayed: a_relayed },
+        RunningSide { task: b_task, controls: b_controls, relayed: b_relayed },
+    )
+}
 
+async fn relay_dies_mid_call(transport: RelayTransport) {
+    let mut relays = vec![relay("127.0.0.3").await, relay("127.0.0.4").await];
     let second = SAMPLE_RATE as usize;
     let speech = speechlike(12);
-    let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone, speaker: None };
-    let length = Duration::from_secs(11);
-    let (a_controls, b_controls) = (MediaControls::default(), MediaControls::default());
-    let a_task = tokio::spawn(driver::run(a, a_socket, a_streams, audio(Microphone::Samples(speech.clone())), a_controls.clone(), tokio::time::sleep(length)));
-    let b_task = tokio::spawn(driver::run(b, b_socket, b_streams, audio(Microphone::Samples(Vec::new())), b_controls.clone(), tokio::time::sleep(length)));
+    let (a, b) = relayed_call(&relays, transport, &speech, Duration::from_secs(11)).await;
 
     // Three seconds into the call, the relay the caller's path leaves through dies.
     let path = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let live = a_controls.live.lock().unwrap().clone();
+        let live = a.controls.live.lock().unwrap().clone();
         if let Some(path) = live.path.filter(|_| live.talked >= Duration::from_secs(3)) {
             break path;
         }
     };
-    let dying = a_relayed.iter().position(|relayed| *relayed == path.local).unwrap_or_else(|| panic!("the caller's path {path} leaves from one of its relays {a_relayed:?}"));
-    let callee_talked = b_controls.live.lock().unwrap().talked;
+    let dying = a.relayed.iter().position(|relayed| *relayed == path.local).unwrap_or_else(|| panic!("the caller's path {path} leaves from one of its relays {:?}", a.relayed));
+    let callee_talked = b.controls.live.lock().unwrap().talked;
     drop(relays.remove(dying));
-    let (caller, callee) = (a_task.await.unwrap().unwrap(), b_task.await.unwrap().unwrap());
+    let (caller, callee) = (a.task.await.unwrap().unwrap(), b.task.await.unwrap().unwrap());
 
     assert!(caller.failure.is_none() && callee.failure.is_none(), "the call went on: {:?} {:?}", caller.failure, callee.failure);
     let end_path = caller.stats.path.expect("the caller knows its path");
-    let dead = [a_relayed[dying], b_relayed[dying]];
+    let dead = [a.relayed[dying], b.relayed[dying]];
     assert!(!dead.contains(&end_path.local) && !dead.contains(&end_path.remote), "the call left the dead relay {dead:?}: {end_path}");
     assert!(!caller.stats.path_moves.is_empty(), "the caller reports the move");
 
@@ -126,29 +142,19 @@ async fn a_call_moves_to_another_relay_when_its_tcp_relay_dies() {
 #[tokio::test]
 async fn a_pause_of_the_machine_does_not_move_the_call_off_its_relays() {
     let relays = vec![relay("127.0.0.3").await, relay("127.0.0.4").await];
-    let (mut a, a_socket, a_streams, _) = relayed_side(&relays, "caller", RelayTransport::Udp).await;
-    let (mut b, b_socket, b_streams, _) = relayed_side(&relays, "callee", RelayTransport::Udp).await;
-    let (offer, answer) = (a.local_description(), b.local_description());
-    b.start(&offer, false).unwrap();
-    a.start(&answer, true).unwrap();
-
     let second = SAMPLE_RATE as usize;
     let speech = speechlike(9);
-    let audio = |microphone| CallAudio { backend: Backend::OpusPure, bitrate: 32_000, microphone, speaker: None };
-    let length = Duration::from_secs(8);
-    let (a_controls, b_controls) = (MediaControls::default(), MediaControls::default());
-    let a_task = tokio::spawn(driver::run(a, a_socket, a_streams, audio(Microphone::Samples(speech.clone())), a_controls.clone(), tokio::time::sleep(length)));
-    let b_task = tokio::spawn(driver::run(b, b_socket, b_streams, audio(Microphone::Samples(Vec::new())), b_controls, tokio::time::sleep(length)));
+    let (a, b) = relayed_call(&relays, RelayTransport::Udp, &speech, Duration::from_secs(8)).await;
 
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if a_controls.live.lock().unwrap().talked >= Duration::from_secs(3) {
+        if a.controls.live.lock().unwrap().talked >= Duration::from_secs(3) {
             break;
         }
     }
     // Blocks the runtime: nothing in this process runs meanwhile.
     std::thread::sleep(Duration::from_millis(1500));
-    let (caller, callee) = (a_task.await.unwrap().unwrap(), b_task.await.unwrap().unwrap());
+    let (caller, callee) = (a.task.await.unwrap().unwrap(), b.task.await.unwrap().unwrap());
 
     assert!(caller.failure.is_none() && callee.failure.is_none(), "the call went on: {:?} {:?}", caller.failure, callee.failure);
     assert!(caller.stats.path_moves.is_empty(), "the caller stayed on its path: {:?}", caller.stats.path_moves);
