@@ -321,7 +321,7 @@ fn start_user(network: &Network, index: usize, device: DeviceKey, supernodes: &[
                 ClientEvent::Received { ack, .. } => {
                     let _ = ack.send(Ok(()));
                 }
-                ClientEvent::HostCacheChanged(_) => {}
+                ClientEvent::HostCacheChanged(_) | ClientEvent::Unreachable { .. } => {}
             }
         }
     });

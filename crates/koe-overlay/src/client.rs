@@ -2,11 +2,18 @@
 //! host cache, publishes this device's presence through it, looks users up, and sends and
 //! receives sealed envelopes. If the parent goes away it attaches to the next supernode and
 //! republishes at once; messages in flight are retried through the new parent until their
-//! deadline, then reported failed, never dropped silently.
+//! deadline, then reported failed, never dropped silently. When no supernode answers it says
+//! so once per round and waits longer between rounds (1 s doubling to 30 s).
+//!
+//! With every presence record it hands the parent the record's withdrawal, signed in advance
+//! (status offline, the next sequence number), which the parent publishes when this client's
+//! connection closes: a client that exits or is killed shows offline within moments, one
+//! whose network vanishes once the parent's pings fail (about 30 s). Invisible publishes the
+//! withdrawal itself, so an invisible device never shows online.
 //!
 //! The daemon talks to it through [`ClientHandle`] commands and [`ClientEvent`]s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -33,18 +40,28 @@ pub const PRESENCE_REPUBLISH_INTERVAL: Duration = Duration::from_secs(60);
 pub const PRESENCE_LIFETIME: Duration = Duration::from_secs(150);
 /// How long a message may wait for a parent before it is reported undelivered.
 pub const SEND_DEADLINE: Duration = Duration::from_secs(15);
-const RETRY_ATTACH_AFTER: Duration = Duration::from_millis(500);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
 const SEND_RETRY_PAUSE: Duration = Duration::from_millis(300);
 const REATTACH_JITTER_MS: u64 = 500;
 const PUBLISH_RETRY_FIRST: Duration = Duration::from_secs(2);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(60);
+/// After every supernode known failed to attach, the next round waits this long, doubling.
+const ATTACH_ROUND_PAUSE_FIRST: Duration = Duration::from_secs(1);
+const ATTACH_ROUND_PAUSE_MAX: Duration = Duration::from_secs(30);
+/// How many of the host cache's supernodes an `Attach` tells the parent about.
+const SUPERNODES_TOLD_TO_PARENT: usize = 8;
+/// "The daemon is not reading client events" is said at most this often.
+const DROPPED_EVENT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The pause before retrying a publish after `failures` failures in a row: 2 s doubling up to
-/// 60 s, each between half and all of that (`random` spreads clients that failed together).
-fn publish_retry_pause(failures: u32, random: u64) -> Duration {
-    let full = PUBLISH_RETRY_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(PUBLISH_RETRY_MAX);
+/// The pause before the `failures`-th retry in a row: `first` doubling up to `max`, each
+/// between half and all of that (`random` spreads clients that failed together).
+fn retry_pause(first: Duration, max: Duration, failures: u32, random: u64) -> Duration {
+    let full = first.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(max);
     full / 2 + Duration::from_millis(random % (full.as_millis() as u64 / 2).max(1))
+}
+
+fn publish_retry_pause(failures: u32, random: u64) -> Duration {
+    retry_pause(PUBLISH_RETRY_FIRST, PUBLISH_RETRY_MAX, failures, random)
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +84,8 @@ pub enum SendOutcome {
 #[derive(Debug, Clone)]
 pub struct ClientStatus {
     pub parent: Option<String>,
+    /// Set while no supernode could be reached: the last reason.
+    pub unreachable: Option<String>,
     pub status: Option<PresenceStatus>,
     pub known_supernodes: Vec<String>,
 }
@@ -105,6 +124,9 @@ pub enum ClientCommand {
 pub enum ClientEvent {
     Attached { parent: String },
     Detached { reason: String },
+    /// Every supernode known was tried and none took this client; the next round starts in
+    /// `retry_in`. Emitted once per round, and rounds back off.
+    Unreachable { reason: String, retry_in: Duration },
     /// An envelope for this device, opened and checked. Answer on `ack` once it is stored;
     /// the sender learns "delivered" only then.
     Received {
@@ -162,8 +184,8 @@ impl ClientHandle {
 #[derive(Debug)]
 enum Parent {
     Detached { retry_at: Instant },
-    Connecting { peer: PeerId, address: String, attempt: usize },
-    Attaching { peer: PeerId, address: String, attempt: usize },
+    Connecting { peer: PeerId, address: String },
+    Attaching { peer: PeerId, address: String },
     Attached { peer: PeerId, address: String, addresses: Vec<String> },
 }
 
@@ -209,6 +231,18 @@ pub struct ClientNode {
     envelope_key: EnvelopeKey,
     replay_guard: ReplayGuard,
     parent: Parent,
+    /// Supernodes tried in this round of attaching; the round ends when none is left.
+    tried: HashSet<String>,
+    /// Rounds in a row in which no supernode took this client.
+    attach_rounds_failed: u32,
+    /// Why the last supernode tried did not take this client.
+    last_attach_error: Option<String>,
+    /// Set after a failed round, until a supernode takes this client.
+    unreachable: Option<String>,
+    /// The host cache changed since the daemon last heard (it is told at most twice a second).
+    host_cache_changed: bool,
+    dropped_events: u64,
+    last_dropped_event_warning: Option<Instant>,
     sequence: u64,
     next_publish: Option<Instant>,
     /// Publishes that failed in a row: each doubles the pause before the next try, so an
@@ -247,6 +281,13 @@ impl ClientNode {
             config: ClientConfig { host_cache, ..config },
             replay_guard: ReplayGuard::default(),
             parent: Parent::Detached { retry_at: Instant::now() },
+            tried: HashSet::new(),
+            attach_rounds_failed: 0,
+            last_attach_error: None,
+            unreachable: None,
+            host_cache_changed: false,
+            dropped_events: 0,
+            last_dropped_event_warning: None,
             // Milliseconds since the epoch: strictly increasing across restarts of this device.
             sequence: UnixTime::now().as_secs().saturating_mul(1000),
             next_publish: None,
@@ -273,7 +314,7 @@ impl ClientNode {
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
                 Some(command) = self.commands.recv() => self.handle_command(command),
                 () = tokio::time::sleep_until(reattach_at.unwrap_or_else(tokio::time::Instant::now)), if reattach_at.is_some() => {
-                    self.try_attach(0);
+                    self.try_attach();
                 }
                 Some((channel, result)) = self.acks.next(), if !self.acks.is_empty() => {
                     let response = match result {
@@ -292,9 +333,15 @@ impl ClientNode {
         }
     }
 
-    fn emit(&self, event: ClientEvent) {
-        if self.events.try_send(event).is_err() {
-            warn!("the daemon is not reading client events; one was dropped");
+    fn emit(&mut self, event: ClientEvent) {
+        if self.events.try_send(event).is_ok() {
+            return;
+        }
+        self.dropped_events += 1;
+        if self.last_dropped_event_warning.is_none_or(|at| at.elapsed() >= DROPPED_EVENT_WARNING_INTERVAL) {
+            warn!(dropped = self.dropped_events, "the daemon is not reading client events; some were dropped");
+            self.last_dropped_event_warning = Some(Instant::now());
+            self.dropped_events = 0;
         }
     }
 
@@ -302,8 +349,11 @@ impl ClientNode {
         let now = Instant::now();
         if let Parent::Detached { retry_at } = self.parent {
             if now >= retry_at {
-                self.try_attach(0);
+                self.try_attach();
             }
+        }
+        if std::mem::take(&mut self.host_cache_changed) {
+            self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
         }
         if self.next_publish.is_some_and(|at| now >= at) {
             self.publish();
@@ -327,19 +377,18 @@ impl ClientNode {
         self.config.host_cache.candidates().map(|h| h.address.clone()).collect()
     }
 
-    /// Dials the `attempt`-th candidate of the host cache.
-    fn try_attach(&mut self, attempt: usize) {
+    /// Dials the best supernode of the host cache not yet tried in this round; when none is
+    /// left, the round failed.
+    fn try_attach(&mut self) {
         if self.config.host_cache.is_empty() {
             for address in &self.initial_supernodes {
                 self.config.host_cache.learn(address);
             }
         }
-        let candidates = self.candidates();
-        if candidates.is_empty() || attempt >= candidates.len() {
-            self.parent = Parent::Detached { retry_at: Instant::now() + RETRY_ATTACH_AFTER };
-            return;
-        }
-        let address = candidates[attempt].clone();
+        let Some(address) = self.candidates().into_iter().find(|a| !self.tried.contains(a)) else {
+            return self.attach_round_failed();
+        };
+        self.tried.insert(address.clone());
         let parsed: Result<Multiaddr, _> = address.parse();
         let peer = parsed.as_ref().ok().and_then(|a| match a.iter().last() {
             Some(Protocol::P2p(peer)) => Some(peer),
@@ -348,41 +397,71 @@ impl ClientNode {
         let (Ok(multiaddr), Some(peer)) = (parsed, peer) else {
             warn!(%address, "host cache entry is not a supernode address with /p2p/…");
             self.config.host_cache.failed(&address);
-            return self.try_attach(attempt);
+            self.host_cache_changed = true;
+            return self.try_attach();
         };
         debug!(%address, "attaching");
         if self.swarm.is_connected(&peer) {
-            self.parent = Parent::Attaching { peer, address, attempt };
+            self.parent = Parent::Attaching { peer, address };
             self.send_attach(peer);
             return;
         }
         match self.swarm.dial(multiaddr) {
-            Ok(()) => self.parent = Parent::Connecting { peer, address, attempt },
+            Ok(()) => self.parent = Parent::Connecting { peer, address },
             Err(error) => {
                 debug!(%address, %error, "dial failed");
+                self.last_attach_error = Some(error.to_string());
                 self.config.host_cache.failed(&address);
-                self.try_attach(attempt + 1);
+                self.host_cache_changed = true;
+                self.try_attach();
             }
         }
     }
 
+    /// No supernode known took this client: say so once, and wait longer each round.
+    fn attach_round_failed(&mut self) {
+        self.tried.clear();
+        self.attach_rounds_failed += 1;
+        let pause = retry_pause(
+            ATTACH_ROUND_PAUSE_FIRST,
+            ATTACH_ROUND_PAUSE_MAX,
+            self.attach_rounds_failed,
+            rand_core::RngCore::next_u64(&mut rand_core::OsRng),
+        );
+        let reason = match (&self.last_attach_error, self.initial_supernodes.is_empty()) {
+            (Some(error), _) => error.clone(),
+            (None, true) => "no supernode is known: the network file lists none (the operator adds them with `koe network add-bootstrap`)".into(),
+            (None, false) => "no supernode answered".into(),
+        };
+        debug!(%reason, ?pause, "no supernode took this client");
+        self.unreachable = Some(reason.clone());
+        self.parent = Parent::Detached { retry_at: Instant::now() + pause };
+        self.emit(ClientEvent::Unreachable { reason, retry_in: pause });
+    }
+
     fn send_attach(&mut self, peer: PeerId) {
         let certificate = self.config.certificate.to_bytes();
-        let id = self.swarm.behaviour_mut().overlay.send_request(&peer, OverlayRequest::Attach { certificate });
+        let own = peer.to_string();
+        let supernodes = self
+            .candidates()
+            .into_iter()
+            .filter(|address| !address.ends_with(&own))
+            .take(SUPERNODES_TOLD_TO_PARENT)
+            .collect();
+        let id = self.swarm.behaviour_mut().overlay.send_request(&peer, OverlayRequest::Attach { certificate, supernodes });
         self.outstanding.insert(id, Outstanding::Attach);
     }
 
     fn attach_failed(&mut self, reason: &str) {
-        let (address, attempt) = match &self.parent {
-            Parent::Connecting { address, attempt, .. } | Parent::Attaching { address, attempt, .. } => {
-                (address.clone(), *attempt)
-            }
+        let address = match &self.parent {
+            Parent::Connecting { address, .. } | Parent::Attaching { address, .. } => address.clone(),
             _ => return,
         };
         debug!(%address, reason, "could not attach");
+        self.last_attach_error = Some(reason.to_string());
         self.config.host_cache.failed(&address);
-        self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
-        self.try_attach(attempt);
+        self.host_cache_changed = true;
+        self.try_attach();
     }
 
     /// Attaches elsewhere after a short random pause: when a supernode dies, all its clients
@@ -392,6 +471,7 @@ impl ClientNode {
         info!(%reason, "lost the parent supernode; attaching to another");
         let jitter = Duration::from_millis(rand_core::RngCore::next_u64(&mut rand_core::OsRng) % REATTACH_JITTER_MS);
         self.parent = Parent::Detached { retry_at: Instant::now() + jitter };
+        self.tried.clear();
         self.parent_timeouts = 0;
         self.parent_ping_failures = 0;
         self.next_publish = None;
@@ -405,7 +485,7 @@ impl ClientNode {
             warn!(parent = %address, "parent supernode stopped answering; switching");
             let address = address.clone();
             self.config.host_cache.failed(&address);
-            self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
+            self.host_cache_changed = true;
         }
         let _ = self.swarm.disconnect_peer_id(peer);
         self.detach("parent supernode stopped answering".into());
@@ -421,9 +501,9 @@ impl ClientNode {
     fn handle_swarm_event(&mut self, event: SwarmEvent<OverlayBehaviourEvent>) {
         match event {
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                if let Parent::Connecting { peer, address, attempt } = &self.parent {
+                if let Parent::Connecting { peer, address } = &self.parent {
                     if *peer == peer_id {
-                        self.parent = Parent::Attaching { peer: *peer, address: address.clone(), attempt: *attempt };
+                        self.parent = Parent::Attaching { peer: *peer, address: address.clone() };
                         self.send_attach(peer_id);
                     }
                 }
@@ -444,7 +524,7 @@ impl ClientNode {
                 if let Some(address) = lost_parent {
                     // Most likely it crashed: try the others before dialling it again.
                     self.config.host_cache.failed(&address);
-                    self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
+                    self.host_cache_changed = true;
                     let reason = cause.map_or("connection closed".to_string(), |c| c.to_string());
                     self.detach(format!("parent supernode gone: {reason}"));
                 }
@@ -567,8 +647,12 @@ impl ClientNode {
                 self.config.host_cache.succeeded(&address, None, UnixTime::now());
                 info!(parent = %address, "attached");
                 self.parent = Parent::Attached { peer, address: address.clone(), addresses: parent_addresses };
+                self.tried.clear();
+                self.attach_rounds_failed = 0;
+                self.last_attach_error = None;
+                self.unreachable = None;
                 self.emit(ClientEvent::Attached { parent: address });
-                self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
+                self.host_cache_changed = true;
                 self.publish();
                 self.resume_sends();
             }
@@ -632,6 +716,7 @@ impl ClientNode {
                     .filter_map(|bytes| {
                         PresenceRecord::decode_verified(&bytes.0, &self.config.network.name, &self.config.network.signing_key, now).ok()
                     })
+                    .filter(PresenceRecord::is_online)
                     .collect())
             }
             Ok(OverlayResponse::Refused { reason }) => Err(reason),
@@ -646,26 +731,29 @@ impl ClientNode {
         };
         let peer = *peer;
         let now = UnixTime::now();
-        self.sequence += 1;
-        let (status, lifetime) = match self.config.status {
-            Some(status) => (status, PRESENCE_LIFETIME),
-            // Invisible: replace any earlier record with one that is gone in a moment.
-            None => (PresenceStatus::Online, Duration::from_secs(2)),
-        };
-        let record = PresenceBody {
+        // Invisible: the device's withdrawal itself, which replaces any earlier record and
+        // shows nothing online.
+        let status = self.config.status.unwrap_or(PresenceStatus::Offline);
+        let body = PresenceBody {
             certificate: self.config.certificate.clone(),
             status,
             envelope_key: self.envelope_key.public(),
             parent: ParentSupernode { peer_id: peer.to_bytes(), addresses: addresses.clone() },
-            sequence: self.sequence,
-            expires_at: now.saturating_add(lifetime),
-        }
-        .sign(&self.config.device_key);
+            sequence: self.sequence + 1,
+            expires_at: now.saturating_add(PRESENCE_LIFETIME),
+        };
+        let withdrawal = (status != PresenceStatus::Offline).then(|| {
+            let withdrawal = PresenceBody { status: PresenceStatus::Offline, sequence: body.sequence + 1, ..body.clone() };
+            crate::protocol::ByteString(withdrawal.sign(&self.config.device_key).to_bytes())
+        });
+        // The withdrawal's number is used up too: the next record must outrank it.
+        self.sequence += 2;
+        let record = body.sign(&self.config.device_key);
         let id = self
             .swarm
             .behaviour_mut()
             .overlay
-            .send_request(&peer, OverlayRequest::Publish { record: record.to_bytes() });
+            .send_request(&peer, OverlayRequest::Publish { record: record.to_bytes(), withdrawal });
         self.outstanding.insert(id, Outstanding::Publish);
         self.next_publish = self.config.status.map(|_| Instant::now() + PRESENCE_REPUBLISH_INTERVAL);
     }
@@ -716,6 +804,7 @@ impl ClientNode {
                 };
                 let _ = reply.send(ClientStatus {
                     parent,
+                    unreachable: self.unreachable.clone(),
                     status: self.config.status,
                     known_supernodes: self.candidates(),
                 });

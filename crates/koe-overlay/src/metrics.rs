@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Default)]
 pub struct SupernodeMetrics {
+    /// Every libp2p connection: supernodes, clients and clients still attaching.
     pub connected_peers: AtomicU64,
+    /// Other supernodes connected and in the routing table; 0 means this node is alone.
+    pub supernodes: AtomicU64,
     pub attached_clients: AtomicU64,
     pub records_held: AtomicU64,
     pub records_stored: AtomicU64,
@@ -42,10 +45,15 @@ impl SupernodeMetrics {
         self.refused.lock().map(|r| r.values().sum()).unwrap_or(0)
     }
 
+    /// One line for the operator. Supernodes and clients are counted apart: a node whose
+    /// clients hide that it has no other supernode would look fine while the overlay is split.
     pub fn summary(&self) -> String {
+        let supernodes = match self.supernodes.load(Ordering::Relaxed) {
+            0 => "ALONE: no other supernode connected".to_string(),
+            n => format!("supernodes {n}"),
+        };
         format!(
-            "peers {} | attached clients {} | records held {} | lookups {} | envelopes routed {} (undelivered {}) | refused {}",
-            self.connected_peers.load(Ordering::Relaxed),
+            "{supernodes} | clients {} | records held {} | lookups {} | envelopes routed {} (undelivered {}) | refused {}",
             self.attached_clients.load(Ordering::Relaxed),
             self.records_held.load(Ordering::Relaxed),
             self.lookups.load(Ordering::Relaxed),
@@ -59,7 +67,8 @@ impl SupernodeMetrics {
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
         let gauges = [
-            ("koe_supernode_connected_peers", "Connected libp2p peers", &self.connected_peers),
+            ("koe_supernode_connected_peers", "Connected libp2p peers: supernodes and clients", &self.connected_peers),
+            ("koe_supernode_supernodes", "Other supernodes connected and in the routing table (0: alone)", &self.supernodes),
             ("koe_supernode_attached_clients", "Clients attached to this supernode", &self.attached_clients),
             ("koe_supernode_presence_records", "Presence records held", &self.records_held),
         ];

@@ -30,6 +30,10 @@ pub enum PresenceStatus {
     Online,
     Away,
     DoNotDisturb,
+    /// Withdrawn: the device is not online (it went away, or is invisible). Such a record
+    /// replaces the device's earlier ones in the index until it expires, so a replica cannot
+    /// keep showing a device online that has left; lookups never return it as a device.
+    Offline,
 }
 
 impl PresenceStatus {
@@ -38,6 +42,7 @@ impl PresenceStatus {
             Self::Online => 1,
             Self::Away => 2,
             Self::DoNotDisturb => 3,
+            Self::Offline => 4,
         }
     }
 
@@ -46,6 +51,7 @@ impl PresenceStatus {
             1 => Ok(Self::Online),
             2 => Ok(Self::Away),
             3 => Ok(Self::DoNotDisturb),
+            4 => Ok(Self::Offline),
             _ => Err(DecodeError::Invalid {
                 what: "presence status",
                 reason: "unknown value",
@@ -60,6 +66,7 @@ impl fmt::Display for PresenceStatus {
             Self::Online => "online",
             Self::Away => "away",
             Self::DoNotDisturb => "do-not-disturb",
+            Self::Offline => "offline",
         })
     }
 }
@@ -154,6 +161,21 @@ impl PresenceRecord {
 
     pub fn username(&self) -> &Username {
         self.body.certificate.username()
+    }
+
+    /// Whether this record shows its device online (in any status but withdrawn).
+    pub fn is_online(&self) -> bool {
+        self.body.status != PresenceStatus::Offline
+    }
+
+    /// Whether `self` is a withdrawal of the device that signed `current`: the same device,
+    /// [`PresenceStatus::Offline`], and newer. A client hands its parent one with every
+    /// publish, signed in advance, for the parent to publish when the client's connection
+    /// closes (only the device can sign its records).
+    pub fn withdraws(&self, current: &PresenceRecord) -> bool {
+        self.body.status == PresenceStatus::Offline
+            && self.body.certificate.device_key() == current.body.certificate.device_key()
+            && self.body.sequence > current.body.sequence
     }
 
     /// Decodes and checks a record received from the network: size, encoding, certificate,

@@ -4,8 +4,8 @@
 //!
 //! | request | from → to | answer |
 //! |---|---|---|
-//! | `Attach` | client → parent | `Attached` |
-//! | `Publish` | client → parent | `Published` |
+//! | `Attach` | client → parent (with the supernodes the client knows) | `Attached` |
+//! | `Publish` | client → parent (with its withdrawal, for when it goes) | `Published` |
 //! | `Lookup` | client → parent | `Presence` |
 //! | `Route` | client → parent | `Delivered` / `Undelivered` |
 //! | `Store` | supernode → supernode near the index key | `Stored` / `Refused` |
@@ -33,10 +33,21 @@ pub enum OverlayRequest {
     Attach {
         #[serde(with = "serde_bytes_vec")]
         certificate: Vec<u8>,
+        /// Supernodes the client knows (its host cache, best first): a parent that knows
+        /// too few other supernodes dials them, so supernodes started apart find each other.
+        #[serde(default)]
+        supernodes: Vec<String>,
     },
     Publish {
         #[serde(with = "serde_bytes_vec")]
         record: Vec<u8>,
+        /// The device's withdrawal of `record`, signed in advance ([`PresenceStatus::Offline`],
+        /// a higher sequence): the parent publishes it when the client's connection closes,
+        /// so the device shows offline at once instead of when `record` expires.
+        ///
+        /// [`PresenceStatus::Offline`]: crate::presence::PresenceStatus::Offline
+        #[serde(default)]
+        withdrawal: Option<ByteString>,
     },
     Lookup { username: String },
     Route {
@@ -86,8 +97,13 @@ pub enum OverlayResponse {
     Undelivered { reason: String },
     Refused { reason: String },
     DialedBack { reachable: bool, detail: String },
-    /// `Hello` taken: this many of the announced addresses were added.
-    Welcome { added: u32 },
+    /// `Hello` taken: this many of the announced addresses were added; `supernodes` are
+    /// others the answering supernode knows, for the newcomer to join.
+    Welcome {
+        added: u32,
+        #[serde(default)]
+        supernodes: Vec<String>,
+    },
     /// Relay nodes the client may allocate on, with credentials (none if the parent has none).
     Relays { relays: Vec<RelayOffer> },
 }

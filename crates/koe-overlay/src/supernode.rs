@@ -2,9 +2,16 @@
 //! global index, and the parent of the clients attached to it.
 //!
 //! For its clients it publishes presence to the supernodes nearest the user's index key,
-//! looks users up there, and routes sealed envelopes to the recipient's parent. For other
-//! supernodes it stores and serves presence records, validating every one, and delivers
-//! forwarded envelopes to its attached clients. It never sees inside an envelope.
+//! looks users up there, and routes sealed envelopes to the recipient's parent. When a
+//! client's connection closes it publishes the withdrawal the client signed in advance, so
+//! the user shows offline at once. For other supernodes it stores and serves presence
+//! records, validating every one, and delivers forwarded envelopes to its attached clients.
+//! It never sees inside an envelope.
+//!
+//! It finds the other supernodes without restarts: from its bootstrap list (retried while it
+//! knows few, and extended at run time through [`SupernodeHandle::learn`], e.g. when the
+//! operator adds to the network file), from every supernode it meets (a `Welcome` lists the
+//! others that one knows) and from its clients' host caches (sent with `Attach`).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -14,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use tokio::sync::mpsc;
 use koe_types::{Certificate, DeviceKey, DevicePublicKey, NetworkFile, UnixTime, Username};
 use koe_wire::Codec;
 use libp2p::multiaddr::Protocol;
@@ -48,6 +56,16 @@ const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const LOOKUP_CACHE_TTL: Duration = Duration::from_secs(30);
 /// At most this many addresses of one `Hello` are considered.
 const MAX_ANNOUNCED_ADDRESSES: usize = 8;
+/// How often the bootstrap list is dialled again while this node has fewer than
+/// [`ENOUGH_SUPERNODES`] other supernodes connected.
+pub const BOOTSTRAP_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// Below this many connected supernodes, a node dials the supernodes it hears of (bootstrap
+/// list, a `Welcome`'s list, its clients' host caches); above, Kademlia finds the rest.
+const ENOUGH_SUPERNODES: usize = 8;
+/// At most this many supernodes are taken from one client's `Attach` or one `Welcome`.
+const MAX_LEARNED_SUPERNODES: usize = 8;
+/// A node alone says so at most this often.
+const ALONE_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct SupernodeConfig {
@@ -62,6 +80,8 @@ pub struct SupernodeConfig {
 #[derive(Debug, Clone)]
 struct AttachedClient {
     certificate: Certificate,
+    /// The client's signed withdrawal of its latest presence, published when it goes.
+    withdrawal: Option<Vec<u8>>,
 }
 
 /// Who is waiting for a lookup to finish.
@@ -89,7 +109,8 @@ struct Publish {
     record: Vec<u8>,
     replicas: u32,
     outstanding: usize,
-    channel: ResponseChannel<OverlayResponse>,
+    /// The client that asked; none for a withdrawal published after the client went.
+    channel: Option<ResponseChannel<OverlayResponse>>,
 }
 
 #[derive(Debug)]
@@ -138,6 +159,26 @@ pub struct Supernode {
     ping_failures: HashMap<PeerId, u32>,
     /// Hands attached clients relay nodes and credentials for their username.
     relay_issuer: Option<RelayIssuer>,
+    /// Supernodes to (re)join through: the configured list plus what [`SupernodeHandle`]
+    /// added since.
+    bootstrap: Vec<Multiaddr>,
+    learned: mpsc::UnboundedReceiver<Vec<Multiaddr>>,
+    learn: mpsc::UnboundedSender<Vec<Multiaddr>>,
+    /// When this node last said it is alone (none: it is not, or has not said so yet).
+    alone_since_warning: Option<Instant>,
+}
+
+/// Tells a running supernode about more supernodes (e.g. the network file changed).
+#[derive(Debug, Clone)]
+pub struct SupernodeHandle {
+    learn: mpsc::UnboundedSender<Vec<Multiaddr>>,
+}
+
+impl SupernodeHandle {
+    /// Adds `addresses` (with `/p2p/PEER`) to the bootstrap list and dials those not known.
+    pub fn learn(&self, addresses: Vec<Multiaddr>) {
+        let _ = self.learn.send(addresses);
+    }
 }
 
 /// Gives the relay nodes (with credentials) a client with this username may use.
@@ -155,6 +196,7 @@ impl Supernode {
     /// Builds the node and starts listening; call [`Self::listening_address`] to learn where.
     pub fn new(config: SupernodeConfig) -> Result<Self, SwarmError> {
         let mut swarm = swarm::build(&config.identity, true)?;
+        let (learn, learned) = mpsc::unbounded_channel();
         swarm
             .listen_on(config.listen.clone())
             .map_err(|e| SwarmError::Transport(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -177,10 +219,12 @@ impl Supernode {
             dial_backs: HashMap::new(),
             ping_failures: HashMap::new(),
             relay_issuer: None,
+            bootstrap: Vec::new(),
+            learned,
+            learn,
+            alone_since_warning: None,
         };
-        for address in config.bootstrap {
-            node.add_supernode(&address);
-        }
+        node.learn_bootstrap(config.bootstrap);
         Ok(node)
     }
 
@@ -191,6 +235,11 @@ impl Supernode {
     /// Offers relay nodes to attached clients that ask (`RelayCredentials`).
     pub fn offer_relays(&mut self, issuer: RelayIssuer) {
         self.relay_issuer = Some(issuer);
+    }
+
+    /// A handle to tell the node, while it runs, about more supernodes.
+    pub fn handle(&self) -> SupernodeHandle {
+        SupernodeHandle { learn: self.learn.clone() }
     }
 
     pub fn metrics(&self) -> Arc<SupernodeMetrics> {
@@ -214,10 +263,10 @@ impl Supernode {
         }
     }
 
-    /// Learns a supernode address (with `/p2p/PEER`) and dials it.
+    /// Learns a supernode address (with `/p2p/PEER`) and dials it unless connected.
     pub fn add_supernode(&mut self, address: &Multiaddr) {
         let Some(Protocol::P2p(peer)) = address.iter().last() else {
-            warn!(%address, "bootstrap address lacks /p2p/PEER_ID; ignored");
+            warn!(%address, "supernode address lacks /p2p/PEER_ID; ignored");
             return;
         };
         if peer == self.peer_id() {
@@ -226,8 +275,85 @@ impl Supernode {
         if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
             kad.add_address(&peer, address.clone());
         }
-        if let Err(error) = self.swarm.dial(address.clone()) {
-            debug!(%address, %error, "cannot dial bootstrap supernode");
+        let options = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(vec![address.clone()])
+            .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(error) = self.swarm.dial(options) {
+            debug!(%address, %error, "not dialling supernode");
+        }
+    }
+
+    /// Adds `addresses` to the bootstrap list (those new to it) and dials them.
+    fn learn_bootstrap(&mut self, addresses: Vec<Multiaddr>) {
+        for address in addresses {
+            if !self.bootstrap.contains(&address) {
+                info!(%address, "bootstrap supernode added");
+                self.add_supernode(&address);
+                self.bootstrap.push(address);
+            }
+        }
+    }
+
+    /// Dials supernodes heard of from a client or another supernode, while this node knows
+    /// too few: how supernodes that were started apart (none in the other's list) meet.
+    fn learn_supernodes(&mut self, addresses: &[String]) {
+        if self.supernode_peers().len() >= ENOUGH_SUPERNODES {
+            return;
+        }
+        for address in addresses.iter().take(MAX_LEARNED_SUPERNODES) {
+            let Ok(address) = address.parse::<Multiaddr>() else { continue };
+            match address.iter().last() {
+                Some(Protocol::P2p(peer)) if peer != self.peer_id() && !self.connected.contains(&peer) => {
+                    debug!(%address, "dialling a supernode heard of");
+                    self.add_supernode(&address);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Other supernodes connected now: peers in the routing table (clients never are).
+    fn supernode_peers(&mut self) -> Vec<PeerId> {
+        let connected = &self.connected;
+        match self.swarm.behaviour_mut().kad.as_mut() {
+            Some(kad) => kad
+                .kbuckets()
+                .flat_map(|bucket| bucket.iter().map(|entry| *entry.node.key.preimage()).collect::<Vec<_>>())
+                .filter(|peer| connected.contains(peer))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn update_peer_metrics(&mut self) {
+        let supernodes = self.supernode_peers().len();
+        self.metrics.connected_peers.store(self.connected.len() as u64, Ordering::Relaxed);
+        self.metrics.supernodes.store(supernodes as u64, Ordering::Relaxed);
+        self.metrics.attached_clients.store(self.attached.len() as u64, Ordering::Relaxed);
+        if supernodes > 0 && self.alone_since_warning.take().is_some() {
+            info!(supernodes, "joined the overlay");
+        }
+    }
+
+    /// While few other supernodes are connected, dials the bootstrap list again (one may
+    /// have been down, or started later); a node with none says so, once a minute.
+    fn retry_bootstrap(&mut self) {
+        let supernodes = self.supernode_peers().len();
+        if supernodes >= ENOUGH_SUPERNODES {
+            return;
+        }
+        for address in self.bootstrap.clone() {
+            self.add_supernode(&address);
+        }
+        if supernodes == 0 && self.alone_since_warning.is_none_or(|at| at.elapsed() >= ALONE_WARNING_INTERVAL) {
+            self.alone_since_warning = Some(Instant::now());
+            let others = self.bootstrap.iter().filter(|a| !matches!(a.iter().last(), Some(Protocol::P2p(p)) if p == self.peer_id())).count();
+            warn!(
+                bootstrap = others,
+                "alone: no other supernode is connected, so this node's clients reach only each other; \
+                 retrying the bootstrap list every {BOOTSTRAP_RETRY_INTERVAL:?} (add supernodes with `koe network add-bootstrap`)"
+            );
         }
     }
 
@@ -236,10 +362,13 @@ impl Supernode {
         tokio::pin!(shutdown);
         let mut sweep = tokio::time::interval(EXPIRY_SWEEP_INTERVAL);
         let mut relay_offers_due = tokio::time::interval(OTHER_RELAY_WAIT / 2);
+        let mut bootstrap_retry = tokio::time::interval(BOOTSTRAP_RETRY_INTERVAL);
         let mut bootstrapped = false;
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                Some(addresses) = self.learned.recv() => self.learn_bootstrap(addresses),
+                _ = bootstrap_retry.tick() => self.retry_bootstrap(),
                 _ = relay_offers_due.tick() => self.send_overdue_relay_offers(),
                 _ = sweep.tick() => {
                     self.index.expire(UnixTime::now());
@@ -284,7 +413,7 @@ impl Supernode {
                     self.say_hello(peer_id);
                 }
                 self.connected.insert(peer_id);
-                self.metrics.connected_peers.store(self.connected.len() as u64, Ordering::Relaxed);
+                self.update_peer_metrics();
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -296,9 +425,11 @@ impl Supernode {
                 self.ping_failures.remove(&peer_id);
                 if let Some(client) = self.attached.remove(&peer_id) {
                     info!(user = %client.certificate.username(), "client detached");
+                    if let Some(withdrawal) = client.withdrawal {
+                        self.publish_withdrawal(withdrawal);
+                    }
                 }
-                self.metrics.connected_peers.store(self.connected.len() as u64, Ordering::Relaxed);
-                self.metrics.attached_clients.store(self.attached.len() as u64, Ordering::Relaxed);
+                self.update_peer_metrics();
             }
             SwarmEvent::Behaviour(OverlayBehaviourEvent::Ping(ping::Event {
                 peer,
@@ -310,6 +441,11 @@ impl Supernode {
                 if *failures >= swarm::PING_FAILURES_BEFORE_DISCONNECT {
                     debug!(%peer, %error, "pings keep failing; disconnecting");
                     self.ping_failures.remove(&peer);
+                    // A client whose network vanished: withdrawn now, not once the close of a
+                    // connection nobody answers on has run its course.
+                    if let Some(withdrawal) = self.attached.get_mut(&peer).and_then(|client| client.withdrawal.take()) {
+                        self.publish_withdrawal(withdrawal);
+                    }
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
             }
@@ -413,8 +549,15 @@ impl Supernode {
     fn handle_request(&mut self, peer: PeerId, request: OverlayRequest, channel: ResponseChannel<OverlayResponse>) {
         let now = UnixTime::now();
         match request {
-            OverlayRequest::Attach { certificate } => self.attach(peer, &certificate, channel, now),
-            OverlayRequest::Publish { record } => self.publish(peer, record, channel, now),
+            OverlayRequest::Attach { certificate, supernodes } => {
+                self.attach(peer, &certificate, channel, now);
+                if self.attached.contains_key(&peer) {
+                    self.learn_supernodes(&supernodes);
+                }
+            }
+            OverlayRequest::Publish { record, withdrawal } => {
+                self.publish(peer, record, withdrawal.map(|w| w.0), channel, now);
+            }
             OverlayRequest::Lookup { username } => {
                 if !self.attached.contains_key(&peer) {
                     return self.refuse(channel, "attach first");
@@ -557,7 +700,9 @@ impl Supernode {
                 }
             }
         }
-        self.respond(channel, OverlayResponse::Welcome { added });
+        let supernodes = self.known_supernodes(MAX_LEARNED_SUPERNODES + 1);
+        self.respond(channel, OverlayResponse::Welcome { added, supernodes });
+        self.update_peer_metrics();
     }
 
     /// Checks a presence record from the network, counting refusals by reason.
@@ -586,7 +731,7 @@ impl Supernode {
             return self.refuse(channel, "the certificate is for another device than this connection's");
         }
         info!(user = %certificate.username(), "client attached");
-        self.attached.insert(peer, AttachedClient { certificate });
+        self.attached.insert(peer, AttachedClient { certificate, withdrawal: None });
         self.metrics.attached_clients.store(self.attached.len() as u64, Ordering::Relaxed);
         let me = self.peer_id();
         let parent_addresses = self
@@ -621,7 +766,14 @@ impl Supernode {
         known
     }
 
-    fn publish(&mut self, peer: PeerId, bytes: Vec<u8>, channel: ResponseChannel<OverlayResponse>, now: UnixTime) {
+    fn publish(
+        &mut self,
+        peer: PeerId,
+        bytes: Vec<u8>,
+        withdrawal: Option<Vec<u8>>,
+        channel: ResponseChannel<OverlayResponse>,
+        now: UnixTime,
+    ) {
         let Some(client) = self.attached.get(&peer) else {
             return self.refuse(channel, "attach first");
         };
@@ -634,11 +786,44 @@ impl Supernode {
             self.metrics.refused("presence", "forged");
             return self.refuse(channel, "a client may only publish its own presence");
         }
-        let username = record.username().clone();
-        if let Err(error) = self.index.store(record, now) {
+        if let Some(withdrawal) = &withdrawal {
+            match self.validate(withdrawal, now) {
+                Ok(offline) if offline.withdraws(&record) => {}
+                Ok(_) => {
+                    self.metrics.refused("presence", "bad_withdrawal");
+                    return self.refuse(channel, "a withdrawal must be the same device's, offline, with a higher sequence");
+                }
+                Err(reason) => return self.refuse(channel, reason),
+            }
+        }
+        if let Err(error) = self.index.store(record.clone(), now) {
             self.metrics.refused("presence", error.reason());
             return self.refuse(channel, error.to_string());
         }
+        if let Some(client) = self.attached.get_mut(&peer) {
+            client.withdrawal = withdrawal;
+        }
+        self.spread(record, bytes, Some(channel));
+    }
+
+    /// Publishes the withdrawal a client signed in advance, now that its connection closed.
+    /// It is dropped if it no longer holds: expired, or the device has published newer
+    /// presence since (through another parent).
+    fn publish_withdrawal(&mut self, bytes: Vec<u8>) {
+        let now = UnixTime::now();
+        let Ok(record) = self.validate(&bytes, now) else { return };
+        match self.index.store(record.clone(), now) {
+            Ok(_) => {
+                debug!(user = %record.username(), "client gone: publishing its withdrawal");
+                self.spread(record, bytes, None);
+            }
+            Err(error) => debug!(%error, "a departed client's withdrawal is out of date"),
+        }
+    }
+
+    /// Sends a record just stored here to the other supernodes responsible for its key.
+    fn spread(&mut self, record: PresenceRecord, bytes: Vec<u8>, channel: Option<ResponseChannel<OverlayResponse>>) {
+        let username = record.username().clone();
         self.metrics.records_stored.fetch_add(1, Ordering::Relaxed);
         self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
         self.lookup_cache.remove(&username);
@@ -672,8 +857,8 @@ impl Supernode {
 
     fn finish_publish_if_done(&mut self, operation: u64) {
         if self.publishes.get(&operation).is_some_and(|p| p.outstanding == 0) {
-            if let Some(publish) = self.publishes.remove(&operation) {
-                self.respond(publish.channel, OverlayResponse::Published { replicas: publish.replicas });
+            if let Some(Publish { channel: Some(channel), replicas, .. }) = self.publishes.remove(&operation) {
+                self.respond(channel, OverlayResponse::Published { replicas });
             }
         }
     }
@@ -780,13 +965,15 @@ impl Supernode {
                 }
                 self.respond(channel, OverlayResponse::Relays { relays: own });
             }
-            Some(Outstanding::Hello) => {
+            Some(Outstanding::Hello) => match response {
+                Some(OverlayResponse::Welcome { supernodes, .. }) => self.learn_supernodes(&supernodes),
                 // Typically this host sends from another address than the one it listens on
                 // (several addresses): the other supernode will not route to this one.
-                if let Some(OverlayResponse::Refused { reason }) = response {
+                Some(OverlayResponse::Refused { reason }) => {
                     warn!(%reason, "another supernode refused this one's listen addresses");
                 }
-            }
+                _ => {}
+            },
             None => {}
         }
     }
@@ -799,7 +986,9 @@ impl Supernode {
             return;
         };
         debug!(user = %lookup.username, devices = lookup.found.len(), elapsed = ?lookup.started.elapsed(), "lookup done");
-        let records: Vec<PresenceRecord> = lookup.found.into_values().collect();
+        // Withdrawals took part in the merge (they outrank the device's older records); the
+        // answer is the devices that are online.
+        let records: Vec<PresenceRecord> = lookup.found.into_values().filter(PresenceRecord::is_online).collect();
         self.lookup_cache.insert(lookup.username, (Instant::now(), records.clone()));
         match lookup.purpose {
             LookupPurpose::Client(channel) => {

@@ -24,10 +24,12 @@ use crate::protocol::{
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pings that must fail in a row before a connection is given up. One lost ping on a busy
-/// machine is not a dead peer, and dropping busy peers only makes everyone busier; a peer
-/// that crashes closes its TCP connections and is noticed at once anyway.
-pub const PING_FAILURES_BEFORE_DISCONNECT: u32 = 3;
+/// Reported ping failures in a row before a connection is given up. libp2p's ping keeps the
+/// first failure of a run to itself, so 2 reported are 3 pings lost in a row (about 30 s from
+/// a peer's last answer). One lost ping on a busy machine is not a dead peer, and dropping busy
+/// peers only makes everyone busier; a peer that crashes closes its TCP connections and is
+/// noticed at once anyway.
+pub const PING_FAILURES_BEFORE_DISCONNECT: u32 = 2;
 /// Client connections to their parent are kept open as long as both live.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 

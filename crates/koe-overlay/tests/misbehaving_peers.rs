@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{raw_overlay_swarm, RawBehaviour, RunningSupernode, TestNetwork};
 use futures::StreamExt;
-use koe_overlay::protocol::{OverlayRequest, OverlayResponse};
+use koe_overlay::protocol::{ByteString, OverlayRequest, OverlayResponse};
 use koe_overlay::{ParentSupernode, PresenceBody, PresenceRecord, PresenceStatus};
 use koe_types::{DeviceKey, UnixTime};
 use koe_wire::Codec;
@@ -140,21 +140,34 @@ async fn impostors_and_garbage_are_refused_and_the_supernode_keeps_serving() {
     // Nothing before attaching.
     let alice = DeviceKey::generate();
     let alices = record(&network, "alice", &alice, 1, 60).sign(&alice);
-    assert!(refused(peer.ask(OverlayRequest::Publish { record: alices.to_bytes() }).await).contains("attach first"));
+    assert!(refused(peer.ask(OverlayRequest::Publish { record: alices.to_bytes(), withdrawal: None }).await).contains("attach first"));
     assert!(refused(peer.ask(OverlayRequest::Lookup { username: "alice".into() }).await).contains("attach first"));
 
     // Attaching with alice's certificate over mallory's connection.
     let stolen = network.certificate("alice", &alice).to_bytes();
-    refused(peer.ask(OverlayRequest::Attach { certificate: stolen }).await);
+    refused(peer.ask(OverlayRequest::Attach { certificate: stolen, supernodes: vec![] }).await);
     assert_eq!(metrics.refused_count("attach", "forged"), 1);
-    refused(peer.ask(OverlayRequest::Attach { certificate: vec![9; 40] }).await);
+    refused(peer.ask(OverlayRequest::Attach { certificate: vec![9; 40], supernodes: vec![] }).await);
     assert_eq!(metrics.refused_count("attach", "malformed"), 1);
 
     // Attached as herself, mallory still cannot publish alice's presence.
     let own = network.certificate("mallory", &mallory).to_bytes();
-    assert!(matches!(peer.ask(OverlayRequest::Attach { certificate: own }).await, OverlayResponse::Attached { .. }));
-    refused(peer.ask(OverlayRequest::Publish { record: alices.to_bytes() }).await);
+    assert!(matches!(peer.ask(OverlayRequest::Attach { certificate: own, supernodes: vec![] }).await, OverlayResponse::Attached { .. }));
+    refused(peer.ask(OverlayRequest::Publish { record: alices.to_bytes(), withdrawal: None }).await);
     assert_eq!(metrics.refused_count("presence", "forged"), 1);
+
+    // The withdrawal handed over with a record must be the publisher's own, offline, and
+    // newer: never alice's (her parent would publish it when mallory leaves), never older
+    // (it would not replace the record), never "online".
+    let offline = |user: &str, device: &DeviceKey, sequence: u64| {
+        PresenceBody { status: PresenceStatus::Offline, ..record(&network, user, device, sequence, 60) }.sign(device)
+    };
+    let mine = record(&network, "mallory", &mallory, 5, 60).sign(&mallory);
+    for withdrawal in [offline("alice", &alice, 6), offline("mallory", &mallory, 4), record(&network, "mallory", &mallory, 6, 60).sign(&mallory)] {
+        let withdrawal = Some(ByteString(withdrawal.to_bytes()));
+        assert!(refused(peer.ask(OverlayRequest::Publish { record: mine.to_bytes(), withdrawal }).await).contains("withdrawal"));
+    }
+    assert_eq!(metrics.refused_count("presence", "bad_withdrawal"), 3);
     refused(peer.ask(OverlayRequest::Route { envelope: vec![1, 0, 0, 0] }).await);
     refused(peer.ask(OverlayRequest::Route { envelope: vec![0; 70_000] }).await);
     assert_eq!(metrics.refused_count("envelope", "malformed"), 1);
@@ -170,7 +183,7 @@ async fn impostors_and_garbage_are_refused_and_the_supernode_keeps_serving() {
     }
     let own = record(&network, "mallory", &mallory, 1, 60).sign(&mallory);
     assert!(matches!(
-        peer.ask(OverlayRequest::Publish { record: own.to_bytes() }).await,
+        peer.ask(OverlayRequest::Publish { record: own.to_bytes(), withdrawal: None }).await,
         OverlayResponse::Published { .. }
     ));
 }
@@ -196,10 +209,10 @@ async fn supernode_announcements_are_only_taken_for_the_announcers_own_address()
 
     // Its own address is taken.
     let own = vec!["/ip4/127.0.0.1/tcp/4000".to_string(), "/ip4/10.9.8.7/tcp/4000".to_string()];
-    assert!(matches!(peer.ask(OverlayRequest::Hello { listen: own.clone() }).await, OverlayResponse::Welcome { added: 1 }));
+    assert!(matches!(peer.ask(OverlayRequest::Hello { listen: own.clone() }).await, OverlayResponse::Welcome { added: 1, .. }));
 
     // An attached client is not a supernode.
     let certificate = network.certificate("mallory", &mallory).to_bytes();
-    assert!(matches!(peer.ask(OverlayRequest::Attach { certificate }).await, OverlayResponse::Attached { .. }));
+    assert!(matches!(peer.ask(OverlayRequest::Attach { certificate, supernodes: vec![] }).await, OverlayResponse::Attached { .. }));
     assert!(refused(peer.ask(OverlayRequest::Hello { listen: own }).await).contains("not a supernode"));
 }

@@ -57,8 +57,16 @@ pub enum Command {
     /// Run a relay node: a standard TURN server that carries calls for clients that cannot
     /// reach each other directly (operators)
     Relay(RelayArgs),
-    /// Run the client: attach to the network, be reachable, keep history (foreground)
+    /// Run the client: attach to the network, be reachable, keep history. Quiet: it says when
+    /// it is online and what needs you; its log is koe.log in the profile (-v: on stderr)
     Up(UpArgs),
+    /// Stop the client that `koe up` runs for this profile
+    Down,
+    /// Start the client at login (a systemd user unit), or stop doing so
+    Autostart {
+        #[arg(value_enum)]
+        state: OnOff,
+    },
     /// Show this client: who, status, parent supernode, known supernodes
     Status,
     /// Find a user's online devices
@@ -115,7 +123,7 @@ pub enum Command {
     /// Mute the microphone in the call in progress (`koe mute off` to unmute)
     Mute {
         #[arg(value_enum, default_value = "on")]
-        state: MuteState,
+        state: OnOff,
     },
     /// Show the call history: incoming, outgoing and missed calls
     Calls {
@@ -250,7 +258,8 @@ pub struct RelayArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum MuteState {
+/// A switch: `on` or `off`.
+pub enum OnOff {
     On,
     Off,
 }
@@ -271,6 +280,10 @@ pub struct UpArgs {
     /// Presence to start with: online, away, dnd or invisible
     #[arg(long, default_value = "online")]
     pub status: String,
+    /// Run in the background: return once the client is online (or says why it is not);
+    /// `koe down` stops it
+    #[arg(long)]
+    pub detach: bool,
     /// Serve as a supernode too
     #[arg(long, value_enum, default_value = "never")]
     pub supernode: SupernodeMode,

@@ -14,6 +14,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// The log of a background client (`koe up`, `koe echo-bot`), in its profile.
+pub const LOG_FILE: &str = "koe.log";
+/// A log larger than this at start is moved to `koe.log.1` (replacing the one before).
+const MAX_LOG_BYTES: u64 = 10 * 1024 * 1024;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     // The demo narrates on stdout; its parts' logs would only interleave with the story.
@@ -26,12 +31,20 @@ fn main() -> ExitCode {
         1 => "info,stun_proto=warn,turn_server_proto=warn",
         _ => "debug",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("KOE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = || EnvFilter::try_from_env("KOE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    // The client runs in the background of the user's shell: it says on stderr only what the
+    // user must know (daemon::notice), and logs to a file in its profile unless -v.
+    let background_client = matches!(cli.command, cli::Command::Up(_) | cli::Command::EchoBot { .. });
+    match background_client.then(|| open_log_file(cli.home.clone())).flatten().filter(|_| cli.verbose == 0) {
+        Some(file) => tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::try_from_env("KOE_LOG").unwrap_or_else(|_| {
+                EnvFilter::new("warn,koe=info,koe_auth=info,koe_overlay=info,koe_media=info,koe_call=info,stun_proto=off,turn_server_proto=off")
+            }))
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .init(),
+        None => tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init(),
+    }
 
     // One way out for the whole process: --proxy, else HTTPS_PROXY (NO_PROXY either way).
     let proxy = match &cli.proxy {
@@ -63,4 +76,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Opens (appending) the log file of the profile in `home`, moving a large one aside first.
+fn open_log_file(home: Option<std::path::PathBuf>) -> Option<std::fs::File> {
+    let profile = profile::Profile::locate(home).ok()?;
+    let path = profile.home().join(LOG_FILE);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_LOG_BYTES) {
+        let _ = std::fs::rename(&path, profile.home().join(format!("{LOG_FILE}.1")));
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(path).ok()
 }

@@ -184,3 +184,37 @@ fn echo_test_mute_live_statistics_and_call_history() {
     let history = ok(run(bob, &["calls"], ""));
     assert!(history.contains("call to echo123: busy") && history.contains("call from alice: talked"), "{history}");
 }
+
+/// Two callers ring an auto-answering user at the same moment: exactly one is answered, the
+/// other hears "busy" (the busy check and the taking of the call slot were apart, with awaits
+/// between them, so both could pass).
+#[test]
+fn two_callers_at_once_one_is_answered_and_the_other_hears_busy() {
+    let (_network, _login, _supernodes, homes) = network_with(&["alice", "bob", "carol"]);
+    let (alice, bob, carol) = (homes[0].clone(), homes[1].clone(), homes[2].clone());
+    let _bob_up = KoeProcess::up_with(&bob, &["--auto-answer"]);
+    let _alice_up = KoeProcess::up(&alice);
+    let _carol_up = KoeProcess::up(&carol);
+    for caller in [&alice, &carol] {
+        wait_until(Duration::from_secs(10), || stdout(&run(caller, &["lookup", "bob"], "")).contains("1 device(s) online"));
+    }
+    let start = std::sync::Barrier::new(2);
+    let outcomes: Vec<std::process::Output> = std::thread::scope(|scope| {
+        let calls: Vec<_> = [&alice, &carol]
+            .into_iter()
+            .map(|caller| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    run(caller, &["call", "bob", "--duration", "3s"], "")
+                })
+            })
+            .collect();
+        calls.into_iter().map(|call| call.join().unwrap()).collect()
+    });
+    // A busy callee ends the call normally (exit 0) with "ended: busy".
+    let answered: Vec<_> = outcomes.iter().filter(|o| o.status.success() && stdout(o).contains("answered")).collect();
+    let busy: Vec<_> = outcomes.iter().filter(|o| stdout(o).contains("ended: busy")).collect();
+    let show = || outcomes.iter().map(|o| format!("{}{}", stdout(o), common::stderr(o))).collect::<Vec<_>>().join("\n---\n");
+    assert_eq!((answered.len(), busy.len()), (1, 1), "exactly one answered and one busy:\n{}", show());
+}

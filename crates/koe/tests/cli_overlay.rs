@@ -113,6 +113,38 @@ fn users_on_different_supernodes_find_each_other_and_chat() {
     assert_ne!(parent(&bob), bob_parent);
 }
 
+/// The README's operator steps in the order people take them: start the supernodes, then add
+/// each to the network file. Running supernodes watch the file and join, without restarts,
+/// even when no client introduces them (each user's file names one supernode only).
+#[test]
+fn supernodes_started_before_add_bootstrap_form_one_overlay() {
+    let network = TestNetwork::init();
+    let _login = network.serve();
+    let net = network.network_file();
+    let pristine = std::fs::read_to_string(&net).unwrap();
+    let first = KoeProcess::node(&network.home("supernode1"), &net);
+    let second = KoeProcess::node_relaying_on(&network.home("supernode2"), &net, common::RELAY_IPS[1]);
+    for node in [&first, &second] {
+        ok(common::koe().args(["network", "add-bootstrap", "--network"]).arg(&net).arg(&node.first_line).output().unwrap());
+    }
+    let homes: Vec<_> = [("alice", &first), ("bob", &second)]
+        .into_iter()
+        .map(|(name, supernode)| {
+            let own = network.dir.path().join(format!("{name}-network.toml"));
+            std::fs::write(&own, &pristine).unwrap();
+            ok(common::koe().args(["network", "add-bootstrap", "--network"]).arg(&own).arg(&supernode.first_line).output().unwrap());
+            let home = network.home(name);
+            ok(run(&home, &["signup", name, "--network", own.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+            home
+        })
+        .collect();
+    let _alice_up = KoeProcess::up(&homes[0]);
+    let _bob_up = KoeProcess::up(&homes[1]);
+    let took = wait_until(Duration::from_secs(20), || stdout(&run(&homes[0], &["lookup", "bob"], "")).contains("1 device(s) online"));
+    eprintln!("alice found bob {took:?} after both were up");
+    assert!(ok(run(&homes[0], &["chat", "bob", "one overlay"], "")).contains("delivered to bob"));
+}
+
 #[test]
 fn a_supernode_serves_prometheus_metrics() {
     use std::io::{Read, Write};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use koe_overlay::client::{ClientConfig, ClientEvent, ClientHandle, ClientNode};
 use koe_overlay::host_cache::HostCache;
 use koe_overlay::metrics::SupernodeMetrics;
-use koe_overlay::supernode::{Supernode, SupernodeConfig};
+use koe_overlay::supernode::{Supernode, SupernodeConfig, SupernodeHandle};
 use koe_overlay::{OpenedEnvelope, PresenceStatus};
 use koe_types::network::{LoginUrl, TlsFingerprint};
 use koe_types::{
@@ -57,26 +57,33 @@ impl TestNetwork {
 pub struct RunningSupernode {
     pub address: Multiaddr,
     pub metrics: Arc<SupernodeMetrics>,
+    pub handle: SupernodeHandle,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl RunningSupernode {
     pub async fn start(network: &TestNetwork, bootstrap: Vec<Multiaddr>) -> Self {
+        Self::start_as(network, &DeviceKey::generate(), "/ip4/127.0.0.1/tcp/0".parse().unwrap(), bootstrap).await
+    }
+
+    /// A supernode with this identity on `listen` (its address is known before it starts).
+    pub async fn start_as(network: &TestNetwork, identity: &DeviceKey, listen: Multiaddr, bootstrap: Vec<Multiaddr>) -> Self {
         let mut node = Supernode::new(SupernodeConfig {
             network: network.file.clone(),
-            identity: DeviceKey::generate(),
-            listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+            identity: identity.clone(),
+            listen,
             bootstrap,
         })
         .unwrap();
         let address = node.listening_address().await;
         let metrics = node.metrics();
+        let handle = node.handle();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(node.run(async {
             let _ = stopped.await;
         }));
-        Self { address, metrics, stop: Some(stop), task }
+        Self { address, metrics, handle, stop: Some(stop), task }
     }
 
     /// Ends the supernode abruptly: its task and every connection go at once.
@@ -89,6 +96,21 @@ impl RunningSupernode {
             let _ = stop.send(());
         }
     }
+
+    /// Other supernodes connected and in its routing table.
+    pub fn supernodes(&self) -> u64 {
+        self.metrics.supernodes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < timeout, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
 }
 
 pub struct RunningClient {
@@ -104,6 +126,16 @@ impl RunningClient {
     /// A client that knows `supernodes`; the first is where it was attached last time, so it
     /// is tried first (the others in the host cache's own order).
     pub async fn start(network: &TestNetwork, username: &str, supernodes: &[Multiaddr]) -> Self {
+        Self::start_with_status(network, username, supernodes, Some(PresenceStatus::Online)).await
+    }
+
+    /// A client starting with `status` (`None`: invisible).
+    pub async fn start_with_status(
+        network: &TestNetwork,
+        username: &str,
+        supernodes: &[Multiaddr],
+        status: Option<PresenceStatus>,
+    ) -> Self {
         let device = DeviceKey::generate();
         let mut host_cache = HostCache::default();
         for address in supernodes {
@@ -116,7 +148,7 @@ impl RunningClient {
             network: network.file.clone(),
             certificate: network.certificate(username, &device),
             device_key: device.clone(),
-            status: Some(PresenceStatus::Online),
+            status,
             host_cache,
         })
         .unwrap();
@@ -137,7 +169,7 @@ impl RunningClient {
                         sink.lock().unwrap().push(*envelope);
                         let _ = ack.send(Ok(()));
                     }
-                    ClientEvent::HostCacheChanged(_) => {}
+                    ClientEvent::HostCacheChanged(_) | ClientEvent::Unreachable { .. } => {}
                 }
             }
         });

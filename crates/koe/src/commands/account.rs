@@ -104,8 +104,19 @@ pub async fn whoami(profile: &Profile, args: WhoamiArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn logout(profile: &Profile) -> Result<()> {
-    if profile.forget_certificate()? {
+/// Forgets the certificate and stops the running client, which would otherwise stay online
+/// as the user who just logged out.
+pub async fn logout(profile: &Profile) -> Result<()> {
+    let forgot = profile.forget_certificate()?;
+    let request = crate::daemon::control::ControlRequest::Shutdown;
+    if crate::daemon::control::ask(profile.home(), &request).await.is_ok() {
+        if super::client::stopped(profile.home(), std::time::Duration::from_secs(15)).await {
+            println!("Stopped the running client.");
+        } else {
+            println!("Asked the running client to stop; it is still going (koe down).");
+        }
+    }
+    if forgot {
         println!(
             "Logged out. The device key stays in {}; `koe login USER` logs in again.",
             profile.home().display()

@@ -1,9 +1,14 @@
-//! `koe up` and the commands that talk to it over the control socket.
+//! `koe up` (in the foreground or detached), `koe down`, `koe autostart`, and the commands
+//! that talk to the running client over the control socket.
 
-use anyhow::{bail, Result};
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
 
 use crate::cli::{ContactsCommand, SupernodeMode, UpArgs};
-use crate::daemon::control::{ask_streaming, ControlRequest};
+use crate::daemon::control::{ask, ask_streaming, ControlRequest};
 use crate::daemon::{self, parse_status, DaemonOptions, Promotion};
 use crate::profile::Profile;
 
@@ -12,6 +17,9 @@ use super::shutdown_signal;
 
 pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
     let status = parse_status(&args.status).map_err(anyhow::Error::msg)?;
+    if args.detach {
+        return detach(&profile);
+    }
     let mut preferred = Vec::new();
     let mut supernode = None;
     if args.supernode == SupernodeMode::Always {
@@ -43,6 +51,142 @@ pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
     result
 }
 
+/// `koe up --detach`: runs `koe up` (the same arguments without `--detach`) as a process of
+/// its own, relays what it first says (online, or why not; or why it could not start) and
+/// returns, leaving it running.
+fn detach(profile: &Profile) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let arguments: Vec<std::ffi::OsString> = std::env::args_os().skip(1).filter(|a| a != "--detach").collect();
+    let mut child = std::process::Command::new(std::env::current_exe().context("cannot find the koe program")?)
+        .args(arguments)
+        .env("KOE_HOME", profile.home())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group: Ctrl-C in this shell is not for it.
+        .process_group(0)
+        .spawn()
+        .context("cannot start koe up in the background")?;
+    let stderr = child.stderr.take().context("no stderr from koe up")?;
+    let mut said = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        let first_news = line.contains(" is online") || line.contains("cannot reach any supernode");
+        said.push(line);
+        if first_news {
+            for line in &said {
+                eprintln!("{line}");
+            }
+            println!("koe runs in the background (pid {}); `koe down` stops it", child.id());
+            return Ok(());
+        }
+    }
+    // It ended before saying it is online: its error is what it said.
+    let _ = child.wait();
+    let said = said.join("\n");
+    bail!("{}", said.strip_prefix("koe: ").unwrap_or(&said))
+}
+
+/// `koe down`: asks the running client to stop and waits until it has.
+pub async fn down(profile: &Profile) -> Result<()> {
+    if ask(profile.home(), &ControlRequest::Shutdown).await.is_err() {
+        println!("koe is not running for this profile");
+        return Ok(());
+    }
+    if stopped(profile.home(), DOWN_WAIT).await {
+        println!("koe stopped");
+        Ok(())
+    } else {
+        bail!("koe was asked to stop but is still running after {DOWN_WAIT:?}")
+    }
+}
+
+/// How long `koe down` waits for the client to finish.
+const DOWN_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits (up to `wait`) until the client of the profile in `home` no longer answers.
+pub async fn stopped(home: &Path, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::UnixStream::connect(home.join(crate::daemon::control::CONTROL_SOCKET)).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// `koe autostart on|off`: installs (or removes) a systemd user unit that runs `koe up` for
+/// this profile at login, and enables it where systemd's user manager is reachable.
+pub fn autostart(profile: &Profile, on: bool) -> Result<()> {
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))
+        .context("neither XDG_CONFIG_HOME nor HOME is set: nowhere to install a systemd user unit")?;
+    let directory = config.join("systemd/user");
+    let name = unit_name(profile.home());
+    let path = directory.join(&name);
+    if on {
+        let program = std::env::current_exe().context("cannot find the koe program")?;
+        let unit = format!(
+            "# Written by `koe autostart on`; `koe autostart off` removes it.\n\
+             [Unit]\nDescription=Koe client for {home}\nWants=network-online.target\nAfter=network-online.target\n\n\
+             [Service]\nExecStart={program} --home {home} up\nRestart=on-failure\nRestartSec=10\n\n\
+             [Install]\nWantedBy=default.target\n",
+            program = systemd_quote(&program),
+            home = systemd_quote(profile.home()),
+        );
+        std::fs::create_dir_all(&directory).with_context(|| format!("cannot create {}", directory.display()))?;
+        std::fs::write(&path, unit).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("Installed {}.", path.display());
+        match systemctl(&["daemon-reload"]).and_then(|()| systemctl(&["enable", &name])) {
+            Ok(()) => println!("Enabled: koe starts when you log in (now: systemctl --user start {name})."),
+            Err(why) => println!("Not enabled yet: {why}. Where systemd runs your session: systemctl --user enable --now {name}"),
+        }
+    } else {
+        if !path.exists() {
+            println!("koe does not start at login for this profile (no {}).", path.display());
+            return Ok(());
+        }
+        let _ = systemctl(&["disable", &name]);
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        let _ = systemctl(&["daemon-reload"]);
+        println!("Removed {}: koe no longer starts at login.", path.display());
+    }
+    Ok(())
+}
+
+/// `koe.service` for the default profile directory (`…/koe`), `koe-NAME.service` for another.
+fn unit_name(home: &Path) -> String {
+    let base: String = home
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect())
+        .unwrap_or_default();
+    match base.as_str() {
+        "koe" | "" => "koe.service".into(),
+        base => format!("koe-{base}.service"),
+    }
+}
+
+/// A path as one word of a systemd command line.
+fn systemd_quote(path: &Path) -> String {
+    let text = path.display().to_string().replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%");
+    format!("\"{text}\"")
+}
+
+fn systemctl(arguments: &[&str]) -> Result<(), String> {
+    let output = std::process::Command::new("systemctl")
+        .arg("--user")
+        .args(arguments)
+        .output()
+        .map_err(|e| format!("systemctl: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("systemctl --user {}: {}", arguments.join(" "), String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
+
 /// `koe echo-bot`: a client daemon that answers every call with an echo test.
 pub async fn echo_bot(profile: Profile, listen: std::time::Duration) -> Result<()> {
     let auto_answer = daemon::calls::AutoAnswer { play: None, record: None, echo: Some(listen) };
@@ -60,15 +204,21 @@ pub async fn echo_bot(profile: Profile, listen: std::time::Duration) -> Result<(
 /// Sends one request to the running daemon and prints its answer (and, for a call, each
 /// line as it happens).
 pub async fn control(profile: &Profile, request: ControlRequest) -> Result<()> {
-    let response = ask_streaming(profile.home(), &request, |line| println!("{line}")).await?;
+    let response = ask_streaming(profile.home(), &request, |line| print_line(line)).await?;
     let output = response.output.trim_end();
     if !response.ok {
         bail!("{output}")
     }
     if !output.is_empty() {
-        println!("{output}");
+        print_line(output);
     }
     Ok(())
+}
+
+/// Prints to stdout; a reader that went away (`koe calls | head`) is no error, and no panic.
+fn print_line(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 pub fn contacts_request(command: ContactsCommand) -> ControlRequest {

@@ -28,12 +28,14 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Signup(args) => account::signup(&profile()?, args).await,
         Command::Login(args) => account::login(&profile()?, args).await,
         Command::Whoami(args) => account::whoami(&profile()?, args).await,
-        Command::Logout => account::logout(&profile()?),
+        Command::Logout => account::logout(&profile()?).await,
         Command::Passwd(args) => account::change_password(&profile()?, args).await,
         Command::DeleteAccount(args) => account::delete_account(&profile()?, args).await,
         Command::Node(args) => node::run(home, args, shutdown_signal()).await,
         Command::Relay(args) => relay::run(args, shutdown_signal()).await,
         Command::Up(args) => client::up(profile()?, args).await,
+        Command::Down => client::down(&profile()?).await,
+        Command::Autostart { state } => client::autostart(&profile()?, state == crate::cli::OnOff::On),
         Command::Status => client::control(&profile()?, ControlRequest::Status).await,
         Command::Lookup { username } => client::control(&profile()?, ControlRequest::Lookup { username }).await,
         Command::SetStatus { status } => client::control(&profile()?, ControlRequest::SetStatus { status }).await,
@@ -60,7 +62,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Decline => client::control(&profile()?, ControlRequest::Decline).await,
         Command::Mute { state } => {
-            client::control(&profile()?, ControlRequest::Mute { on: state == crate::cli::MuteState::On }).await
+            client::control(&profile()?, ControlRequest::Mute { on: state == crate::cli::OnOff::On }).await
         }
         Command::Calls { limit } => client::control(&profile()?, ControlRequest::Calls { limit }).await,
         Command::EchoBot { listen } => client::echo_bot(profile()?, listen).await,

@@ -1,4 +1,5 @@
-//! `koe node` (a supernode as a process) and `koe network add-bootstrap`.
+//! `koe node` (a supernode as a process, which watches its network file for new bootstrap
+//! supernodes) and `koe network add-bootstrap`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ use crate::profile::Profile;
 const NODE_KEY_FILE: &str = "node.key";
 /// Supernodes this node knew when it last ran, so it can rejoin without the network file's list.
 const NODE_HOST_CACHE_FILE: &str = "supernodes.json";
+/// How often a running supernode reads its network file again for new bootstrap supernodes.
+const NETWORK_FILE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The supernode's identity, created once and kept in the profile.
 pub fn node_identity(home: &Path) -> Result<DeviceKey> {
@@ -161,6 +164,7 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
     if let Some(relay) = &beside.relay {
         report(&super::relay::describe(relay));
     }
+    tokio::spawn(watch_network_file(args.network.clone(), network.clone(), node.handle()));
     let metrics = node.metrics();
     if let Some(listen) = args.metrics {
         serve_metrics(listen, Arc::clone(&metrics)).await?;
@@ -189,6 +193,30 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
     });
     node.run(shutdown).await;
     Ok(())
+}
+
+/// Hands the running supernode every bootstrap supernode added to the network file (as
+/// `koe network add-bootstrap` does after the node started), so supernodes started in any
+/// order join without restarts. Polls: the file is small, and polling works on every file
+/// system and through editors that replace the file.
+async fn watch_network_file(path: std::path::PathBuf, started_with: NetworkFile, node: koe_overlay::supernode::SupernodeHandle) {
+    let mut last = std::fs::read(&path).ok();
+    let mut ticks = tokio::time::interval(NETWORK_FILE_POLL_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        if last.as_ref() == Some(&bytes) {
+            continue;
+        }
+        last = Some(bytes);
+        match load_network_file(&path) {
+            Ok(network) if network.name != started_with.name || network.signing_key != started_with.signing_key => {
+                tracing::warn!(file = %path.display(), "the network file now names another network or signing key; this supernode keeps the one it started with until it restarts");
+            }
+            Ok(network) => node.learn(bootstrap_addresses(&network, &[])),
+            Err(error) => tracing::warn!("{error:#}; keeping the supernodes known so far"),
+        }
+    }
 }
 
 /// Prints a line for the operator. A service keeps running when nobody reads its output any

@@ -88,6 +88,9 @@ impl CallLog {
     }
 }
 
+/// A call's hold on the device: its signals, and the order to hang up.
+type CallSlot = (mpsc::Receiver<CallSignal>, oneshot::Receiver<()>);
+
 /// The calls of this device, by id: where their signals go, and how to hang them up.
 #[derive(Debug, Default)]
 pub struct Calls {
@@ -106,20 +109,21 @@ impl Calls {
         Self { auto_answer, ..Self::default() }
     }
 
-    fn busy(&self) -> bool {
-        self.signals.lock().is_ok_and(|s| !s.is_empty())
-    }
-
-    fn register(&self, id: CallId, peer: &Username) -> (mpsc::Receiver<CallSignal>, oneshot::Receiver<()>) {
+    /// Takes this device's one call slot for call `id` with `peer`, unless another call holds
+    /// it (busy: `None`). The check and the taking are one step under one lock: two offers
+    /// arriving together, or an offer while a call is being dialled, cannot both pass.
+    fn reserve(&self, id: CallId, peer: &Username) -> Option<CallSlot> {
         let (signal_tx, signal_rx) = mpsc::channel(16);
         let (hangup_tx, hangup_rx) = oneshot::channel();
-        if let Ok(mut signals) = self.signals.lock() {
-            signals.insert(id, (peer.clone(), signal_tx));
+        let mut signals = self.signals.lock().ok()?;
+        if !signals.is_empty() {
+            return None;
         }
+        signals.insert(id, (peer.clone(), signal_tx));
         if let Ok(mut hangups) = self.hangups.lock() {
             hangups.insert(id, hangup_tx);
         }
-        (signal_rx, hangup_rx)
+        Some((signal_rx, hangup_rx))
     }
 
     fn forget(&self, id: CallId) {
@@ -165,10 +169,10 @@ impl Calls {
 
 /// A signal from `from` arrived in an envelope.
 pub fn on_signal(state: &Arc<DaemonState>, from: Username, signal: CallSignal) {
-    if let CallSignal::Offer { .. } = &signal {
-        let busy = state.calls.busy();
+    if let CallSignal::Offer { call, .. } = &signal {
+        let slot = state.calls.reserve(*call, &from);
         let state = Arc::clone(state);
-        tokio::spawn(async move { answer_incoming(state, from, signal, busy).await });
+        tokio::spawn(async move { answer_incoming(state, from, signal, slot).await });
         return;
     }
     let sender = state.calls.signals.lock().ok().and_then(|s| s.get(&signal.call()).cloned());
@@ -531,13 +535,33 @@ pub async fn place(
     if to == state.me {
         return Err("you cannot call yourself".into());
     }
-    if state.calls.busy() {
+    let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
+    let Some((mut signals, hangup)) = state.calls.reserve(id, &to) else {
         return Err("you are in a call already: koe hangup first".into());
-    }
+    };
+    let result = dial(&state, &to, id, play, record, duration, progress, &mut signals, hangup).await;
+    // Free for the next call before the history is written (a redial must not find it busy).
+    state.calls.forget(id);
+    result
+}
+
+/// The call `place` reserved the device for: find the callee, ring, talk.
+#[allow(clippy::too_many_arguments)]
+async fn dial(
+    state: &Arc<DaemonState>,
+    to: &Username,
+    id: CallId,
+    play: Option<PathBuf>,
+    record: Option<PathBuf>,
+    duration: Option<Duration>,
+    progress: Progress,
+    signals: &mut mpsc::Receiver<CallSignal>,
+    hangup: oneshot::Receiver<()>,
+) -> Result<String, String> {
     let mut log = CallLog::new(progress);
     let sound = Sound::for_call(play.as_deref(), &mut log)?;
     // Find the callee while the media socket learns its outside address.
-    let (devices, media) = tokio::join!(state.client.lookup(to.clone()), media_socket(&state, &mut log));
+    let (devices, media) = tokio::join!(state.client.lookup(to.clone()), media_socket(state, &mut log));
     let mut media = media?;
     let devices = match devices {
         Ok(devices) if !devices.is_empty() => devices.len(),
@@ -545,19 +569,17 @@ pub async fn place(
             media.release();
             return Err(match outcome {
                 Err(error) => error,
-                Ok(_) => state.absence(&to).await,
+                Ok(_) => state.absence(to).await,
             });
         }
     };
     let CallNetwork { socket, mut session, streams } = media;
-    let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
-    let (mut signals, hangup) = state.calls.register(id, &to);
     let (dialed, started_at) = (Instant::now(), UnixTime::now());
     log.line(format!("calling {to} ({devices} device(s) online)…"));
     let mut call = Call::dial(id, state.device.clone(), session.local_description(), devices, dialed, started_at.as_secs());
     tokio::pin!(hangup);
     let answered = loop {
-        if let Some(answer) = drain(&state, &to, &mut call, &mut log).await {
+        if let Some(answer) = drain(state, to, &mut call, &mut log).await {
             break Some(answer);
         }
         if call.is_over() {
@@ -578,7 +600,7 @@ pub async fn place(
                 length => length + Duration::from_millis(500),
             });
             let media = Media { session, socket, streams, remote: remote_media, caller: true, sound, record: record.clone(), talk };
-            talk_until_done(&state, &to, id, &mut call, media, &mut signals, hangup, &mut log).await.map(Some)
+            talk_until_done(state, to, id, &mut call, media, signals, hangup, &mut log).await.map(Some)
         }
         None => {
             driver::release_relays(&mut session, &socket);
@@ -587,7 +609,7 @@ pub async fn place(
     };
     // Free for the next call before the history is written (a redial must not find it busy).
     state.calls.forget(id);
-    remember(&state, id, &to, false, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
+    remember(state, id, to, false, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
     result.map(|_| log.text)
 }
 
@@ -673,10 +695,14 @@ async fn talk_until_done(
 
 /// An offer arrived: busy, stale, answered at once (`--auto-answer`), or ringing until the
 /// person answers or declines (`koe answer`, `koe decline`) or the caller gives up.
-async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSignal, busy: bool) {
+async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSignal, slot: Option<CallSlot>) {
     let CallSignal::Offer { call: id, media: remote_media, .. } = &offer else { return };
+    let busy = slot.is_none();
     let Some(mut call) = Call::incoming(&offer, state.device.clone(), busy, Instant::now(), UnixTime::now().as_secs()) else {
         warn!(%from, "a stale or replayed call offer was ignored");
+        if !busy {
+            state.calls.forget(*id);
+        }
         return;
     };
     let started_at = UnixTime::now();
@@ -689,7 +715,7 @@ async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSig
         remember(&state, *id, &from, true, started_at, &log, None);
         return;
     }
-    let (mut signals, hangup) = state.calls.register(*id, &from);
+    let Some((mut signals, hangup)) = slot else { return };
     drain(&state, &from, &mut call, &mut log).await;
     let result = match state.calls.auto_answer.clone() {
         Some(auto) => answer_now(&state, &from, *id, &mut call, remote_media, auto, &mut signals, hangup, &mut log).await.map(Some),
@@ -886,4 +912,20 @@ pub fn history_line(call: &CallRecord) -> String {
         None => line.push_str(&call.ended),
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_has_one_call_slot_taken_atomically() {
+        let calls = Calls::new(None);
+        let (alice, carol) = (Username::parse_existing("alice").unwrap_or_else(|e| panic!("{e}")), Username::parse_existing("carol").unwrap_or_else(|e| panic!("{e}")));
+        let first = calls.reserve(CallId(1), &alice);
+        assert!(first.is_some());
+        assert!(calls.reserve(CallId(2), &carol).is_none(), "a second call finds the device busy");
+        calls.forget(CallId(1));
+        assert!(calls.reserve(CallId(2), &carol).is_some(), "free again once the first call is over");
+    }
 }

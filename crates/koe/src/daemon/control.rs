@@ -38,6 +38,8 @@ pub enum ControlRequest {
     Mute { on: bool },
     /// The call history, newest last.
     Calls { limit: usize },
+    /// Stops the daemon (`koe down`, `koe logout`): it withdraws its presence and exits.
+    Shutdown,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -23,7 +23,7 @@ use koe_types::{Certificate, NetworkFile, UnixTime, Username};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::UnixListener;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::profile::{CertificateStatus, Profile};
 use control::{ControlRequest, ControlResponse, CONTROL_SOCKET};
@@ -75,6 +75,27 @@ pub struct DaemonState {
     relay_only: bool,
     /// The last call found UDP blocked (its STUN query got no answer).
     udp_blocked: std::sync::atomic::AtomicBool,
+    /// What the user was last told about reaching the network.
+    reach: Mutex<Reach>,
+    /// Asked to stop (`koe down`).
+    stop: tokio::sync::Notify,
+}
+
+/// Whether the daemon reaches the network, as last told to the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reach {
+    Starting,
+    Online,
+    /// No supernode took this client, for this reason.
+    Unreachable(String),
+}
+
+/// Tells the user something they must know (online, the network cannot be reached) on
+/// stderr, and logs it. Everything else goes only to the log (`koe.log` in the profile).
+pub fn notice(line: &str) {
+    use std::io::Write as _;
+    info!("{line}");
+    let _ = writeln!(std::io::stderr(), "koe: {line}");
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -135,9 +156,13 @@ impl DaemonState {
             ControlRequest::Status => {
                 let status = self.client.status().await?;
                 let mut out = String::new();
-                let presence = status.status.map_or("invisible".to_string(), |s| s.to_string());
+                let presence = match (&status.parent, &status.unreachable) {
+                    (Some(_), _) => status.status.map_or("invisible".to_string(), |s| s.to_string()),
+                    (None, Some(reason)) => format!("offline: cannot reach any supernode: {reason}; retrying"),
+                    (None, None) => "offline: attaching to a supernode…".to_string(),
+                };
                 let _ = writeln!(out, "me:          {} ({presence})", self.me);
-                let _ = writeln!(out, "parent:      {}", status.parent.as_deref().unwrap_or("none: attaching…"));
+                let _ = writeln!(out, "parent:      {}", status.parent.as_deref().unwrap_or("none"));
                 if let Some(address) = self.serving.lock().ok().and_then(|s| s.clone()) {
                     let _ = writeln!(out, "serving:     as a supernode at {address}");
                 }
@@ -270,6 +295,10 @@ impl DaemonState {
             | ControlRequest::Mute { .. } => {
                 Err("not available here".into())
             }
+            ControlRequest::Shutdown => {
+                self.stop.notify_one();
+                Ok(ControlResponse::ok("stopping"))
+            }
             ControlRequest::ContactsList => {
                 let contacts = self.history()?.contacts().map_err(|e| e.to_string())?;
                 if contacts.is_empty() {
@@ -362,6 +391,7 @@ impl DaemonState {
                         PresenceStatus::Online => 0,
                         PresenceStatus::DoNotDisturb => 1,
                         PresenceStatus::Away => 2,
+                        PresenceStatus::Offline => 3,
                     })
                     .map_or("offline".to_string(), |s| s.to_string()),
                 Err(_) => continue,
@@ -497,6 +527,8 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         calls: calls::Calls::new(options.auto_answer),
         relay_only: options.relay_only,
         udp_blocked: std::sync::atomic::AtomicBool::new(false),
+        reach: Mutex::new(Reach::Starting),
+        stop: tokio::sync::Notify::new(),
     });
     let promotion_task = options
         .promotion
@@ -527,6 +559,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
                 }
             }
             () = &mut shutdown => break,
+            () = state.stop.notified() => break,
         }
     }
     if let Some(task) = promotion_task {
@@ -558,8 +591,25 @@ async fn renew_if_due(profile: &Profile, certificate: &Certificate) -> Option<Ce
 
 fn handle_event(state: &Arc<DaemonState>, event: ClientEvent) {
     match event {
-        ClientEvent::Attached { parent } => info!("{} online via {parent}", state.me),
-        ClientEvent::Detached { reason } => warn!("{reason}"),
+        ClientEvent::Attached { parent } => {
+            let Ok(mut reach) = state.reach.lock() else { return };
+            match std::mem::replace(&mut *reach, Reach::Online) {
+                Reach::Starting => notice(&format!("{} is online (log: {})", state.me, state.home.join(crate::LOG_FILE).display())),
+                Reach::Unreachable(_) => notice(&format!("{} is online again", state.me)),
+                Reach::Online => {}
+            }
+            info!("{} online via {parent}", state.me);
+        }
+        ClientEvent::Detached { reason } => info!("{reason}"),
+        ClientEvent::Unreachable { reason, retry_in } => {
+            let Ok(mut reach) = state.reach.lock() else { return };
+            // Said once, and again only if the reason changes; rounds back off to 30 s.
+            if *reach != Reach::Unreachable(reason.clone()) {
+                notice(&format!("cannot reach any supernode: {reason}; retrying (koe status shows the state)"));
+                *reach = Reach::Unreachable(reason);
+            }
+            debug!(?retry_in, "next round of attaching");
+        }
         ClientEvent::Received { envelope, ack } => match state.receive(&envelope) {
             Ok(call_signal) => {
                 let _ = ack.send(Ok(()));
