@@ -459,7 +459,7 @@ async fn main() -> Result<(), String> {
             while Instant::now() < deadline {
                 match from.send(recipients[i % recipients.len()].clone(), b"benchmark message".to_vec()).await {
                     SendOutcome::Delivered { .. } => delivered += 1,
-                    SendOutcome::Undelivered { .. } => failed += 1,
+                    SendOutcome::Undelivered { .. } | SendOutcome::Offline => failed += 1,
                 }
                 i += 1;
             }

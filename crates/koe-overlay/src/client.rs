@@ -78,6 +78,8 @@ pub struct ClientConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
     Delivered { devices: usize },
+    /// No device of the user is online (the global index has none).
+    Offline,
     Undelivered { reason: String },
 }
 
@@ -881,7 +883,7 @@ impl ClientNode {
         let targets: Vec<_> = records.iter().filter(|r| r.username() == &to).collect();
         if targets.is_empty() {
             if let Some(send) = self.sends.remove(&id) {
-                let _ = send.reply.send(SendOutcome::Undelivered { reason: format!("{to} is offline") });
+                let _ = send.reply.send(SendOutcome::Offline);
             }
             return;
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::daemon::api::Availability;
 use crate::duration::parse_duration;
 
 /// Koe (声, "voice"): a peer-to-peer internet telephone.
@@ -69,26 +70,33 @@ pub enum Command {
     },
     /// Show this client: who, status, parent supernode, known supernodes
     Status,
+    /// Print what happens as it happens: calls (with the terminal bell), messages with their
+    /// text, contact requests, contacts' presence, missed calls. Until Ctrl-C
+    Events,
     /// Find a user's online devices
     Lookup {
+        /// A username on this network: 3-32 of a-z, 0-9, '.', '-', '_', starting with a letter
         username: String,
     },
-    /// Set your presence: online, away, dnd or invisible
+    /// Set your presence
     SetStatus {
-        status: String,
+        #[arg(value_enum)]
+        status: Availability,
     },
     /// Manage contacts: add (sends a request), accept, decline, remove, list
     #[command(subcommand)]
     Contacts(ContactsCommand),
     /// Send a chat message, end-to-end encrypted
     Chat {
+        /// Who to send it to (a username on this network)
         username: String,
         /// The message; several words are joined with spaces
         #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
     },
-    /// Show chat history, with one user or everyone
+    /// Show chat history, with one user or everyone (works without `koe up`)
     Messages {
+        /// Only the messages with this user
         username: Option<String>,
         /// How many of the latest messages
         #[arg(long, default_value_t = 50)]
@@ -96,6 +104,7 @@ pub enum Command {
     },
     /// Call a user: rings all their devices; prints ringing, answered, ended and a summary
     Call {
+        /// Who to call (a username on this network)
         username: String,
         /// A WAV file sent as the microphone, in real time (silence after it ends)
         #[arg(long, value_name = "FILE.wav")]
@@ -103,9 +112,12 @@ pub enum Command {
         /// Record everything played out (from the answer on) to this WAV file
         #[arg(long, value_name = "FILE.wav")]
         record: Option<PathBuf>,
-        /// Hang up this long after the answer [default: when the played file ends, else 30s]
+        /// Hang up this long after the answer [default: when someone hangs up]
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         duration: Option<Duration>,
+        /// Hang up once the --play file has been played ("the file ended")
+        #[arg(long, requires = "play")]
+        hang_up_when_played: bool,
     },
     /// Hang up the current call
     Hangup,
@@ -125,7 +137,7 @@ pub enum Command {
         #[arg(value_enum, default_value = "on")]
         state: OnOff,
     },
-    /// Show the call history: incoming, outgoing and missed calls
+    /// Show the call history: incoming, outgoing and missed calls (works without `koe up`)
     Calls {
         /// How many of the latest calls
         #[arg(long, default_value_t = 20)]
@@ -176,7 +188,7 @@ pub enum ContactsCommand {
     Decline { username: String },
     /// Remove a contact
     Remove { username: String },
-    /// List contacts with their presence
+    /// List contacts with their presence (works without `koe up`, presence unknown)
     List,
 }
 
@@ -277,9 +289,9 @@ pub enum SupernodeMode {
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Presence to start with: online, away, dnd or invisible
-    #[arg(long, default_value = "online")]
-    pub status: String,
+    /// Presence to start with
+    #[arg(long, value_enum, default_value = "online")]
+    pub status: Availability,
     /// Run in the background: return once the client is online (or says why it is not);
     /// `koe down` stops it
     #[arg(long)]

@@ -218,3 +218,35 @@ fn two_callers_at_once_one_is_answered_and_the_other_hears_busy() {
     let show = || outcomes.iter().map(|o| format!("{}{}", stdout(o), common::stderr(o))).collect::<Vec<_>>().join("\n---\n");
     assert_eq!((answered.len(), busy.len()), (1, 1), "exactly one answered and one busy:\n{}", show());
 }
+
+/// A call lasts until someone hangs up: not when the file it plays ends (unless asked, and
+/// then it says so), and not after 30 s. A recording that cannot be written fails before
+/// dialling. A build without sound devices says that it sends silence.
+#[test]
+fn a_call_lasts_until_someone_hangs_up_and_says_what_it_cannot_do() {
+    let setup = common::alice_and_answering_bob(&[]);
+    let (alice, dir) = (&setup.alice, setup.network.dir.path());
+    let second = SAMPLE_RATE as usize;
+    let short = write_speech(dir, "short.wav", &speechlike(1)[..second]);
+
+    let error = fails(run(alice, &["call", "bob", "--record", "/nonexistent/dir/heard.wav"], ""));
+    assert!(error.contains("cannot record the call to /nonexistent/dir/heard.wav"), "{error}");
+    assert!(!stdout(&run(alice, &["calls"], "")).contains("call to bob"), "nothing was dialled");
+
+    // The file ends after 1 s; the call goes on until alice hangs up.
+    let alice_home = alice.clone();
+    let short_path = short.to_str().unwrap().to_string();
+    let caller = std::thread::spawn(move || run(&alice_home, &["call", "bob", "--play", &short_path], ""));
+    wait_until(Duration::from_secs(10), || run(alice, &["mute", "off"], "").status.success());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!caller.is_finished(), "the call ended with its file: {}", stdout(&caller.join().unwrap()));
+    ok(run(alice, &["hangup"], ""));
+    let call = ok(caller.join().unwrap());
+    assert!(call.contains("ended: you hung up"), "{call}");
+
+    let call = ok(run(alice, &["call", "bob", "--play", short.to_str().unwrap(), "--hang-up-when-played"], ""));
+    assert!(call.contains("ended: the file ended"), "{call}");
+
+    let call = ok(run(alice, &["call", "bob", "--duration", "1s"], ""));
+    assert!(call.lines().next().unwrap_or_default().contains("this build has no sound device support: sending silence"), "{call}");
+}

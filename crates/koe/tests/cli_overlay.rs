@@ -77,6 +77,9 @@ fn users_on_different_supernodes_find_each_other_and_chat() {
     assert!(ok(run(&alice, &["messages", "carol"], "")).contains("[undelivered]"));
     let error = fails(run(&alice, &["chat", "nobody", "hi"], ""));
     assert!(error.contains("no such user: nobody"), "{error}");
+    // A contact request to nobody fails and adds nothing.
+    assert!(fails(run(&alice, &["contacts", "add", "nobody"], "")).contains("no such user: nobody"));
+    assert!(!ok(run(&alice, &["contacts", "list"], "")).contains("nobody"));
 
     // Away, then invisible: bob's lookup shows the status, then nothing.
     ok(run(&alice, &["set-status", "away"], ""));
@@ -84,7 +87,8 @@ fn users_on_different_supernodes_find_each_other_and_chat() {
     ok(run(&alice, &["set-status", "invisible"], ""));
     wait_until(Duration::from_secs(5), || stdout(&run(&bob, &["lookup", "alice"], "")).contains("alice is offline"));
     ok(run(&alice, &["set-status", "online"], ""));
-    assert!(fails(run(&alice, &["set-status", "busy"], "")).contains("unknown status"));
+    let error = fails(run(&alice, &["set-status", "busy"], ""));
+    assert!(error.contains("invalid value 'busy'") && error.contains("online, away, dnd, invisible"), "{error}");
 
     // Garbage on the control socket gets an error and harms nothing.
     {

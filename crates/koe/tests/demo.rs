@@ -22,7 +22,7 @@ fn the_demo_runs_a_network_and_places_every_step() {
         "bob calls alice",
         "answered (device",
         "MOS (E-model estimate)",
-        "ended: you hung up",
+        "ended: the file ended",
         "alice's client answered by itself and recorded",
         "carol is offline",
         "no such user: dave",

@@ -108,7 +108,7 @@ pub async fn whoami(profile: &Profile, args: WhoamiArgs) -> Result<()> {
 /// as the user who just logged out.
 pub async fn logout(profile: &Profile) -> Result<()> {
     let forgot = profile.forget_certificate()?;
-    let request = crate::daemon::control::ControlRequest::Shutdown;
+    let request = crate::daemon::api::Request::Shutdown;
     if crate::daemon::control::ask(profile.home(), &request).await.is_ok() {
         if super::client::stopped(profile.home(), std::time::Duration::from_secs(15)).await {
             println!("Stopped the running client.");

@@ -8,15 +8,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{ContactsCommand, SupernodeMode, UpArgs};
-use crate::daemon::control::{ask, ask_streaming, ControlRequest};
-use crate::daemon::{self, parse_status, DaemonOptions, Promotion};
+use crate::daemon::api::{Request, Response};
+use crate::daemon::control::{ask, ask_streaming, ControlError};
+use crate::daemon::{self, DaemonOptions, Promotion};
 use crate::profile::Profile;
 
 use super::node::{node_identity, start_supernode};
 use super::shutdown_signal;
 
 pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
-    let status = parse_status(&args.status).map_err(anyhow::Error::msg)?;
+    let status = args.status.presence();
     if args.detach {
         return detach(&profile);
     }
@@ -40,9 +41,12 @@ pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
         SupernodeMode::Auto => Some(Promotion { after: args.promote_after, listen: args.node_listen }),
         _ => None,
     };
+    if let (true, Some(path)) = (args.auto_answer, &args.record) {
+        daemon::calls::check_recording_path(path).map_err(anyhow::Error::msg)?;
+    }
     let auto_answer =
         args.auto_answer.then(|| daemon::calls::AutoAnswer { play: args.play.clone(), record: args.record.clone(), echo: None });
-    let options = DaemonOptions { status, preferred_supernodes: preferred, promotion, auto_answer, relay_only: args.relay_only };
+    let options = DaemonOptions { status, preferred_supernodes: preferred, promotion, auto_answer, relay_only: args.relay_only, notices_on_stderr: true };
     let result = daemon::run(profile, options, shutdown_signal()).await;
     if let Some((stop, task)) = supernode {
         let _ = stop.send(());
@@ -89,7 +93,7 @@ fn detach(profile: &Profile) -> Result<()> {
 
 /// `koe down`: asks the running client to stop and waits until it has.
 pub async fn down(profile: &Profile) -> Result<()> {
-    if ask(profile.home(), &ControlRequest::Shutdown).await.is_err() {
+    if ask(profile.home(), &Request::Shutdown).await.is_err() {
         println!("koe is not running for this profile");
         return Ok(());
     }
@@ -197,22 +201,63 @@ pub async fn echo_bot(profile: Profile, listen: std::time::Duration) -> Result<(
         promotion: None,
         auto_answer: Some(auto_answer),
         relay_only: false,
+        notices_on_stderr: true,
     };
     daemon::run(profile, options, shutdown_signal()).await
 }
 
 /// Sends one request to the running daemon and prints its answer (and, for a call, each
-/// line as it happens).
-pub async fn control(profile: &Profile, request: ControlRequest) -> Result<()> {
-    let response = ask_streaming(profile.home(), &request, |line| print_line(line)).await?;
-    let output = response.output.trim_end();
-    if !response.ok {
-        bail!("{output}")
+/// line as it happens). History (`messages`, `calls`, `contacts list`) is read from the
+/// profile's database when the client is not running.
+pub async fn control(profile: &Profile, request: Request) -> Result<()> {
+    let response = match ask_streaming(profile.home(), &request, |event| print_line(&super::render::event(&event))).await {
+        Ok(response) => response,
+        Err(ControlError::NotRunning { .. }) if history_request(&request) => read_history(profile, &request)?,
+        Err(error) => return Err(error.into()),
+    };
+    let me = profile.certificate().ok().flatten().map(|c| c.username().to_string());
+    match super::render::response(me.as_deref(), &response) {
+        Ok(text) => {
+            let text = text.trim_end();
+            if !text.is_empty() {
+                print_line(text);
+            }
+            Ok(())
+        }
+        Err(error) => bail!("{error}"),
     }
-    if !output.is_empty() {
-        print_line(output);
+}
+
+/// `koe events`: prints what happens as it happens, until Ctrl-C or the client stops.
+pub async fn events(profile: &Profile) -> Result<()> {
+    let stopped = ask_streaming(profile.home(), &Request::Events, |event| print_line(&super::render::event(&event))).await;
+    match stopped {
+        Err(ControlError::NoAnswer) => {
+            print_line("koe stopped");
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+        Ok(response) => bail!("unexpected answer: {response:?}"),
     }
-    Ok(())
+}
+
+fn history_request(request: &Request) -> bool {
+    matches!(request, Request::Messages { .. } | Request::Calls { .. } | Request::ContactsList)
+}
+
+/// Answers a history request from the profile's database, without the daemon.
+fn read_history(profile: &Profile, request: &Request) -> Result<Response> {
+    use crate::daemon::requests;
+    let history = crate::daemon::history::History::open(&profile.home().join(crate::daemon::HISTORY_FILE))?;
+    let answer = match request {
+        Request::Messages { username, limit } => {
+            let with = username.as_deref().map(koe_types::Username::parse_existing).transpose().map_err(|e| anyhow::anyhow!("no such user: {e}"))?;
+            requests::messages(&history, with, *limit)
+        }
+        Request::Calls { limit } => requests::call_history(&history, *limit),
+        _ => requests::contact_list(&history),
+    };
+    Ok(answer.unwrap_or_else(Response::Failed))
 }
 
 /// Prints to stdout; a reader that went away (`koe calls | head`) is no error, and no panic.
@@ -221,12 +266,12 @@ fn print_line(line: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
-pub fn contacts_request(command: ContactsCommand) -> ControlRequest {
+pub fn contacts_request(command: ContactsCommand) -> Request {
     match command {
-        ContactsCommand::Add { username } => ControlRequest::ContactsAdd { username },
-        ContactsCommand::Accept { username } => ControlRequest::ContactsAccept { username },
-        ContactsCommand::Decline { username } => ControlRequest::ContactsDecline { username },
-        ContactsCommand::Remove { username } => ControlRequest::ContactsRemove { username },
-        ContactsCommand::List => ControlRequest::ContactsList,
+        ContactsCommand::Add { username } => Request::ContactsAdd { username },
+        ContactsCommand::Accept { username } => Request::ContactsAccept { username },
+        ContactsCommand::Decline { username } => Request::ContactsDecline { username },
+        ContactsCommand::Remove { username } => Request::ContactsRemove { username },
+        ContactsCommand::List => Request::ContactsList,
     }
 }

@@ -23,7 +23,8 @@ use tokio::task::JoinHandle;
 
 use super::node::{start_supernode, RelayPlacement};
 use crate::cli::{DemoArgs, RelayLimits};
-use crate::daemon::control::{ask, ControlRequest};
+use crate::daemon::api::{Reach, Request, Response};
+use crate::daemon::control::{ask, ask_streaming};
 use crate::daemon::calls::AutoAnswer;
 use crate::daemon::{self, DaemonOptions};
 use crate::duration::human;
@@ -231,7 +232,7 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     let bob_up = DemoClient::up(&bob, &supernodes.addresses[SUPERNODES - 1], None, false, narrator).await?;
 
     let started = Instant::now();
-    let found = alice_up.ask(ControlRequest::Lookup { username: "bob".into() }).await?;
+    let found = alice_up.ask(Request::Lookup { username: "bob".into() }).await?;
     narrator.step(format!(
         "alice looked bob up in the global index ({} ms): {}",
         started.elapsed().as_millis(),
@@ -241,32 +242,33 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
         narrator.detail(line.trim());
     }
 
-    let request = alice_up.ask(ControlRequest::ContactsAdd { username: "bob".into() }).await?;
+    let request = alice_up.ask(Request::ContactsAdd { username: "bob".into() }).await?;
     narrator.step(format!("alice asked bob to be her contact: {request}."));
-    let pending = bob_up.ask(ControlRequest::ContactsList).await?;
+    let pending = bob_up.ask(Request::ContactsList).await?;
     narrator.detail(format!("bob's contact list: {}", pending.trim()));
-    let accepted = bob_up.ask(ControlRequest::ContactsAccept { username: "alice".into() }).await?;
+    let accepted = bob_up.ask(Request::ContactsAccept { username: "alice".into() }).await?;
     narrator.step(format!("bob {accepted}."));
 
     let text = "Hi bob! This went through two supernodes, sealed end to end.";
     let started = Instant::now();
-    let sent = alice_up.ask(ControlRequest::Chat { username: "bob".into(), text: text.into() }).await?;
+    let sent = alice_up.ask(Request::Chat { username: "bob".into(), text: text.into() }).await?;
     narrator.step(format!(
         "alice sent bob a chat message: {sent} ({} ms, acknowledged by bob's device).",
         started.elapsed().as_millis()
     ));
-    let history = bob_up.ask(ControlRequest::Messages { username: Some("alice".into()), limit: 5 }).await?;
+    let history = bob_up.ask(Request::Messages { username: Some("alice".into()), limit: 5 }).await?;
     narrator.detail(format!("bob's history: {}", history.trim()));
     narrator.detail("The supernodes routed only ciphertext sealed to bob's device key.");
 
     let (speech, source) = demo_speech(dir)?;
     narrator.step(format!("bob calls alice, sending {source} as his microphone ({}):", speech.display()));
     let call = bob_up
-        .ask(ControlRequest::Call {
+        .ask(Request::Call {
             username: "alice".into(),
             play: Some(speech.display().to_string()),
             record: None,
             duration_ms: None,
+            hang_up_when_played: true,
         })
         .await?;
     for line in call.lines() {
@@ -281,9 +283,9 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
         recording.display()
     ));
 
-    let refused = alice_up.ask_expecting_failure(ControlRequest::Chat { username: "carol".into(), text: "hello?".into() }).await?;
+    let refused = alice_up.ask_expecting_failure(Request::Chat { username: "carol".into(), text: "hello?".into() }).await?;
     narrator.step(format!("A message to carol, who has an account but is not online, is reported, not lost: {refused}."));
-    let nobody = alice_up.ask_expecting_failure(ControlRequest::Lookup { username: "dave".into() }).await?;
+    let nobody = alice_up.ask_expecting_failure(Request::Lookup { username: "dave".into() }).await?;
     narrator.step(format!("Looking up dave, who has no account, says so (the login server knows accounts): {nobody}."));
 
     // carol comes online in the mode that never shows her address to the other side: her
@@ -293,7 +295,7 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
         "carol calls alice through a relay node: her client offers only an address on the relay beside her supernode (`koe up --relay-only`), so alice never learns carol's. Sending {source}:"
     ));
     let call = carol_up
-        .ask(ControlRequest::Call { username: "alice".into(), play: Some(speech.display().to_string()), record: None, duration_ms: None })
+        .ask(Request::Call { username: "alice".into(), play: Some(speech.display().to_string()), record: None, duration_ms: None, hang_up_when_played: true })
         .await?;
     for line in call.lines() {
         narrator.detail(line.trim());
@@ -370,6 +372,7 @@ impl DemoSupernodes {
 /// A user's `koe up`, run in this process and driven over its real control socket.
 struct DemoClient {
     home: PathBuf,
+    name: String,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<()>>,
 }
@@ -384,16 +387,17 @@ impl DemoClient {
             promotion: None,
             auto_answer,
             relay_only,
+            notices_on_stderr: false,
         };
         let task = tokio::spawn(daemon::run(user.profile.clone(), options, async {
             let _ = stopped.await;
         }));
-        let client = Self { home, stop, task };
+        let client = Self { home, name: user.name.to_string(), stop, task };
         let deadline = Instant::now() + Duration::from_secs(10);
         let parent = loop {
-            if let Ok(response) = ask(&client.home, &ControlRequest::Status).await {
-                if let Some(line) = response.output.lines().find(|l| l.starts_with("parent:") && l.contains("/p2p/")) {
-                    break line.trim_start_matches("parent:").trim().to_string();
+            if let Ok(Response::Status(status)) = ask(&client.home, &Request::Status).await {
+                if let Reach::Online { parent } = status.reach {
+                    break parent;
                 }
             }
             if Instant::now() > deadline {
@@ -409,20 +413,30 @@ impl DemoClient {
         Ok(client)
     }
 
-    async fn ask(&self, request: ControlRequest) -> Result<String> {
-        let response = ask(&self.home, &request).await?;
-        if !response.ok {
-            bail!("{}", response.output.trim());
+    /// Asks the client, as `koe` would, and returns what `koe` would print (a call's lines
+    /// first); a failure is an error.
+    async fn ask(&self, request: Request) -> Result<String> {
+        match self.answer(request).await? {
+            (text, Ok(last)) => Ok(format!("{text}{last}").trim().to_string()),
+            (_, Err(error)) => bail!("{error}"),
         }
-        Ok(response.output.trim().to_string())
     }
 
-    async fn ask_expecting_failure(&self, request: ControlRequest) -> Result<String> {
-        let response = ask(&self.home, &request).await?;
-        if response.ok {
-            bail!("expected a failure, got {}", response.output.trim());
+    async fn ask_expecting_failure(&self, request: Request) -> Result<String> {
+        match self.answer(request).await? {
+            (_, Err(error)) => Ok(error),
+            (_, Ok(last)) => bail!("expected a failure, got {last}"),
         }
-        Ok(response.output.trim().to_string())
+    }
+
+    async fn answer(&self, request: Request) -> Result<(String, Result<String, String>)> {
+        let mut lines = String::new();
+        let response = ask_streaming(&self.home, &request, |event| {
+            lines.push_str(&super::render::event(&event));
+            lines.push('\n');
+        })
+        .await?;
+        Ok((lines, super::render::response(Some(&self.name), &response)))
     }
 
     async fn stop(self) {

@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod network;
 pub mod node;
+mod render;
 pub mod relay;
 
 use std::io::BufRead;
@@ -15,7 +16,7 @@ use clap::CommandFactory;
 use koe_types::Pii;
 
 use crate::cli::{Cli, Command};
-use crate::daemon::control::ControlRequest;
+use crate::daemon::api::Request;
 use crate::profile::Profile;
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -36,35 +37,31 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Up(args) => client::up(profile()?, args).await,
         Command::Down => client::down(&profile()?).await,
         Command::Autostart { state } => client::autostart(&profile()?, state == crate::cli::OnOff::On),
-        Command::Status => client::control(&profile()?, ControlRequest::Status).await,
-        Command::Lookup { username } => client::control(&profile()?, ControlRequest::Lookup { username }).await,
-        Command::SetStatus { status } => client::control(&profile()?, ControlRequest::SetStatus { status }).await,
+        Command::Status => client::control(&profile()?, Request::Status).await,
+        Command::Events => client::events(&profile()?).await,
+        Command::Lookup { username } => client::control(&profile()?, Request::Lookup { username }).await,
+        Command::SetStatus { status } => client::control(&profile()?, Request::SetStatus { status }).await,
         Command::Contacts(command) => client::control(&profile()?, client::contacts_request(command)).await,
-        Command::Chat { username, text } => {
-            client::control(&profile()?, ControlRequest::Chat { username, text: text.join(" ") }).await
-        }
-        Command::Messages { username, limit } => {
-            client::control(&profile()?, ControlRequest::Messages { username, limit }).await
-        }
-        Command::Call { username, play, record, duration } => {
-            let request = ControlRequest::Call {
+        Command::Chat { username, text } => client::control(&profile()?, Request::Chat { username, text: text.join(" ") }).await,
+        Command::Messages { username, limit } => client::control(&profile()?, Request::Messages { username, limit }).await,
+        Command::Call { username, play, record, duration, hang_up_when_played } => {
+            let request = Request::Call {
                 username,
                 play: absolute(play)?,
                 record: absolute(record)?,
                 duration_ms: duration.map(|d| d.as_millis() as u64),
+                hang_up_when_played,
             };
             client::control(&profile()?, request).await
         }
-        Command::Hangup => client::control(&profile()?, ControlRequest::Hangup).await,
+        Command::Hangup => client::control(&profile()?, Request::Hangup).await,
         Command::Answer { play, record } => {
-            let request = ControlRequest::Answer { play: absolute(play)?, record: absolute(record)? };
+            let request = Request::Answer { play: absolute(play)?, record: absolute(record)? };
             client::control(&profile()?, request).await
         }
-        Command::Decline => client::control(&profile()?, ControlRequest::Decline).await,
-        Command::Mute { state } => {
-            client::control(&profile()?, ControlRequest::Mute { on: state == crate::cli::OnOff::On }).await
-        }
-        Command::Calls { limit } => client::control(&profile()?, ControlRequest::Calls { limit }).await,
+        Command::Decline => client::control(&profile()?, Request::Decline).await,
+        Command::Mute { state } => client::control(&profile()?, Request::Mute { on: state == crate::cli::OnOff::On }).await,
+        Command::Calls { limit } => client::control(&profile()?, Request::Calls { limit }).await,
         Command::EchoBot { listen } => client::echo_bot(profile()?, listen).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "koe", &mut std::io::stdout());

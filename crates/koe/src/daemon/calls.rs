@@ -14,12 +14,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use koe_call::{Call, CallEvent, CallId, CallOutput, CallSignal};
+use koe_call::{Call, CallEvent, CallId, CallOutput, CallSignal, EndReason};
 use koe_media::driver::{self, CallAudio, CallSummary, MediaControls, MediaStats, Microphone, RelayStreams, SoundQueue};
 use koe_media::punch::NatMapping;
 use koe_media::relay::{AllocationState, RelayServer, RelayTransport};
 use koe_media::MediaSession;
-use koe_overlay::client::SendOutcome;
 use koe_overlay::RelayOffer;
 use koe_types::{UnixTime, Username};
 use koe_voice::{codec::DEFAULT_BITRATE, quality, wav, Backend, SAMPLE_RATE};
@@ -27,11 +26,51 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use super::api::{ApiError, Delivery};
 use super::history::CallRecord;
 use super::{DaemonState, Payload};
 
-/// Without `--duration` and without a file to play, an answered call lasts this long.
-const DEFAULT_TALK: Duration = Duration::from_secs(30);
+/// An automatically answered call (not the echo test) ends after this at the latest: a
+/// bound for answering machines, not a length anyone should meet.
+const AUTO_ANSWER_BOUND: Duration = Duration::from_secs(4 * 3600);
+/// After the file to play ends, a call that hangs up then waits this long for its last audio.
+const PLAYED_OUT_MARGIN: Duration = Duration::from_millis(500);
+
+/// When an answered call ends by itself (else: when someone hangs up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TalkLimit {
+    /// Until someone hangs up.
+    None,
+    /// `--duration`: this long after the answer.
+    For(Duration),
+    /// `--hang-up-when-played`: once the file to play has been sent (a call without one lasts
+    /// until someone hangs up).
+    UntilPlayed,
+}
+
+impl TalkLimit {
+    pub fn of(duration: Option<Duration>, hang_up_when_played: bool) -> Self {
+        match (duration, hang_up_when_played) {
+            (Some(duration), _) => Self::For(duration),
+            (None, true) => Self::UntilPlayed,
+            (None, false) => Self::None,
+        }
+    }
+}
+
+/// Fails if a recording cannot be written at `path` (checked before a call, not after it).
+pub fn check_recording_path(path: &Path) -> Result<(), ApiError> {
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|error| ApiError::invalid(format!("cannot record the call to {}: {error}", path.display())))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
 /// How often `koe call` and `koe answer` print live statistics during a call.
 const LIVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -54,7 +93,7 @@ pub type Progress = Option<ProgressSender>;
 #[derive(Debug)]
 pub enum Decision {
     /// Answer with these files; lines go to `progress`, the call's log to `reply` at its end.
-    Answer { play: Option<PathBuf>, record: Option<PathBuf>, progress: Progress, reply: oneshot::Sender<Result<String, String>> },
+    Answer { play: Option<PathBuf>, record: Option<PathBuf>, progress: Progress, reply: oneshot::Sender<Result<String, ApiError>> },
     Decline,
 }
 
@@ -66,11 +105,13 @@ struct CallLog {
     began: Instant,
     /// Why the call ended, once it has.
     ended: Option<String>,
+    /// Why this side hangs up, when it is not the person (the file ended).
+    hanging_up_because: Option<&'static str>,
 }
 
 impl CallLog {
     fn new(progress: Progress) -> Self {
-        Self { text: String::new(), progress, began: Instant::now(), ended: None }
+        Self { text: String::new(), progress, began: Instant::now(), ended: None, hanging_up_because: None }
     }
 
     fn line(&mut self, line: impl Into<String>) {
@@ -149,10 +190,10 @@ impl Calls {
 
     /// `koe answer` / `koe decline`: hands the decision to the newest ringing call; says who
     /// was calling.
-    pub async fn decide(&self, decision: Decision) -> Result<Username, String> {
+    pub async fn decide(&self, decision: Decision) -> Result<Username, ApiError> {
         let newest = self.ringing.lock().ok().and_then(|mut ringing| ringing.pop());
-        let (_, from, decisions) = newest.ok_or("no call is ringing")?;
-        decisions.send(decision).await.map_err(|_| "that call has just ended".to_string())?;
+        let (_, from, decisions) = newest.ok_or(ApiError::NoRingingCall)?;
+        decisions.send(decision).await.map_err(|_| ApiError::failed("that call has just ended"))?;
         Ok(from)
     }
 
@@ -457,7 +498,9 @@ impl Sound {
             Err(error) => log.line(format!("no sound device ({error}): the call goes on without one")),
         }
         #[cfg(not(feature = "audio-device"))]
-        let _ = log;
+        if samples.is_none() {
+            log.line("this build has no sound device support: sending silence and playing nothing (--play FILE.wav sends a file, --record FILE.wav keeps what you hear; build with --features koe/audio-device for the microphone and speaker)");
+        }
         Ok(Self { microphone: Microphone::Samples(samples.unwrap_or_default()), speaker: None, _devices: None })
     }
 
@@ -467,7 +510,7 @@ impl Sound {
     }
 }
 
-async fn send(state: &DaemonState, to: &Username, signal: CallSignal) -> SendOutcome {
+async fn send(state: &DaemonState, to: &Username, signal: CallSignal) -> Delivery {
     state.send(to, &Payload::Call { signal }).await
 }
 
@@ -478,8 +521,8 @@ async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut Ca
     while let Some(output) = call.poll_output() {
         match output {
             CallOutput::Send(signal) => {
-                if let SendOutcome::Undelivered { reason } = send(state, to, signal).await {
-                    warn!(%reason, "a call signal was not delivered");
+                if let Delivery::Undelivered { why } = send(state, to, signal).await {
+                    warn!(%why, "a call signal was not delivered");
                 }
             }
             CallOutput::Event(CallEvent::Ringing) => {
@@ -493,8 +536,12 @@ async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut Ca
                 answered = Some((device, remote_media));
             }
             CallOutput::Event(CallEvent::Ended(reason)) => {
+                let reason = match (&reason, log.hanging_up_because.take()) {
+                    (EndReason::HungUp, Some(because)) => because.to_string(),
+                    _ => reason.to_string(),
+                };
                 log.line(format!("ended: {reason}"));
-                log.ended = Some(reason.to_string());
+                log.ended = Some(reason);
             }
         }
     }
@@ -529,17 +576,23 @@ pub async fn place(
     to: Username,
     play: Option<PathBuf>,
     record: Option<PathBuf>,
-    duration: Option<Duration>,
+    limit: TalkLimit,
     progress: Progress,
-) -> Result<String, String> {
+) -> Result<String, ApiError> {
     if to == state.me {
-        return Err("you cannot call yourself".into());
+        return Err(ApiError::invalid("you cannot call yourself"));
     }
     let id = CallId(u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)) << 64 | u128::from(rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
     let Some((mut signals, hangup)) = state.calls.reserve(id, &to) else {
-        return Err("you are in a call already: koe hangup first".into());
+        return Err(ApiError::Busy);
     };
-    let result = dial(&state, &to, id, play, record, duration, progress, &mut signals, hangup).await;
+    if let Some(path) = &record {
+        if let Err(error) = check_recording_path(path) {
+            state.calls.forget(id);
+            return Err(error);
+        }
+    }
+    let result = dial(&state, &to, id, play, record, limit, progress, &mut signals, hangup).await;
     // Free for the next call before the history is written (a redial must not find it busy).
     state.calls.forget(id);
     result
@@ -553,11 +606,11 @@ async fn dial(
     id: CallId,
     play: Option<PathBuf>,
     record: Option<PathBuf>,
-    duration: Option<Duration>,
+    limit: TalkLimit,
     progress: Progress,
     signals: &mut mpsc::Receiver<CallSignal>,
     hangup: oneshot::Receiver<()>,
-) -> Result<String, String> {
+) -> Result<String, ApiError> {
     let mut log = CallLog::new(progress);
     let sound = Sound::for_call(play.as_deref(), &mut log)?;
     // Find the callee while the media socket learns its outside address.
@@ -568,7 +621,7 @@ async fn dial(
         outcome => {
             media.release();
             return Err(match outcome {
-                Err(error) => error,
+                Err(error) => ApiError::failed(error),
                 Ok(_) => state.absence(to).await,
             });
         }
@@ -595,12 +648,13 @@ async fn dial(
     let result = match answered {
         Some((_, remote_media)) => {
             log.line(format!("answered after {} ms", log.began.elapsed().as_millis()));
-            let talk = duration.unwrap_or_else(|| match sound.microphone.length() {
-                Duration::ZERO => DEFAULT_TALK,
-                length => length + Duration::from_millis(500),
-            });
+            let talk = match (limit, sound.microphone.length()) {
+                (TalkLimit::For(duration), _) => Some((duration, None)),
+                (TalkLimit::UntilPlayed, length) if !length.is_zero() => Some((length + PLAYED_OUT_MARGIN, Some("the file ended"))),
+                _ => None,
+            };
             let media = Media { session, socket, streams, remote: remote_media, caller: true, sound, record: record.clone(), talk };
-            talk_until_done(state, to, id, &mut call, media, signals, hangup, &mut log).await.map(Some)
+            talk_until_done(state, to, id, &mut call, media, signals, hangup, &mut log).await.map(Some).map_err(ApiError::from)
         }
         None => {
             driver::release_relays(&mut session, &socket);
@@ -622,8 +676,9 @@ struct Media {
     caller: bool,
     sound: Sound,
     record: Option<PathBuf>,
-    /// Hang up after this long at the latest.
-    talk: Duration,
+    /// Hang up after this long, saying why if it is not "you hung up"; `None`: until someone
+    /// hangs up.
+    talk: Option<(Duration, Option<&'static str>)>,
 }
 
 /// Runs the media of an answered call until a hang-up (either side), the talk time, or a
@@ -655,7 +710,12 @@ async fn talk_until_done(
         let _ = media_stopped.await;
     }));
     let mut stop_media = Some(stop_media);
-    let talk_over = tokio::time::sleep(talk);
+    let talk_over = async {
+        match talk {
+            Some((after, _)) => tokio::time::sleep(after).await,
+            None => std::future::pending().await,
+        }
+    };
     let mut live = tokio::time::interval_at(tokio::time::Instant::now() + LIVE_EVERY, LIVE_EVERY);
     tokio::pin!(talk_over, hangup);
     let summary = loop {
@@ -664,7 +724,10 @@ async fn talk_until_done(
                 break joined.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
             }
             Some(signal) = signals.recv() => call.handle_signal(signal),
-            () = &mut talk_over, if stop_media.is_some() => call.hang_up(),
+            () = &mut talk_over, if stop_media.is_some() => {
+                log.hanging_up_because = talk.and_then(|(_, because)| because);
+                call.hang_up();
+            }
             _ = &mut hangup, if stop_media.is_some() => call.hang_up(),
             _ = live.tick() => {
                 let stats = controls.live.lock().map(|live| live.clone()).unwrap_or_default();
@@ -723,6 +786,9 @@ async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSig
     };
     state.calls.forget(*id);
     remember(&state, *id, &from, true, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
+    if log.ended.as_deref() == Some("missed") {
+        state.publish(super::api::Event::MissedCall { from: from.to_string(), at: started_at.as_secs() });
+    }
     match result {
         Ok(_) => info!("{}", log.text.trim_end().replace('\n', "; ")),
         Err(error) => warn!(%from, %error, "the call failed"),
@@ -743,6 +809,7 @@ async fn ring(
     log: &mut CallLog,
 ) -> Result<Option<MediaStats>, String> {
     info!(%from, "incoming call: koe answer or koe decline");
+    state.publish(super::api::Event::IncomingCall { from: from.to_string() });
     let (decisions_tx, mut decisions) = mpsc::channel(1);
     if let Ok(mut ringing) = state.calls.ringing.lock() {
         ringing.push((id, from.clone(), decisions_tx));
@@ -773,7 +840,7 @@ async fn ring(
         return Ok(None);
     };
     let result = answer_now(state, from, id, call, remote_media, files, signals, hangup, log).await;
-    let _ = reply.send(result.as_ref().map(|_| String::new()).map_err(Clone::clone));
+    let _ = reply.send(result.as_ref().map(|_| String::new()).map_err(|e| ApiError::failed(e)));
     result.map(Some)
 }
 
@@ -794,10 +861,10 @@ async fn answer_now(
         Some(listen) => {
             let echo = Sound::echo(listen);
             let length = echo.microphone.length();
-            (echo, length + Duration::from_millis(500))
+            (echo, length + PLAYED_OUT_MARGIN)
         }
         // The caller decides how long the call lasts; this is only a bound.
-        None => (Sound::for_call(auto.play.as_deref(), log)?, Duration::from_secs(4 * 3600)),
+        None => (Sound::for_call(auto.play.as_deref(), log)?, AUTO_ANSWER_BOUND),
     };
     let CallNetwork { socket, mut session, streams } = media_socket(state, log).await?;
     if let Err(error) = call.answer(session.local_description()) {
@@ -805,7 +872,7 @@ async fn answer_now(
         return Err(error.to_string());
     }
     drain(state, from, call, log).await;
-    let media = Media { session, socket, streams, remote: remote_media.clone(), caller: false, sound, record: auto.record, talk };
+    let media = Media { session, socket, streams, remote: remote_media.clone(), caller: false, sound, record: auto.record, talk: Some((talk, None)) };
     talk_until_done(state, from, id, call, media, signals, hangup, log).await
 }
 
@@ -892,26 +959,6 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
         let _ = writeln!(out, "recording: {}", path.display());
     }
     out
-}
-
-/// One call of the history, as `koe calls` prints it.
-pub fn history_line(call: &CallRecord) -> String {
-    let direction = if call.incoming { format!("from {}", call.peer) } else { format!("to {}", call.peer) };
-    let mut line = format!("{} call {direction}: ", call.started_at);
-    match call.talked_ms {
-        Some(ms) => {
-            let _ = write!(line, "talked {:.0} s", ms as f64 / 1000.0);
-            if let Some(path) = &call.path {
-                let _ = write!(line, " over {path}");
-            }
-            if let Some(mos) = call.mos {
-                let _ = write!(line, ", MOS {mos:.1}");
-            }
-            let _ = write!(line, "; {}", call.ended);
-        }
-        None => line.push_str(&call.ended),
-    }
-    line
 }
 
 #[cfg(test)]

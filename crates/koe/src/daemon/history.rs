@@ -34,53 +34,25 @@ CREATE TABLE IF NOT EXISTS calls (
     mos REAL
 );";
 
-/// Where a contact relationship stands, as in Skype: asked, awaiting my answer, or mutual.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ContactState {
-    /// I asked; no answer yet.
-    Requested,
-    /// They asked; I have not answered.
-    AwaitingMe,
-    Accepted,
-    Declined,
-}
+pub use super::api::ContactState;
+use super::api::{MessageState, MessageView};
 
-impl ContactState {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Requested => "requested",
-            Self::AwaitingMe => "awaiting-me",
-            Self::Accepted => "accepted",
-            Self::Declined => "declined",
-        }
-    }
-
-    fn parse(text: &str) -> Self {
-        match text {
-            "requested" => Self::Requested,
-            "awaiting-me" => Self::AwaitingMe,
-            "accepted" => Self::Accepted,
-            _ => Self::Declined,
-        }
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::Requested => "request sent, awaiting their answer",
-            Self::AwaitingMe => "wants to be your contact: koe contacts accept|decline",
-            Self::Accepted => "contact",
-            Self::Declined => "declined",
-        }
+fn contact_state_text(state: ContactState) -> &'static str {
+    match state {
+        ContactState::Requested => "requested",
+        ContactState::AwaitingMe => "awaiting-me",
+        ContactState::Accepted => "accepted",
+        ContactState::Declined => "declined",
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Message {
-    pub peer: String,
-    pub incoming: bool,
-    pub body: String,
-    pub at: UnixTime,
-    pub status: String,
+fn parse_contact_state(text: &str) -> ContactState {
+    match text {
+        "requested" => ContactState::Requested,
+        "awaiting-me" => ContactState::AwaitingMe,
+        "accepted" => ContactState::Accepted,
+        _ => ContactState::Declined,
+    }
 }
 
 /// One call, as the call history keeps it.
@@ -101,6 +73,20 @@ pub struct CallRecord {
     pub mos: Option<f64>,
 }
 
+impl From<&CallRecord> for super::api::CallView {
+    fn from(call: &CallRecord) -> Self {
+        Self {
+            peer: call.peer.clone(),
+            incoming: call.incoming,
+            started_at: call.started_at.as_secs(),
+            talked_ms: call.talked_ms,
+            ended: call.ended.clone(),
+            path: call.path.clone(),
+            mos: call.mos,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct History {
     connection: Connection,
@@ -115,34 +101,34 @@ impl History {
         Ok(Self { connection })
     }
 
-    pub fn add_message(&self, peer: &str, incoming: bool, body: &str, at: UnixTime, status: &str) -> Result<i64> {
+    pub fn add_message(&self, peer: &str, incoming: bool, body: &str, at: UnixTime, state: MessageState) -> Result<i64> {
         self.connection.execute(
             "INSERT INTO messages (peer, incoming, body, at, status) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![peer, incoming, body, at.as_secs() as i64, status],
+            params![peer, incoming, body, at.as_secs() as i64, state.as_str()],
         )?;
         Ok(self.connection.last_insert_rowid())
     }
 
-    pub fn set_message_status(&self, id: i64, status: &str) -> Result<()> {
+    pub fn set_message_state(&self, id: i64, state: MessageState) -> Result<()> {
         self.connection
-            .execute("UPDATE messages SET status = ?2 WHERE id = ?1", params![id, status])?;
+            .execute("UPDATE messages SET status = ?2 WHERE id = ?1", params![id, state.as_str()])?;
         Ok(())
     }
 
     /// The last `limit` messages, oldest first, with one peer or all.
-    pub fn messages(&self, peer: Option<&str>, limit: usize) -> Result<Vec<Message>> {
+    pub fn messages(&self, peer: Option<&str>, limit: usize) -> Result<Vec<MessageView>> {
         let mut statement = self.connection.prepare(
             "SELECT peer, incoming, body, at, status FROM messages
              WHERE (?1 IS NULL OR peer = ?1) ORDER BY id DESC LIMIT ?2",
         )?;
         let mut messages = statement
             .query_map(params![peer, limit as i64], |row| {
-                Ok(Message {
+                Ok(MessageView {
                     peer: row.get(0)?,
                     incoming: row.get(1)?,
-                    body: row.get(2)?,
-                    at: UnixTime(row.get::<_, i64>(3)?.max(0) as u64),
-                    status: row.get(4)?,
+                    text: row.get(2)?,
+                    at: row.get::<_, i64>(3)?.max(0) as u64,
+                    state: MessageState::parse(&row.get::<_, String>(4)?),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -157,14 +143,14 @@ impl History {
                 row.get::<_, String>(0)
             })
             .optional()?
-            .map(|s| ContactState::parse(&s)))
+            .map(|s| parse_contact_state(&s)))
     }
 
     pub fn set_contact(&self, username: &str, state: ContactState) -> Result<()> {
         self.connection.execute(
             "INSERT INTO contacts (username, state, updated_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(username) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-            params![username, state.as_str(), UnixTime::now().as_secs() as i64],
+            params![username, contact_state_text(state), UnixTime::now().as_secs() as i64],
         )?;
         Ok(())
     }
@@ -176,7 +162,7 @@ impl History {
     pub fn contacts(&self) -> Result<Vec<(String, ContactState)>> {
         let mut statement = self.connection.prepare("SELECT username, state FROM contacts ORDER BY username")?;
         let contacts = statement
-            .query_map([], |row| Ok((row.get::<_, String>(0)?, ContactState::parse(&row.get::<_, String>(1)?))))?
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, parse_contact_state(&row.get::<_, String>(1)?))))?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(contacts)
     }
