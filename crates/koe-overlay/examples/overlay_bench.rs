@@ -305,6 +305,7 @@ fn start_user(network: &Network, index: usize, device: DeviceKey, supernodes: &[
         certificate,
         status: Some(PresenceStatus::Online),
         host_cache,
+        blocked: Vec::new(),
     })
     .expect("client");
     tokio::spawn(node.run(std::future::pending()));
@@ -457,9 +458,9 @@ async fn main() -> Result<(), String> {
         tasks.push(tokio::spawn(async move {
             let (mut delivered, mut failed, mut i) = (0u64, 0u64, 0usize);
             while Instant::now() < deadline {
-                match from.send(recipients[i % recipients.len()].clone(), b"benchmark message".to_vec()).await {
+                match from.send(recipients[i % recipients.len()].clone(), b"benchmark message".to_vec(), false).await {
                     SendOutcome::Delivered { .. } => delivered += 1,
-                    SendOutcome::Undelivered { .. } | SendOutcome::Offline => failed += 1,
+                    SendOutcome::Undelivered { .. } | SendOutcome::Offline | SendOutcome::Kept { .. } | SendOutcome::NotKept(_) => failed += 1,
                 }
                 i += 1;
             }

@@ -35,6 +35,8 @@ use crate::presence::{ParentSupernode, PresenceBody, PresenceRecord, PresenceSta
 use crate::protocol::{OverlayRequest, OverlayResponse, RelayOffer};
 use crate::swarm::{self, OverlayBehaviour, OverlayBehaviourEvent, SwarmError};
 
+mod offline;
+
 /// Presence is republished this often and lives [`PRESENCE_LIFETIME`].
 pub const PRESENCE_REPUBLISH_INTERVAL: Duration = Duration::from_secs(60);
 pub const PRESENCE_LIFETIME: Duration = Duration::from_secs(150);
@@ -72,14 +74,21 @@ pub struct ClientConfig {
     /// `None` is invisible: no presence record at all.
     pub status: Option<PresenceStatus>,
     pub host_cache: HostCache,
+    /// Users who may not leave offline messages for this user (sent to its mailbox replicas).
+    pub blocked: Vec<Username>,
 }
 
 /// The outcome of sending to a user: per online device, delivered or why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
     Delivered { devices: usize },
-    /// No device of the user is online (the global index has none).
+    /// No device of the user is online (the global index has none), and (when asked to keep
+    /// it) none is known to seal it to for later.
     Offline,
+    /// Nobody was online; kept, sealed, by this many supernodes until a device comes online.
+    Kept { replicas: u32 },
+    /// Nobody was online, and the mailbox would not keep it.
+    NotKept(crate::mailbox_store::Refusal),
     Undelivered { reason: String },
 }
 
@@ -101,7 +110,14 @@ pub enum ClientCommand {
     Send {
         to: Username,
         payload: Vec<u8>,
+        /// If no device is online, leave it in the user's mailbox.
+        keep: bool,
         reply: oneshot::Sender<SendOutcome>,
+    },
+    /// Users who may not leave offline messages (replaces the list).
+    SetBlocked {
+        blocked: Vec<Username>,
+        reply: oneshot::Sender<()>,
     },
     SetStatus {
         status: Option<PresenceStatus>,
@@ -130,10 +146,13 @@ pub enum ClientEvent {
     /// `retry_in`. Emitted once per round, and rounds back off.
     Unreachable { reason: String, retry_in: Duration },
     /// An envelope for this device, opened and checked. Answer on `ack` once it is stored;
-    /// the sender learns "delivered" only then.
+    /// the sender learns "delivered" only then. One `from_mailbox` waited while this device
+    /// was offline: its message id must be checked against the ones taken before (replicas
+    /// can offer it again), and `Ok` lets the mailbox drop it.
     Received {
         envelope: Box<OpenedEnvelope>,
         ack: oneshot::Sender<Result<(), String>>,
+        from_mailbox: bool,
     },
     HostCacheChanged(HostCache),
 }
@@ -154,10 +173,16 @@ impl ClientHandle {
         self.ask(|reply| ClientCommand::Lookup { username, reply }).await?
     }
 
-    pub async fn send(&self, to: Username, payload: Vec<u8>) -> SendOutcome {
-        self.ask(|reply| ClientCommand::Send { to, payload, reply })
+    /// Sends to every online device of `to`; with `keep`, leaves it in their mailbox when
+    /// none is online.
+    pub async fn send(&self, to: Username, payload: Vec<u8>, keep: bool) -> SendOutcome {
+        self.ask(|reply| ClientCommand::Send { to, payload, keep, reply })
             .await
             .unwrap_or_else(|reason| SendOutcome::Undelivered { reason })
+    }
+
+    pub async fn set_blocked(&self, blocked: Vec<Username>) -> Result<(), String> {
+        self.ask(|reply| ClientCommand::SetBlocked { blocked, reply }).await
     }
 
     pub async fn set_status(&self, status: Option<PresenceStatus>) -> Result<(), String> {
@@ -196,6 +221,7 @@ enum Parent {
 struct PendingSend {
     to: Username,
     payload: Vec<u8>,
+    keep: bool,
     deadline: Instant,
     reply: oneshot::Sender<SendOutcome>,
     /// Set once the lookup answered.
@@ -216,6 +242,13 @@ enum Outstanding {
     SendRoute(u64),
     DialBack(oneshot::Sender<Result<bool, String>>),
     RelayCredentials(oneshot::Sender<Result<Vec<RelayOffer>, String>>),
+    PublishDevice,
+    MailboxFetch,
+    MailboxCommand,
+    /// The device records of a send's recipient, who is offline.
+    SendDevices(u64),
+    /// A send left in the recipient's mailbox.
+    SendKeep(u64),
 }
 
 type AckFuture = Pin<Box<dyn Future<Output = (ResponseChannel<OverlayResponse>, Result<(), String>)> + Send>>;
@@ -254,6 +287,14 @@ pub struct ClientNode {
     sends: HashMap<u64, PendingSend>,
     next_send: u64,
     acks: FuturesUnordered<AckFuture>,
+    /// The daemon's answers for messages from the mailbox: whether each may go.
+    stored_acks: FuturesUnordered<Pin<Box<dyn Future<Output = (crate::mailbox::MessageId, bool)> + Send>>>,
+    /// Messages from the mailbox handed to the daemon, and when.
+    mailbox_in_flight: HashMap<crate::mailbox::MessageId, Instant>,
+    /// Taken by the daemon; acknowledged to the replicas at the next housekeeping.
+    to_acknowledge: Vec<crate::mailbox::MessageId>,
+    /// The block list and its sequence (0: never set).
+    blocked: (u64, Vec<Username>),
     commands: mpsc::Receiver<ClientCommand>,
     events: mpsc::Sender<ClientEvent>,
 }
@@ -274,6 +315,8 @@ impl ClientNode {
             host_cache.learn(address);
         }
         let initial_supernodes = host_cache.candidates().map(|h| h.address.clone()).collect();
+        // A list given at start is sent at the first attach.
+        let blocked = (if config.blocked.is_empty() { 0 } else { UnixTime::now().as_secs().saturating_mul(1000) }, config.blocked.clone());
         let node = Self {
             swarm,
             parent_timeouts: 0,
@@ -298,6 +341,10 @@ impl ClientNode {
             sends: HashMap::new(),
             next_send: 0,
             acks: FuturesUnordered::new(),
+            stored_acks: FuturesUnordered::new(),
+            mailbox_in_flight: HashMap::new(),
+            to_acknowledge: Vec::new(),
+            blocked,
             commands,
             events,
         };
@@ -324,6 +371,14 @@ impl ClientNode {
                         Err(reason) => OverlayResponse::Undelivered { reason },
                     };
                     let _ = self.swarm.behaviour_mut().overlay.send_response(channel, response);
+                }
+                Some((id, taken)) = self.stored_acks.next(), if !self.stored_acks.is_empty() => {
+                    if taken {
+                        self.acknowledge_stored(id);
+                    } else {
+                        // The daemon could not store it: the next fetch offers it again.
+                        self.mailbox_in_flight.remove(&id);
+                    }
                 }
                 _ = housekeeping.tick() => self.housekeeping(),
                 () = &mut shutdown => break,
@@ -357,8 +412,11 @@ impl ClientNode {
         if std::mem::take(&mut self.host_cache_changed) {
             self.emit(ClientEvent::HostCacheChanged(self.config.host_cache.clone()));
         }
+        self.send_acknowledgements();
         if self.next_publish.is_some_and(|at| now >= at) {
             self.publish();
+            // Anything left while a sender thought this device was offline.
+            self.mailbox(crate::mailbox::MailboxAction::Fetch);
         }
         let expired: Vec<u64> = self
             .sends
@@ -600,7 +658,7 @@ impl ClientNode {
                 match self.open(&envelope) {
                     Ok(opened) => {
                         let (ack, acked) = oneshot::channel();
-                        self.emit(ClientEvent::Received { envelope: Box::new(opened), ack });
+                        self.emit(ClientEvent::Received { envelope: Box::new(opened), ack, from_mailbox: false });
                         self.acks.push(Box::pin(async move {
                             let result = acked.await.unwrap_or_else(|_| Err("the client could not store it".into()));
                             (channel, result)
@@ -656,6 +714,9 @@ impl ClientNode {
                 self.emit(ClientEvent::Attached { parent: address });
                 self.host_cache_changed = true;
                 self.publish();
+                self.publish_device();
+                self.publish_blocked();
+                self.mailbox(crate::mailbox::MailboxAction::Fetch);
                 self.resume_sends();
             }
             (Outstanding::Attach, other) => {
@@ -684,6 +745,14 @@ impl ClientNode {
                 self.route_send(send, records);
             }
             (Outstanding::SendRoute(send), response) => self.route_answered(send, response),
+            (Outstanding::SendDevices(send), response) => self.leave_message(send, response),
+            (Outstanding::SendKeep(send), response) => self.message_left(send, response),
+            (Outstanding::MailboxFetch, response) => self.mailbox_fetched(response),
+            (Outstanding::PublishDevice | Outstanding::MailboxCommand, response) => {
+                if !matches!(response, Ok(OverlayResponse::Published { .. } | OverlayResponse::Stored)) {
+                    debug!(?response, "a device record or mailbox command was not taken; the next attach sends it again");
+                }
+            }
             (Outstanding::DialBack(reply), response) => {
                 let answer = match response {
                     Ok(OverlayResponse::DialedBack { reachable, detail }) => {
@@ -775,7 +844,11 @@ impl ClientNode {
                     let _ = reply.send(Err("not attached to a supernode yet; try again in a moment".into()));
                 }
             },
-            ClientCommand::Send { to, payload, reply } => {
+            ClientCommand::SetBlocked { blocked, reply } => {
+                self.set_blocked(blocked);
+                let _ = reply.send(());
+            }
+            ClientCommand::Send { to, payload, keep, reply } => {
                 self.next_send += 1;
                 let id = self.next_send;
                 self.sends.insert(
@@ -783,6 +856,7 @@ impl ClientNode {
                     PendingSend {
                         to,
                         payload,
+                        keep,
                         deadline: Instant::now() + SEND_DEADLINE,
                         reply,
                         devices_outstanding: 0,
@@ -882,10 +956,10 @@ impl ClientNode {
         let payload = send.payload.clone();
         let targets: Vec<_> = records.iter().filter(|r| r.username() == &to).collect();
         if targets.is_empty() {
-            if let Some(send) = self.sends.remove(&id) {
-                let _ = send.reply.send(SendOutcome::Offline);
+            if send.keep {
+                return self.keep_for_later(id);
             }
-            return;
+            return self.finish_send(id, SendOutcome::Offline);
         }
         let now = UnixTime::now();
         let mut sealed = Vec::new();

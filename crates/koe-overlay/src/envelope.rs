@@ -192,6 +192,40 @@ impl Envelope {
         replay_guard: &mut ReplayGuard,
         now: UnixTime,
     ) -> Result<OpenedEnvelope, EnvelopeError> {
+        let opened = self.open_unchecked_time(device, envelope_key, network, network_key, now)?;
+        replay_guard.check(opened.message_id, opened.timestamp, now)?;
+        Ok(opened)
+    }
+
+    /// Decrypts and checks an envelope that waited in a mailbox: the sender's certificate is
+    /// checked at the time the envelope was sealed (it may have expired since), and the
+    /// timestamp must not be in the future. Replays are the caller's to refuse: it keeps the
+    /// message ids it has taken for as long as mailboxes keep messages.
+    pub fn open_stored(
+        &self,
+        device: &DevicePublicKey,
+        envelope_key: &EnvelopeKey,
+        network: &NetworkName,
+        network_key: &NetworkPublicKey,
+        now: UnixTime,
+    ) -> Result<OpenedEnvelope, EnvelopeError> {
+        let opened = self.open_unchecked_time(device, envelope_key, network, network_key, None)?;
+        if now.until(opened.timestamp) > REPLAY_WINDOW {
+            return Err(EnvelopeError::OutsideWindow(opened.timestamp));
+        }
+        Ok(opened)
+    }
+
+    /// Decrypts and checks everything but freshness; the certificate is checked at
+    /// `certificate_time`, or at the envelope's own timestamp when `None`.
+    fn open_unchecked_time(
+        &self,
+        device: &DevicePublicKey,
+        envelope_key: &EnvelopeKey,
+        network: &NetworkName,
+        network_key: &NetworkPublicKey,
+        certificate_time: impl Into<Option<UnixTime>>,
+    ) -> Result<OpenedEnvelope, EnvelopeError> {
         if &self.recipient_device != device {
             return Err(EnvelopeError::WrongRecipient);
         }
@@ -216,14 +250,13 @@ impl Envelope {
         let signature: [u8; 64] = reader.array()?;
         reader.expect_end()?;
 
-        sender.verify(network, network_key, now)?;
+        sender.verify(network, network_key, certificate_time.into().unwrap_or(timestamp))?;
         if !sender
             .device_key()
             .verify(&signed_bytes(&self.recipient, &self.recipient_device, unsigned), &signature)
         {
             return Err(EnvelopeError::BadSignature);
         }
-        replay_guard.check(message_id, timestamp, now)?;
         Ok(OpenedEnvelope {
             sender,
             message_id,

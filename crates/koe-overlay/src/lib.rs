@@ -1,14 +1,18 @@
 //! Koe's overlay: how users find each other and reach each other.
 //!
 //! Sans-IO cores: signed [`presence`] records and the supernode's share of the global index
-//! ([`index`]), end-to-end [`envelope`]s with replay protection, the client's [`host_cache`] of
-//! supernodes, and the request/response messages of the overlay [`protocol`]. The libp2p
+//! ([`index`]), end-to-end [`envelope`]s with replay protection, offline messages and the
+//! device records they are sealed to ([`mailbox`], kept on disk by [`mailbox_store`]), the
+//! client's [`host_cache`] of supernodes, and the request/response messages of the overlay
+//! [`protocol`]. The libp2p
 //! drivers that run them are [`supernode`] (`koe node`) and [`client`] (`koe up`).
 
 pub mod client;
 pub mod envelope;
 pub mod host_cache;
 pub mod index;
+pub mod mailbox;
+pub mod mailbox_store;
 pub mod presence;
 pub mod metrics;
 pub mod protocol;

@@ -14,6 +14,10 @@ pub struct SupernodeMetrics {
     pub supernodes: AtomicU64,
     pub attached_clients: AtomicU64,
     pub records_held: AtomicU64,
+    /// Offline messages this node keeps for users who were offline.
+    pub offline_messages_held: AtomicU64,
+    /// Device records taken (each device publishes one at every attach).
+    pub device_records_stored: AtomicU64,
     pub records_stored: AtomicU64,
     pub lookups: AtomicU64,
     pub envelopes_routed: AtomicU64,
@@ -53,9 +57,10 @@ impl SupernodeMetrics {
             n => format!("supernodes {n}"),
         };
         format!(
-            "{supernodes} | clients {} | records held {} | lookups {} | envelopes routed {} (undelivered {}) | refused {}",
+            "{supernodes} | clients {} | records held {} | offline messages {} | lookups {} | envelopes routed {} (undelivered {}) | refused {}",
             self.attached_clients.load(Ordering::Relaxed),
             self.records_held.load(Ordering::Relaxed),
+            self.offline_messages_held.load(Ordering::Relaxed),
             self.lookups.load(Ordering::Relaxed),
             self.envelopes_routed.load(Ordering::Relaxed),
             self.envelopes_undelivered.load(Ordering::Relaxed),
@@ -71,12 +76,14 @@ impl SupernodeMetrics {
             ("koe_supernode_supernodes", "Other supernodes connected and in the routing table (0: alone)", &self.supernodes),
             ("koe_supernode_attached_clients", "Clients attached to this supernode", &self.attached_clients),
             ("koe_supernode_presence_records", "Presence records held", &self.records_held),
+            ("koe_supernode_offline_messages", "Offline messages kept for users who were offline", &self.offline_messages_held),
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Ordering::Relaxed));
         }
         let counters = [
             ("koe_supernode_presence_stored_total", "Presence records accepted", &self.records_stored),
+            ("koe_supernode_device_records_stored_total", "Device records accepted", &self.device_records_stored),
             ("koe_supernode_lookups_total", "User lookups served", &self.lookups),
             ("koe_supernode_envelopes_routed_total", "Envelopes delivered end to end", &self.envelopes_routed),
             ("koe_supernode_envelopes_undelivered_total", "Envelopes that could not be delivered", &self.envelopes_undelivered),

@@ -15,6 +15,11 @@
 //! | `DialBack` | client → parent: "can you reach my supernode here?" | `DialedBack` |
 //! | `Hello` | supernode → supernode it dialled: "I listen here" | `Welcome` / `Refused` |
 //! | `RelayCredentials` | client → parent: "which relay nodes may I use?" | `Relays` / `Refused` |
+//! | `PublishDevice` | client → parent: its long-lived device record | `Published` |
+//! | `LookupDevices` | client → parent: a user's device records, to seal offline messages | `Devices` |
+//! | `LeaveMessage` | client → parent: an offline message for a user | `Kept` / `NotKept` |
+//! | `Mailbox` | client → parent: fetch, acknowledge, block (signed by the owner's device) | `Mailbox` / `Stored` |
+//! | `StoreDevice`, `FetchDevices`, `KeepMessage`, `MailboxReplica` | parent → the supernodes near the user's index key (the same as for presence) | as above, per replica |
 
 use libp2p::identity::{ed25519, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
@@ -80,6 +85,32 @@ pub enum OverlayRequest {
     /// A supernode asks another to issue credentials on its relay for a client attached to it
     /// (the asker has checked the client's certificate). Refused from attached clients.
     RelayCredentialsFor { username: String },
+    PublishDevice {
+        #[serde(with = "serde_bytes_vec")]
+        record: Vec<u8>,
+    },
+    LookupDevices { username: String },
+    LeaveMessage {
+        #[serde(with = "serde_bytes_vec")]
+        message: Vec<u8>,
+    },
+    Mailbox {
+        #[serde(with = "serde_bytes_vec")]
+        command: Vec<u8>,
+    },
+    StoreDevice {
+        #[serde(with = "serde_bytes_vec")]
+        record: Vec<u8>,
+    },
+    FetchDevices { username: String },
+    KeepMessage {
+        #[serde(with = "serde_bytes_vec")]
+        message: Vec<u8>,
+    },
+    MailboxReplica {
+        #[serde(with = "serde_bytes_vec")]
+        command: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +137,14 @@ pub enum OverlayResponse {
     },
     /// Relay nodes the client may allocate on, with credentials (none if the parent has none).
     Relays { relays: Vec<RelayOffer> },
+    /// Device records of a user.
+    Devices { records: Vec<ByteString> },
+    /// An offline message kept by this many supernodes.
+    Kept { replicas: u32 },
+    /// An offline message no supernode kept, and why.
+    NotKept { refusal: crate::mailbox_store::Refusal },
+    /// Offline messages waiting for the asking device.
+    Mailbox { messages: Vec<ByteString> },
 }
 
 /// One relay node a client may use, with short-lived TURN credentials (RFC 8656 long-term

@@ -37,6 +37,8 @@ use crate::presence::{index_key, PresenceRecord};
 use crate::protocol::{peer_id_of, ByteString, OverlayRequest, OverlayResponse};
 use crate::swarm::{self, OverlayBehaviour, OverlayBehaviourEvent, SwarmError};
 
+mod offline;
+
 fn ip_of(address: &Multiaddr) -> Option<std::net::IpAddr> {
     address.iter().find_map(|protocol| match protocol {
         Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
@@ -74,6 +76,8 @@ pub struct SupernodeConfig {
     pub listen: Multiaddr,
     /// Supernodes to join through (multiaddrs ending in `/p2p/PEER`).
     pub bootstrap: Vec<Multiaddr>,
+    /// Where offline messages and device records are kept (SQLite); `None`: in memory only.
+    pub mailbox_file: Option<std::path::PathBuf>,
 }
 
 /// A client attached to this supernode.
@@ -117,6 +121,8 @@ struct Publish {
 enum QueryPurpose {
     Publish(u64),
     Lookup(u64),
+    /// An offline-message request to ask of every replica.
+    Fanout(u64),
 }
 
 #[derive(Debug)]
@@ -126,6 +132,8 @@ enum Outstanding {
     /// A Forward or Deliver whose answer goes back unchanged to whoever asked.
     Relay(ResponseChannel<OverlayResponse>),
     Hello,
+    /// A replica's answer to an offline-message request.
+    Fanout(u64),
     /// Another supernode's relay offers, to add to this node's own for a client.
     RelayOffers { own: Vec<crate::protocol::RelayOffer>, channel: ResponseChannel<OverlayResponse>, asked: Instant },
 }
@@ -166,6 +174,9 @@ pub struct Supernode {
     learn: mpsc::UnboundedSender<Vec<Multiaddr>>,
     /// When this node last said it is alone (none: it is not, or has not said so yet).
     alone_since_warning: Option<Instant>,
+    /// This node's share of offline messages and device records.
+    mailboxes: crate::mailbox_store::MailboxStore,
+    fanouts: HashMap<u64, offline::Fanout>,
 }
 
 /// Tells a running supernode about more supernodes (e.g. the network file changed).
@@ -195,6 +206,8 @@ impl std::fmt::Debug for Supernode {
 impl Supernode {
     /// Builds the node and starts listening; call [`Self::listening_address`] to learn where.
     pub fn new(config: SupernodeConfig) -> Result<Self, SwarmError> {
+        let mailboxes = offline::open_store(config.mailbox_file.as_deref())
+            .map_err(|e| SwarmError::Transport(format!("cannot open the offline-message store: {e}")))?;
         let mut swarm = swarm::build(&config.identity, true)?;
         let (learn, learned) = mpsc::unbounded_channel();
         swarm
@@ -223,7 +236,10 @@ impl Supernode {
             learned,
             learn,
             alone_since_warning: None,
+            mailboxes,
+            fanouts: HashMap::new(),
         };
+        node.update_mailbox_metrics();
         node.learn_bootstrap(config.bootstrap);
         Ok(node)
     }
@@ -372,6 +388,7 @@ impl Supernode {
                 _ = relay_offers_due.tick() => self.send_overdue_relay_offers(),
                 _ = sweep.tick() => {
                     self.index.expire(UnixTime::now());
+                    self.expire_mailboxes(UnixTime::now());
                     self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
                     self.lookup_cache.retain(|_, (at, _)| at.elapsed() < LOOKUP_CACHE_TTL);
                     let known = self.known_supernodes(crate::host_cache::MAX_HOSTS);
@@ -490,6 +507,7 @@ impl Supernode {
         match self.queries.remove(&id) {
             Some(QueryPurpose::Publish(operation)) => self.publish_to(operation, peers),
             Some(QueryPurpose::Lookup(operation)) => self.fetch_from(operation, peers),
+            Some(QueryPurpose::Fanout(operation)) => self.fanout_to(operation, peers),
             None => {}
         }
     }
@@ -614,6 +632,20 @@ impl Supernode {
                 }
                 None => self.refuse(channel, "attach first"),
             },
+            request @ (OverlayRequest::PublishDevice { .. }
+            | OverlayRequest::LookupDevices { .. }
+            | OverlayRequest::LeaveMessage { .. }
+            | OverlayRequest::Mailbox { .. }) => self.offline_request(peer, request, channel, now),
+            request @ (OverlayRequest::StoreDevice { .. }
+            | OverlayRequest::FetchDevices { .. }
+            | OverlayRequest::KeepMessage { .. }
+            | OverlayRequest::MailboxReplica { .. }) => {
+                if self.attached.contains_key(&peer) {
+                    return self.refuse(channel, "an attached client is not a supernode");
+                }
+                let answer = self.replica(&request, now);
+                self.respond(channel, answer);
+            }
             OverlayRequest::RelayCredentialsFor { username } => {
                 if self.attached.contains_key(&peer) {
                     return self.refuse(channel, "an attached client is not a supernode");
@@ -965,6 +997,7 @@ impl Supernode {
                 }
                 self.respond(channel, OverlayResponse::Relays { relays: own });
             }
+            Some(Outstanding::Fanout(operation)) => self.fanout_answered(operation, response),
             Some(Outstanding::Hello) => match response {
                 Some(OverlayResponse::Welcome { supernodes, .. }) => self.learn_supernodes(&supernodes),
                 // Typically this host sends from another address than the one it listens on

@@ -216,3 +216,49 @@ async fn supernode_announcements_are_only_taken_for_the_announcers_own_address()
     assert!(matches!(peer.ask(OverlayRequest::Attach { certificate, supernodes: vec![] }).await, OverlayResponse::Attached { .. }));
     assert!(refused(peer.ask(OverlayRequest::Hello { listen: own }).await).contains("not a supernode"));
 }
+
+/// Offline messages and mailboxes cannot be forged: a client may leave only its own messages
+/// and open only its own mailbox, and a replica refuses a message whose signature is not its
+/// sender's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_offline_messages_and_mailbox_commands_are_refused() {
+    use koe_overlay::mailbox::{CommandBody, MailboxAction, OfflineBody};
+    let network = TestNetwork::new();
+    let supernode = RunningSupernode::start(&network, vec![]).await;
+    let (alice, bob, mallory) = (DeviceKey::generate(), DeviceKey::generate(), DeviceKey::generate());
+    let now = UnixTime::now();
+    let bob_name = koe_types::Username::parse("bob").unwrap();
+    let envelope = |from: &DeviceKey, certificate: &koe_types::Certificate| {
+        koe_overlay::Envelope::seal(from, certificate, &bob_name, &bob.public_key(), &koe_overlay::EnvelopeKey::for_device(&bob).public(), b"hi", now)
+            .unwrap()
+            .to_bytes()
+    };
+    let alices_certificate = network.certificate("alice", &alice);
+    let alices = OfflineBody {
+        sender: alices_certificate.clone(),
+        recipient: bob_name.clone(),
+        id: [1; 16],
+        sent_at: now,
+        envelopes: vec![envelope(&alice, &alices_certificate)],
+    };
+
+    let mut peer = MisbehavingPeer::connect(&mallory, &supernode.address).await;
+    let own = network.certificate("mallory", &mallory).to_bytes();
+    assert!(matches!(peer.ask(OverlayRequest::Attach { certificate: own, supernodes: vec![] }).await, OverlayResponse::Attached { .. }));
+    // alice's message, signed by alice, left by mallory: refused.
+    let reason = refused(peer.ask(OverlayRequest::LeaveMessage { message: alices.clone().sign(&alice).to_bytes() }).await);
+    assert!(reason.contains("only leave its own"), "{reason}");
+    // alice's header signed by mallory's key: forged.
+    let reason = refused(peer.ask(OverlayRequest::LeaveMessage { message: alices.sign(&mallory).to_bytes() }).await);
+    assert!(reason.contains("not signed"), "{reason}");
+    assert_eq!(supernode.metrics.refused_count("offline_message", "forged"), 1);
+    // bob's mailbox opened with bob's certificate but mallory's signature: forged.
+    let command = CommandBody { certificate: network.certificate("bob", &bob), issued_at: now, action: MailboxAction::Fetch }.sign(&mallory);
+    refused(peer.ask(OverlayRequest::Mailbox { command: command.to_bytes() }).await);
+    // Honestly signed by bob, but over mallory's connection: not mallory's mailbox.
+    let command = CommandBody { certificate: network.certificate("bob", &bob), issued_at: now, action: MailboxAction::Fetch }.sign(&bob);
+    assert!(refused(peer.ask(OverlayRequest::Mailbox { command: command.to_bytes() }).await).contains("only open its own mailbox"));
+    // An attached client is no replica.
+    assert!(refused(peer.ask(OverlayRequest::FetchDevices { username: "bob".into() }).await).contains("not a supernode"));
+    assert_eq!(supernode.metrics.offline_messages_held.load(std::sync::atomic::Ordering::Relaxed), 0);
+}

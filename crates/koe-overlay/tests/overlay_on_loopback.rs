@@ -52,7 +52,7 @@ async fn twenty_clients_on_five_supernodes_find_and_reach_each_other() {
     // Chat between clients on different parents, delivered end to end.
     let (alice, bob) = (&clients[0], &clients[1]);
     assert_ne!(alice.parent.borrow().clone(), bob.parent.borrow().clone());
-    let outcome = alice.handle.send(bob.username.clone(), b"hello across the overlay".to_vec()).await;
+    let outcome = alice.handle.send(bob.username.clone(), b"hello across the overlay".to_vec(), false).await;
     assert_eq!(outcome, SendOutcome::Delivered { devices: 1 });
     {
         let received = bob.received.lock().unwrap();
@@ -68,13 +68,13 @@ async fn twenty_clients_on_five_supernodes_find_and_reach_each_other() {
         wait_findable(alice, device, Duration::from_secs(10)).await;
     }
     assert_eq!(alice.handle.lookup(laptop.username.clone()).await.unwrap().len(), 2);
-    let outcome = alice.handle.send(laptop.username.clone(), b"to every device".to_vec()).await;
+    let outcome = alice.handle.send(laptop.username.clone(), b"to every device".to_vec(), false).await;
     assert_eq!(outcome, SendOutcome::Delivered { devices: 2 });
     assert_eq!(laptop.received.lock().unwrap().len(), 1);
     assert_eq!(phone.received.lock().unwrap().len(), 1);
 
     // A user nobody has seen online.
-    let outcome = alice.handle.send(Username::parse("nobody").unwrap(), b"hi".to_vec()).await;
+    let outcome = alice.handle.send(Username::parse("nobody").unwrap(), b"hi".to_vec(), false).await;
     assert_eq!(outcome, SendOutcome::Offline);
 
     // Kill one supernode: its clients attach elsewhere and are findable again.
@@ -96,7 +96,7 @@ async fn twenty_clients_on_five_supernodes_find_and_reach_each_other() {
         })
         .await;
         eprintln!("{} findable through a new parent after {elapsed:?}", clients[i].username);
-        let outcome = observer.handle.send(clients[i].username.clone(), b"still there?".to_vec()).await;
+        let outcome = observer.handle.send(clients[i].username.clone(), b"still there?".to_vec(), false).await;
         assert_eq!(outcome, SendOutcome::Delivered { devices: 1 }, "{}", clients[i].username);
     }
     let total_refused: u64 = supernodes.iter().map(|s| s.metrics.refused_total()).sum();

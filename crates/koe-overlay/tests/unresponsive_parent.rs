@@ -63,7 +63,7 @@ async fn a_parent_that_swallows_requests_is_abandoned() {
     assert_eq!(alice.wait_attached(Duration::from_secs(10)).await, black_hole.to_string());
 
     let started = Instant::now();
-    let outcome = alice.handle.send(bob.username.clone(), b"are you there?".to_vec()).await;
+    let outcome = alice.handle.send(bob.username.clone(), b"are you there?".to_vec(), false).await;
     assert_eq!(outcome, SendOutcome::Delivered { devices: 1 }, "delivered through the honest supernode");
     assert_eq!(alice.parent.borrow().clone(), Some(honest.address.to_string()));
     eprintln!("delivered after {:?}, having abandoned the black hole", started.elapsed());

@@ -119,6 +119,15 @@ pub enum Command {
         #[arg(long, requires = "play")]
         hang_up_when_played: bool,
     },
+    /// Block a user: nothing from them reaches you, and they cannot leave offline messages
+    Block {
+        /// A username on this network
+        username: String,
+    },
+    /// Unblock a user
+    Unblock { username: String },
+    /// List the users you blocked
+    Blocked,
     /// Hang up the current call
     Hangup,
     /// Answer the ringing call; prints its summary when it ends

@@ -74,6 +74,7 @@ impl RunningSupernode {
             identity: identity.clone(),
             listen,
             bootstrap,
+            mailbox_file: None,
         })
         .unwrap();
         let address = node.listening_address().await;
@@ -136,7 +137,17 @@ impl RunningClient {
         supernodes: &[Multiaddr],
         status: Option<PresenceStatus>,
     ) -> Self {
-        let device = DeviceKey::generate();
+        Self::start_device(network, username, supernodes, DeviceKey::generate(), status).await
+    }
+
+    /// A client for this device (a device that comes back keeps its key).
+    pub async fn start_device(
+        network: &TestNetwork,
+        username: &str,
+        supernodes: &[Multiaddr],
+        device: DeviceKey,
+        status: Option<PresenceStatus>,
+    ) -> Self {
         let mut host_cache = HostCache::default();
         for address in supernodes {
             host_cache.learn(&address.to_string());
@@ -150,6 +161,7 @@ impl RunningClient {
             device_key: device.clone(),
             status,
             host_cache,
+            blocked: Vec::new(),
         })
         .unwrap();
         let task = tokio::spawn(node.run(std::future::pending()));
@@ -165,7 +177,7 @@ impl RunningClient {
                     ClientEvent::Detached { .. } => {
                         let _ = parent_sender.send(None);
                     }
-                    ClientEvent::Received { envelope, ack } => {
+                    ClientEvent::Received { envelope, ack, .. } => {
                         sink.lock().unwrap().push(*envelope);
                         let _ = ack.send(Ok(()));
                     }

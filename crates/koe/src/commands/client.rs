@@ -25,7 +25,7 @@ pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
     let mut supernode = None;
     if args.supernode == SupernodeMode::Always {
         let network = profile.resolve_network(None)?;
-        let (node, address, stun) = start_supernode(&network, node_identity(profile.home())?, args.node_listen, &[], None).await?;
+        let (node, address, stun) = start_supernode(&network, node_identity(profile.home())?, args.node_listen, &[], None, Some(profile.home())).await?;
         tracing::info!("serving as a supernode at {address}");
         preferred.push(address.to_string());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -336,7 +336,7 @@ impl DemoSupernodes {
         for _ in 0..count {
             let listen = SocketAddr::from(([127, 0, 0, 1], 0));
             let relay = RelayPlacement { listen: None, tls_listen: None, limits: &limits };
-            let (node, address, stun) = start_supernode(&network, DeviceKey::generate(), listen, &[], Some(relay)).await?;
+            let (node, address, stun) = start_supernode(&network, DeviceKey::generate(), listen, &[], Some(relay), None).await?;
             network.bootstrap.push(address.to_string());
             this.metrics.push(node.metrics());
             let (stop, stopped) = oneshot::channel::<()>();

@@ -55,6 +55,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             client::control(&profile()?, request).await
         }
         Command::Hangup => client::control(&profile()?, Request::Hangup).await,
+        Command::Block { username } => client::control(&profile()?, Request::Block { username }).await,
+        Command::Unblock { username } => client::control(&profile()?, Request::Unblock { username }).await,
+        Command::Blocked => client::control(&profile()?, Request::Blocked).await,
         Command::Answer { play, record } => {
             let request = Request::Answer { play: absolute(play)?, record: absolute(record)? };
             client::control(&profile()?, request).await

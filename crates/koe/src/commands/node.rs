@@ -24,6 +24,8 @@ use crate::profile::Profile;
 const NODE_KEY_FILE: &str = "node.key";
 /// Supernodes this node knew when it last ran, so it can rejoin without the network file's list.
 const NODE_HOST_CACHE_FILE: &str = "supernodes.json";
+/// The offline messages and device records a supernode keeps for users (SQLite).
+const NODE_MAILBOX_FILE: &str = "mailboxes.db";
 /// How often a running supernode reads its network file again for new bootstrap supernodes.
 const NETWORK_FILE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -81,12 +83,14 @@ pub async fn start_supernode(
     listen: SocketAddr,
     remembered: &[String],
     relay: Option<RelayPlacement<'_>>,
+    home: Option<&Path>,
 ) -> Result<(Supernode, Multiaddr, BesideSupernode)> {
     let mut node = Supernode::new(SupernodeConfig {
         network: network.clone(),
         identity,
         listen: socket_multiaddr(listen),
         bootstrap: bootstrap_addresses(network, remembered),
+        mailbox_file: home.map(|home| home.join(NODE_MAILBOX_FILE)),
     })?;
     let address = node.listening_address().await;
     let port = tcp_port(&address.to_string()).unwrap_or(listen.port());
@@ -158,7 +162,7 @@ pub async fn run(home: Option<std::path::PathBuf>, args: NodeArgs, shutdown: imp
     let identity = node_identity(profile.home())?;
     let remembered = remembered_supernodes(profile.home());
     let relay = (!args.no_relay).then_some(RelayPlacement { listen: args.relay_listen, tls_listen: args.relay_tls_listen, limits: &args.relay });
-    let (node, address, beside) = start_supernode(&network, identity, args.listen, &remembered, relay).await?;
+    let (node, address, beside) = start_supernode(&network, identity, args.listen, &remembered, relay, Some(profile.home())).await?;
     // The first line on stdout is the address, for scripts and `koe network add-bootstrap`.
     report(&address.to_string());
     if let Some(relay) = &beside.relay {

@@ -24,6 +24,7 @@ pub fn response(me: Option<&str>, response: &Response) -> Result<String, String>
         }
         Response::StatusSet { status } => format!("status set to {status}"),
         Response::Delivered { to, devices } => delivered(to, *devices),
+        Response::Kept { to, replicas } => kept(to, *replicas),
         Response::ContactAdded { username, accepted, delivery } => {
             let verb = if *accepted { "accepted" } else { "contact request" };
             format!("{verb}: {}", delivery_text(username, delivery))
@@ -63,6 +64,10 @@ pub fn response(me: Option<&str>, response: &Response) -> Result<String, String>
         }
         Response::CallEnded => String::new(),
         Response::Declined { from } => format!("declined the call from {from}"),
+        Response::Blocked { username, blocked: true } => format!("blocked {username}: nothing from them reaches you"),
+        Response::Blocked { username, blocked: false } => format!("unblocked {username}"),
+        Response::BlockList { blocked } if blocked.is_empty() => "nobody is blocked".into(),
+        Response::BlockList { blocked } => blocked.join("\n"),
         Response::HungUp => "hung up".into(),
         Response::Muted { on: true } => "muted: the other side hears silence (koe mute off to undo)".into(),
         Response::Muted { on: false } => "unmuted".into(),
@@ -78,9 +83,14 @@ fn delivered(to: &str, devices: usize) -> String {
     }
 }
 
+fn kept(to: &str, replicas: u32) -> String {
+    format!("{to} is offline: it waits for them, sealed, on {replicas} supernode(s), and arrives when they come online")
+}
+
 fn delivery_text(to: &str, delivery: &Delivery) -> String {
     match delivery {
         Delivery::Delivered { devices } => delivered(to, *devices),
+        Delivery::Kept { replicas } => kept(to, *replicas),
         Delivery::Undelivered { why } => ApiError::NotDelivered { username: to.into(), why: Box::new(why.clone()) }.to_string(),
     }
 }

@@ -89,6 +89,11 @@ pub enum Request {
     Mute { on: bool },
     /// The call history, newest last.
     Calls { limit: usize },
+    /// Nothing from this user reaches you; they cannot leave offline messages.
+    Block { username: String },
+    Unblock { username: String },
+    /// Who is blocked.
+    Blocked,
     /// Stops the daemon (`koe down`, `koe logout`): it withdraws its presence and exits.
     Shutdown,
     /// Streams every [`Event`] from now on, until the asker hangs up; never answered.
@@ -131,6 +136,8 @@ pub struct DeviceView {
 pub enum MessageState {
     Sending,
     Delivered,
+    /// Kept in the recipient's mailbox until a device of theirs comes online.
+    Waiting,
     Undelivered,
     Received,
 }
@@ -140,6 +147,7 @@ impl MessageState {
         match self {
             Self::Sending => "sending",
             Self::Delivered => "delivered",
+            Self::Waiting => "waiting",
             Self::Undelivered => "undelivered",
             Self::Received => "received",
         }
@@ -149,6 +157,7 @@ impl MessageState {
         match text {
             "sending" => Self::Sending,
             "delivered" => Self::Delivered,
+            "waiting" => Self::Waiting,
             "received" => Self::Received,
             _ => Self::Undelivered,
         }
@@ -212,6 +221,9 @@ pub enum Response {
     StatusSet { status: Availability },
     /// A chat message delivered to this many devices.
     Delivered { to: String, devices: usize },
+    /// A chat message for a user with no device online, kept (sealed) by this many
+    /// supernodes until one comes online.
+    Kept { to: String, replicas: u32 },
     /// A contact request sent, or (they had asked) their request accepted, and whether it
     /// reached them now.
     ContactAdded { username: String, accepted: bool, delivery: Delivery },
@@ -224,6 +236,8 @@ pub enum Response {
     /// A call placed or answered has ended (its lines came as events).
     CallEnded,
     Declined { from: String },
+    Blocked { username: String, blocked: bool },
+    BlockList { blocked: Vec<String> },
     HungUp,
     Muted { on: bool },
     Stopping,
@@ -235,6 +249,8 @@ pub enum Response {
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Delivery {
     Delivered { devices: usize },
+    /// Nobody online: kept by this many supernodes for when a device comes online.
+    Kept { replicas: u32 },
     Undelivered { why: ApiError },
 }
 
@@ -254,6 +270,9 @@ pub enum ApiError {
     NotDelivered { username: String, why: Box<ApiError> },
     #[error("{reason}")]
     Undeliverable { reason: String },
+    /// Offline, and their mailbox would not keep it.
+    #[error("{username} is offline and the message cannot wait for them: {refusal}")]
+    NotKept { username: String, refusal: koe_overlay::mailbox_store::Refusal },
     #[error("{reason}")]
     Invalid { reason: String },
     #[error("no call to hang up")]

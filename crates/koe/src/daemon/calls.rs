@@ -620,10 +620,18 @@ async fn dial(
         Ok(devices) if !devices.is_empty() => devices.len(),
         outcome => {
             media.release();
-            return Err(match outcome {
+            let why = match outcome {
                 Err(error) => ApiError::failed(error),
                 Ok(_) => state.absence(to).await,
-            });
+            };
+            if matches!(why, ApiError::Offline { .. }) {
+                // They see it when they come online, as Skype showed missed calls.
+                let missed = Payload::MissedCall { at: UnixTime::now().as_secs() };
+                if let Delivery::Undelivered { why } = state.send(to, &missed).await {
+                    info!(%why, "no missed call left for the user called");
+                }
+            }
+            return Err(why);
         }
     };
     let CallNetwork { socket, mut session, streams } = media;

@@ -32,7 +32,18 @@ CREATE TABLE IF NOT EXISTS calls (
     ended TEXT NOT NULL,
     path TEXT,
     mos REAL
+);
+CREATE TABLE IF NOT EXISTS taken (
+    id BLOB PRIMARY KEY NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blocked (
+    username TEXT PRIMARY KEY NOT NULL,
+    at INTEGER NOT NULL
 );";
+
+/// Columns added after the first release, for databases made before them.
+const MIGRATIONS: &[(&str, &str)] = &[("messages", "uid TEXT")];
 
 pub use super::api::ContactState;
 use super::api::{MessageState, MessageView};
@@ -98,15 +109,67 @@ impl History {
             .with_context(|| format!("cannot open the history database {}", path.display()))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.execute_batch(SCHEMA).context("cannot set up the history database")?;
+        for (table, column) in MIGRATIONS {
+            let name = column.split_whitespace().next().unwrap_or_default();
+            let present: bool = connection
+                .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+                .exists(params![name])?;
+            if !present {
+                connection.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column}"))?;
+            }
+        }
         Ok(Self { connection })
     }
 
-    pub fn add_message(&self, peer: &str, incoming: bool, body: &str, at: UnixTime, state: MessageState) -> Result<i64> {
+    /// Adds a message; `uid` is the sender's id for it, which a receipt names.
+    pub fn add_message(&self, peer: &str, incoming: bool, body: &str, at: UnixTime, state: MessageState, uid: Option<&str>) -> Result<i64> {
         self.connection.execute(
-            "INSERT INTO messages (peer, incoming, body, at, status) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![peer, incoming, body, at.as_secs() as i64, state.as_str()],
+            "INSERT INTO messages (peer, incoming, body, at, status, uid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![peer, incoming, body, at.as_secs() as i64, state.as_str(), uid],
         )?;
         Ok(self.connection.last_insert_rowid())
+    }
+
+    /// `peer` has the messages sent to them with these ids: they are delivered.
+    pub fn delivered(&self, peer: &str, uids: &[String]) -> Result<usize> {
+        let mut changed = 0;
+        for uid in uids {
+            changed += self.connection.execute(
+                "UPDATE messages SET status = ?3 WHERE peer = ?1 AND uid = ?2 AND incoming = 0",
+                params![peer, uid, MessageState::Delivered.as_str()],
+            )?;
+        }
+        Ok(changed)
+    }
+
+    /// Records that a message from a mailbox was taken; false if it was taken before (a
+    /// replay: the mailbox replicas can offer a message again, and a malicious one might).
+    pub fn take_once(&self, id: &[u8; 16], now: UnixTime) -> Result<bool> {
+        let horizon = now.saturating_sub(koe_overlay::mailbox::OFFLINE_MESSAGE_LIFETIME + std::time::Duration::from_secs(86_400));
+        self.connection.execute("DELETE FROM taken WHERE at < ?1", params![horizon.as_secs() as i64])?;
+        Ok(self.connection.execute("INSERT OR IGNORE INTO taken (id, at) VALUES (?1, ?2)", params![id.to_vec(), now.as_secs() as i64])? > 0)
+    }
+
+    pub fn block(&self, username: &str, blocked: bool) -> Result<bool> {
+        let changed = if blocked {
+            self.connection.execute(
+                "INSERT OR IGNORE INTO blocked (username, at) VALUES (?1, ?2)",
+                params![username, UnixTime::now().as_secs() as i64],
+            )?
+        } else {
+            self.connection.execute("DELETE FROM blocked WHERE username = ?1", params![username])?
+        };
+        Ok(changed > 0)
+    }
+
+    pub fn blocked(&self) -> Result<Vec<String>> {
+        let mut statement = self.connection.prepare("SELECT username FROM blocked ORDER BY username")?;
+        let blocked = statement.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        Ok(blocked)
+    }
+
+    pub fn is_blocked(&self, username: &str) -> Result<bool> {
+        Ok(self.connection.prepare("SELECT 1 FROM blocked WHERE username = ?1")?.exists(params![username])?)
     }
 
     pub fn set_message_state(&self, id: i64, state: MessageState) -> Result<()> {

@@ -42,13 +42,40 @@ const EVENT_BACKLOG: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Payload {
-    Chat { text: String },
+    Chat {
+        text: String,
+        /// The sender's id for it, which a receipt names.
+        #[serde(default)]
+        id: Option<String>,
+    },
     ContactRequest,
     ContactAccept,
     ContactDecline,
     ContactRemoved,
     /// Call signalling (offer, ringing, answer, …), for the call it names.
     Call { signal: koe_call::CallSignal },
+    /// A call rang while this user was offline (Unix seconds).
+    MissedCall { at: u64 },
+    /// Messages that waited in a mailbox have reached the recipient (their ids).
+    Receipt { ids: Vec<String> },
+}
+
+impl Payload {
+    /// Whether it waits in the recipient's mailbox when no device of theirs is online. Call
+    /// signals do not: a call is now or never (a missed call is left instead).
+    fn waits_for_recipient(&self) -> bool {
+        !matches!(self, Self::Call { .. })
+    }
+}
+
+/// What a received envelope asks of the daemon beyond storing it.
+#[derive(Debug)]
+pub enum Received {
+    Nothing,
+    /// A call signal, for the calls to act on.
+    CallSignal(Username, koe_call::CallSignal),
+    /// A chat message that waited in a mailbox: tell its sender it arrived.
+    Receipt(Username, String),
 }
 
 /// Shared by the control connections and the event loop.
@@ -106,8 +133,10 @@ impl DaemonState {
     /// whether `to` exists at all, so the answer can be "no such user" rather than "offline".
     async fn send(&self, to: &Username, payload: &Payload) -> Delivery {
         let bytes = serde_json::to_vec(payload).unwrap_or_default();
-        match self.client.send(to.clone(), bytes).await {
+        match self.client.send(to.clone(), bytes, payload.waits_for_recipient()).await {
             SendOutcome::Delivered { devices } => Delivery::Delivered { devices },
+            SendOutcome::Kept { replicas } => Delivery::Kept { replicas },
+            SendOutcome::NotKept(refusal) => Delivery::Undelivered { why: ApiError::NotKept { username: to.to_string(), refusal } },
             SendOutcome::Offline => Delivery::Undelivered { why: self.absence(to).await },
             SendOutcome::Undelivered { reason } => Delivery::Undelivered { why: ApiError::Undeliverable { reason } },
         }
@@ -144,22 +173,35 @@ impl DaemonState {
 
     /// Stores what arrived; the sender hears "delivered" only if this succeeds. A call
     /// signal is handed back for the calls to act on.
-    pub fn receive(&self, envelope: &OpenedEnvelope) -> Result<Option<(Username, koe_call::CallSignal)>, String> {
+    pub fn receive(&self, envelope: &OpenedEnvelope, from_mailbox: bool) -> Result<Received, String> {
         let from = envelope.sender.username().clone();
-        let payload: Payload =
-            serde_json::from_slice(&envelope.payload).map_err(|e| format!("unreadable message: {e}"))?;
-        if let Payload::Call { signal } = payload {
-            return Ok(Some((from, signal)));
-        }
         let name = from.to_string();
         let history = self.history().map_err(|e| e.to_string())?;
+        if history.is_blocked(&name).map_err(|e| e.to_string())? {
+            // Never shown, never stored. From a mailbox it may go; live, the sender hears
+            // only that it was not delivered.
+            info!(%from, "something from a blocked user was dropped");
+            return if from_mailbox { Ok(Received::Nothing) } else { Err("not accepted".into()) };
+        }
+        if from_mailbox && !history.take_once(&envelope.message_id, UnixTime::now()).map_err(|e| e.to_string())? {
+            info!(%from, "a message from the mailbox was taken before (replayed); dropped");
+            return Ok(Received::Nothing);
+        }
+        let payload: Payload =
+            serde_json::from_slice(&envelope.payload).map_err(|e| format!("unreadable message: {e}"))?;
+        let mut then = Received::Nothing;
         let (result, event) = match payload {
-            Payload::Chat { text } => {
+            Payload::Call { signal } if !from_mailbox => return Ok(Received::CallSignal(from, signal)),
+            Payload::Call { .. } => (Ok(()), None),
+            Payload::Chat { text, id } => {
                 // The text is private: it goes to the history and to `koe events`, never to
                 // the log.
-                info!(%from, "message received");
+                info!(%from, from_mailbox, "message received");
                 let at = envelope.timestamp.as_secs();
-                let stored = history.add_message(&name, true, &text, envelope.timestamp, MessageState::Received).map(drop);
+                let stored = history.add_message(&name, true, &text, envelope.timestamp, MessageState::Received, id.as_deref()).map(drop);
+                if let (true, Some(id)) = (from_mailbox, id) {
+                    then = Received::Receipt(from.clone(), id);
+                }
                 (stored, Some(Event::Message { from: name, text, at }))
             }
             Payload::ContactRequest => match history.contact(&name) {
@@ -173,13 +215,26 @@ impl DaemonState {
             Payload::ContactAccept => (history.set_contact(&name, ContactState::Accepted), Some(Event::ContactAccepted { from: name })),
             Payload::ContactDecline => (history.set_contact(&name, ContactState::Declined), Some(Event::ContactDeclined { from: name })),
             Payload::ContactRemoved => (history.remove_contact(&name).map(drop), None),
-            Payload::Call { .. } => (Ok(()), None),
+            Payload::MissedCall { at } => {
+                let record = history::CallRecord {
+                    call_id: hex(&envelope.message_id),
+                    peer: name.clone(),
+                    incoming: true,
+                    started_at: UnixTime(at),
+                    talked_ms: None,
+                    ended: "missed (you were offline)".into(),
+                    path: None,
+                    mos: None,
+                };
+                (history.add_call(&record), Some(Event::MissedCall { from: name, at }))
+            }
+            Payload::Receipt { ids } => (history.delivered(&name, &ids).map(drop), None),
         };
         result.map_err(|e| e.to_string())?;
         if let Some(event) = event {
             self.publish(event);
         }
-        Ok(None)
+        Ok(then)
     }
 
     /// Looks up accepted contacts and remembers how they appear; changes go to `koe events`.
@@ -245,7 +300,7 @@ async fn promote_when_ready(state: Arc<DaemonState>, network: NetworkFile, promo
     loop {
         let attempt = async {
             let identity = crate::commands::node::node_identity(&state.home).map_err(|e| e.to_string())?;
-            let (node, address, stun) = crate::commands::node::start_supernode(&network, identity, promotion.listen, &[], None)
+            let (node, address, stun) = crate::commands::node::start_supernode(&network, identity, promotion.listen, &[], None, Some(&state.home))
                 .await
                 .map_err(|e| e.to_string())?;
             // The supernode must be running to answer the parent's dial-back.
@@ -320,6 +375,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         certificate: certificate.clone(),
         status: options.status,
         host_cache,
+        blocked: history.blocked()?.iter().filter_map(|name| Username::parse_existing(name).ok()).collect(),
     })?;
     let (stop_node, node_stopped) = tokio::sync::oneshot::channel::<()>();
     let node_task = tokio::spawn(node.run(async {
@@ -427,11 +483,16 @@ fn handle_event(state: &Arc<DaemonState>, event: ClientEvent) {
                 state.publish(Event::Unreachable { reason });
             }
         }
-        ClientEvent::Received { envelope, ack } => match state.receive(&envelope) {
-            Ok(call_signal) => {
+        ClientEvent::Received { envelope, ack, from_mailbox } => match state.receive(&envelope, from_mailbox) {
+            Ok(then) => {
                 let _ = ack.send(Ok(()));
-                if let Some((from, signal)) = call_signal {
-                    calls::on_signal(state, from, signal);
+                match then {
+                    Received::CallSignal(from, signal) => calls::on_signal(state, from, signal),
+                    Received::Receipt(to, id) => {
+                        let state = Arc::clone(state);
+                        tokio::spawn(async move { state.send(&to, &Payload::Receipt { ids: vec![id] }).await });
+                    }
+                    Received::Nothing => {}
                 }
             }
             Err(error) => {
@@ -454,4 +515,9 @@ fn save_host_cache(home: &Path, cache: &HostCache) {
     if let Ok(bytes) = serde_json::to_vec_pretty(cache) {
         let _ = koe_auth::private_file::replace_private_file(&home.join(HOST_CACHE_FILE), &bytes);
     }
+}
+
+/// Bytes as lowercase hexadecimal (ids in the history).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

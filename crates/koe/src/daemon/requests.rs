@@ -134,6 +134,9 @@ async fn dispatch(state: &Arc<DaemonState>, request: Request, progress: Progress
             0 => Err(ApiError::NoCallInProgress),
             _ => Ok(Response::Muted { on }),
         },
+        Request::Block { username } => block(state, &user(&username)?, true).await,
+        Request::Unblock { username } => block(state, &user(&username)?, false).await,
+        Request::Blocked => Ok(Response::BlockList { blocked: state.history()?.blocked().map_err(ApiError::failed)? }),
         Request::Shutdown => {
             state.stop.notify_one();
             Ok(Response::Stopping)
@@ -198,18 +201,23 @@ async fn chat(state: &DaemonState, to: &Username, text: String) -> Result<Respon
     if text.chars().count() > MAX_CHAT_CHARS {
         return Err(ApiError::invalid(format!("message longer than {MAX_CHAT_CHARS} characters: nothing sent")));
     }
+    let mut uid = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut uid);
+    let uid = super::hex(&uid);
     let id = state
         .history()?
-        .add_message(to.as_str(), false, &text, UnixTime::now(), MessageState::Sending)
+        .add_message(to.as_str(), false, &text, UnixTime::now(), MessageState::Sending, Some(&uid))
         .map_err(ApiError::failed)?;
-    let delivery = state.send(to, &Payload::Chat { text }).await;
+    let delivery = state.send(to, &Payload::Chat { text, id: Some(uid) }).await;
     let stored = match &delivery {
         Delivery::Delivered { .. } => MessageState::Delivered,
+        Delivery::Kept { .. } => MessageState::Waiting,
         Delivery::Undelivered { .. } => MessageState::Undelivered,
     };
     state.history()?.set_message_state(id, stored).map_err(ApiError::failed)?;
     match delivery {
         Delivery::Delivered { devices } => Ok(Response::Delivered { to: to.to_string(), devices }),
+        Delivery::Kept { replicas } => Ok(Response::Kept { to: to.to_string(), replicas }),
         Delivery::Undelivered { why } => Err(ApiError::NotDelivered { username: to.to_string(), why: Box::new(why) }),
     }
 }
@@ -312,4 +320,20 @@ async fn answer(state: &DaemonState, play: Option<String>, record: Option<String
         Ok(Err(error)) => Err(error),
         Err(_) => Err(ApiError::failed("the call ended before it could be answered")),
     }
+}
+
+/// `koe block` / `koe unblock`: kept in the history database and sent to the mailbox replicas,
+/// which then refuse (and drop) what the user leaves.
+async fn block(state: &DaemonState, them: &Username, blocked: bool) -> Result<Response, ApiError> {
+    if blocked && them == &state.me {
+        return Err(ApiError::invalid("you cannot block yourself"));
+    }
+    let list = {
+        let history = state.history()?;
+        history.block(them.as_str(), blocked).map_err(ApiError::failed)?;
+        history.blocked().map_err(ApiError::failed)?
+    };
+    let list = list.iter().filter_map(|name| Username::parse_existing(name).ok()).collect();
+    state.client.set_blocked(list).await.map_err(ApiError::failed)?;
+    Ok(Response::Blocked { username: them.to_string(), blocked })
 }

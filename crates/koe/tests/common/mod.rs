@@ -190,12 +190,17 @@ impl KoeProcess {
 
     /// `koe node` whose relay node listens on `relay_ip`.
     pub fn node_relaying_on(home: &Path, network_file: &Path, relay_ip: &str) -> Self {
+        Self::node_at(home, network_file, relay_ip, free_port())
+    }
+
+    /// `koe node` on this TCP port (a restarted node comes back where it was).
+    pub fn node_at(home: &Path, network_file: &Path, relay_ip: &str, port: u16) -> Self {
         let mut child = koe()
             .arg("--home")
             .arg(home)
             .args(["node", "--network"])
             .arg(network_file)
-            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--relay-listen", &format!("{relay_ip}:0"), "--relay-tls-listen", &format!("{relay_ip}:0")])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
