@@ -295,6 +295,8 @@ pub struct ClientNode {
     to_acknowledge: Vec<crate::mailbox::MessageId>,
     /// The block list and its sequence (0: never set).
     blocked: (u64, Vec<Username>),
+    /// Lines about peers' bad input, a few a minute.
+    log_budget: crate::log_budget::LogBudget,
     commands: mpsc::Receiver<ClientCommand>,
     events: mpsc::Sender<ClientEvent>,
 }
@@ -345,6 +347,7 @@ impl ClientNode {
             mailbox_in_flight: HashMap::new(),
             to_acknowledge: Vec::new(),
             blocked,
+            log_budget: crate::log_budget::LogBudget::default(),
             commands,
             events,
         };
@@ -686,7 +689,9 @@ impl ClientNode {
                 UnixTime::now(),
             )
             .map_err(|error| {
-                warn!(%error, "envelope refused");
+                if let Some(suppressed) = self.log_budget.allow(Instant::now()) {
+                    warn!(%error, suppressed, "envelope refused");
+                }
                 error.to_string()
             })
     }

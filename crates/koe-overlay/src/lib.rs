@@ -11,6 +11,7 @@ pub mod client;
 pub mod envelope;
 pub mod host_cache;
 pub mod index;
+pub mod log_budget;
 pub mod mailbox;
 pub mod mailbox_store;
 pub mod presence;

@@ -177,6 +177,8 @@ pub struct Supernode {
     /// This node's share of offline messages and device records.
     mailboxes: crate::mailbox_store::MailboxStore,
     fanouts: HashMap<u64, offline::Fanout>,
+    /// Lines about peers' bad input, a few a minute.
+    log_budget: std::sync::Mutex<crate::log_budget::LogBudget>,
 }
 
 /// Tells a running supernode about more supernodes (e.g. the network file changed).
@@ -238,6 +240,7 @@ impl Supernode {
             alone_since_warning: None,
             mailboxes,
             fanouts: HashMap::new(),
+            log_budget: std::sync::Mutex::default(),
         };
         node.update_mailbox_metrics();
         node.learn_bootstrap(config.bootstrap);
@@ -741,7 +744,10 @@ impl Supernode {
     fn validate(&self, bytes: &[u8], now: UnixTime) -> Result<PresenceRecord, String> {
         PresenceRecord::decode_verified(bytes, &self.network.name, &self.network.signing_key, now).map_err(|error| {
             self.metrics.refused("presence", error.reason());
-            warn!(%error, "presence record refused");
+            let allowed = self.log_budget.lock().ok().and_then(|mut budget| budget.allow(Instant::now()));
+            if let Some(suppressed) = allowed {
+                warn!(%error, suppressed, "presence record refused");
+            }
             error.to_string()
         })
     }

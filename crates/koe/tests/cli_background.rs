@@ -94,10 +94,16 @@ fn koe_up_detach_runs_in_the_background_until_koe_down_or_logout() {
     let said = ok(run(alice, &["logout"], ""));
     assert!(said.contains("Stopped the running client") && said.contains("Logged out"), "{said}");
     assert!(common::fails(run(alice, &["status"], "")).contains("not running"));
-    // Detached, a start that cannot work says why and fails.
+    // Signed out, the client still runs: it says so, answers "not logged in", keeps the
+    // history readable, and goes online by itself once the user logs in.
     let output = run(alice, &["up", "--detach"], "");
-    assert!(!output.status.success());
-    assert!(common::stderr(&output).contains("not logged in"), "{}", common::stderr(&output));
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    assert!(common::stderr(&output).contains("not logged in: run `koe login USER`"), "{}", common::stderr(&output));
+    assert!(common::fails(run(alice, &["status"], "")).contains("not logged in: koe login USER"));
+    assert!(ok(run(alice, &["calls"], "")).contains("no calls"));
+    ok(run(alice, &["login", "alice", "--password-stdin"], "a good password\n"));
+    wait_until(Duration::from_secs(15), || stdout(&run(alice, &["status"], "")).contains("me:          alice (online)"));
+    assert!(ok(run(alice, &["down"], "")).contains("koe stopped"));
 }
 
 #[test]

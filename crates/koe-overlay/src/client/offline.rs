@@ -63,7 +63,9 @@ impl ClientNode {
             let message = match OfflineMessage::decode_verified(&bytes.0, &self.config.network.name, &self.config.network.signing_key, now) {
                 Ok(message) => message,
                 Err(error) => {
-                    warn!(%error, "a parent returned an offline message that does not verify");
+                    if let Some(suppressed) = self.log_budget.allow(Instant::now()) {
+                        warn!(%error, suppressed, "a parent returned an offline message that does not verify");
+                    }
                     continue;
                 }
             };

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{ContactsCommand, SupernodeMode, UpArgs};
-use crate::daemon::api::{Request, Response};
+use crate::daemon::api::{ApiError, Request, Response};
 use crate::daemon::control::{ask, ask_streaming, ControlError};
 use crate::daemon::{self, DaemonOptions, Promotion};
 use crate::profile::Profile;
@@ -75,7 +75,7 @@ fn detach(profile: &Profile) -> Result<()> {
     let mut said = Vec::new();
     for line in std::io::BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
-        let first_news = line.contains(" is online") || line.contains("cannot reach any supernode");
+        let first_news = line.contains(" is online") || line.contains("cannot reach any supernode") || line.contains("goes online when you do");
         said.push(line);
         if first_news {
             for line in &said {
@@ -211,8 +211,11 @@ pub async fn echo_bot(profile: Profile, listen: std::time::Duration) -> Result<(
 /// profile's database when the client is not running.
 pub async fn control(profile: &Profile, request: Request) -> Result<()> {
     let response = match ask_streaming(profile.home(), &request, |event| print_line(&super::render::event(&event))).await {
+        // The history is on this device, whether the client runs or is signed in or not.
+        Ok(Response::Failed(ApiError::NotLoggedIn)) | Err(ControlError::NotRunning { .. }) if history_request(&request) => {
+            read_history(profile, &request)?
+        }
         Ok(response) => response,
-        Err(ControlError::NotRunning { .. }) if history_request(&request) => read_history(profile, &request)?,
         Err(error) => return Err(error.into()),
     };
     let me = profile.certificate().ok().flatten().map(|c| c.username().to_string());

@@ -8,6 +8,7 @@ pub mod calls;
 pub mod control;
 pub mod history;
 pub mod requests;
+mod signed_out;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -340,18 +341,7 @@ async fn promote_when_ready(state: Arc<DaemonState>, network: NetworkFile, promo
 }
 
 pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    let network = profile.network()?.context("this profile has no network: run `koe login USER --network FILE`")?;
-    let certificate = match profile.fresh_certificate(false).await? {
-        CertificateStatus::NotLoggedIn => bail!("not logged in: run `koe login USER` first"),
-        CertificateStatus::Expired(certificate) => {
-            bail!("the certificate expired at {}: run `koe login {}`", certificate.not_after(), certificate.username())
-        }
-        CertificateStatus::Valid(c) | CertificateStatus::Renewed(c) => c,
-        CertificateStatus::RenewalFailed(c, reason) => {
-            warn!(%reason, "certificate renewal failed; continuing with the current one");
-            c
-        }
-    };
+    profile.network()?.context("this profile has no network: run `koe login USER --network FILE`")?;
     let home = profile.home().to_path_buf();
     let socket_path = home.join(CONTROL_SOCKET);
     if tokio::net::UnixStream::connect(&socket_path).await.is_ok() {
@@ -360,6 +350,24 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path)
         .with_context(|| format!("cannot create the control socket {}", socket_path.display()))?;
+    tokio::pin!(shutdown);
+    let certificate = loop {
+        let why = match profile.fresh_certificate(false).await? {
+            CertificateStatus::Valid(c) | CertificateStatus::Renewed(c) => break c,
+            CertificateStatus::RenewalFailed(c, reason) => {
+                warn!(%reason, "certificate renewal failed; continuing with the current one");
+                break c;
+            }
+            CertificateStatus::NotLoggedIn => "not logged in: run `koe login USER`".to_string(),
+            CertificateStatus::Expired(c) => format!("the certificate expired at {}: run `koe login {}`", c.not_after(), c.username()),
+        };
+        if !signed_out::wait_for_login(&profile, &listener, &why, options.notices_on_stderr, &mut shutdown).await {
+            let _ = std::fs::remove_file(&socket_path);
+            return Ok(());
+        }
+    };
+    // A login may have named another network file.
+    let network = profile.network()?.context("this profile has no network: run `koe login USER --network FILE`")?;
 
     let history = History::open(&home.join(HISTORY_FILE))?;
     let mut host_cache = load_host_cache(&home);
@@ -404,7 +412,6 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         .map(|promotion| tokio::spawn(promote_when_ready(Arc::clone(&state), network.clone(), promotion)));
     info!("{me} on network {:?}; attaching to a supernode…", network.name.as_str());
 
-    tokio::pin!(shutdown);
     let mut watch = tokio::time::interval(CONTACT_WATCH_INTERVAL);
     let mut renewal = tokio::time::interval(RENEWAL_CHECK_INTERVAL);
     let mut current_certificate = certificate;
