@@ -35,8 +35,11 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Error)]
 pub enum LoginClientError {
-    #[error("cannot reach the login server at {url}: {source}")]
-    Connect { url: String, source: std::io::Error },
+    /// No connection: the login server's own refusal or silence when no proxy applies, the
+    /// proxy's failure (naming the proxy) when one does. The reason is in the message, not a
+    /// `source`, so a printed chain says it once.
+    #[error("cannot reach the login server at {url}: {reason}")]
+    Connect { url: String, reason: koe_proxy::ConnectError },
     #[error(
         "the login server at {url} presented TLS certificate {found}, but the network file pins \
          {expected}: this is not your network's login server, or your network file is out of date"
@@ -254,9 +257,9 @@ impl LoginClient {
         // Through the HTTP proxy when one is configured (`koe --proxy`, HTTPS_PROXY).
         let tcp = koe_proxy::connect(&login_url.host, login_url.port)
             .await
-            .map_err(|error| LoginClientError::Connect {
+            .map_err(|reason| LoginClientError::Connect {
                 url: url.clone(),
-                source: std::io::Error::other(error),
+                reason,
             })?;
         let _ = tcp.set_nodelay(true);
         let expected = self.network.login_tls_fingerprint;

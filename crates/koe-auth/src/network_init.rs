@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use koe_types::network::LoginUrl;
-use koe_types::{NetworkFile, NetworkName, NetworkSigningKey};
+use koe_types::{NetworkFile, NetworkFileError, NetworkName, NetworkSigningKey};
 use thiserror::Error;
 
 use crate::private_file::{io_error, read_private_file, write_private_file, FileError};
@@ -35,6 +35,31 @@ pub enum NetworkInitError {
     Mismatch(String),
     #[error("could not create the TLS certificate: {0}")]
     Certificate(String),
+    /// A network file that cannot be read or says something wrong. The message names the file
+    /// once and then the reason; the reason is not also a `source`, which a printed chain
+    /// (anyhow's `{:#}`) would repeat.
+    #[error("network file {path}: {reason}")]
+    NetworkFile { path: PathBuf, reason: NetworkFileProblem },
+}
+
+/// Why a network file could not be used.
+#[derive(Debug, Error)]
+pub enum NetworkFileProblem {
+    #[error("{0}")]
+    Unreadable(std::io::Error),
+    #[error("{0}")]
+    Invalid(NetworkFileError),
+}
+
+impl NetworkInitError {
+    /// Whether this is a network file that does not exist (a profile that has joined none).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Self::NetworkFile { reason: NetworkFileProblem::Unreadable(error), .. }
+                if error.kind() == std::io::ErrorKind::NotFound
+        )
+    }
 }
 
 /// Creates a new network in `dir`: keys, TLS identity and `network.toml`. Returns the network
@@ -89,13 +114,16 @@ pub fn create_network(
     Ok(network)
 }
 
-/// Reads and checks a network file.
+/// Reads and checks a network file. Every client and node command reads it through here, so
+/// its errors look the same everywhere: the file's path once, then what is wrong.
 pub fn load_network_file(path: &Path) -> Result<NetworkFile, NetworkInitError> {
-    let text = fs::read_to_string(path).map_err(io_error(path))?;
-    NetworkFile::from_toml(&text).map_err(|e| NetworkInitError::Invalid {
+    let problem = |reason| NetworkInitError::NetworkFile {
         path: path.into(),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let text = fs::read_to_string(path)
+        .map_err(|error| problem(NetworkFileProblem::Unreadable(error)))?;
+    NetworkFile::from_toml(&text).map_err(|error| problem(NetworkFileProblem::Invalid(error)))
 }
 
 /// What the login server needs from its secret directory, checked against the network file.

@@ -26,6 +26,11 @@ pub enum PasswordError {
     TooLong,
 }
 
+/// The rules [`check_new_password`] applies, in a sentence for someone choosing a password.
+pub fn password_rules() -> String {
+    format!("A password needs at least {PASSWORD_MIN_CHARS} characters (and at most {PASSWORD_MAX_BYTES} bytes).")
+}
+
 /// Checks a new password against the length rules.
 pub fn check_new_password(password: &Pii<String>) -> Result<(), PasswordError> {
     let password = password.expose();

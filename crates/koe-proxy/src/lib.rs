@@ -33,6 +33,19 @@ pub enum ProxyError {
     BadResponse { proxy: String, reason: String },
 }
 
+/// Why [`connect`] has no connection to a host. The message says what failed and why, with
+/// no `source`: a caller names the host it wanted, and a printed chain says each thing once.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No proxy applies to the host (none configured, or `NO_PROXY`), and the host itself did
+    /// not accept the connection: nothing here is about a proxy.
+    #[error("{0}")]
+    Direct(std::io::Error),
+    /// The connection went to the proxy, which failed; the message names the proxy.
+    #[error("{0}")]
+    Proxy(ProxyError),
+}
+
 /// An HTTP proxy that tunnels with CONNECT.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Proxy {
@@ -223,12 +236,14 @@ pub fn for_host(host: &str) -> Option<Proxy> {
 }
 
 /// A TCP connection to `host:port`, through the process's proxy when one applies.
-pub async fn connect(host: &str, port: u16) -> Result<TcpStream, ProxyError> {
-    match for_host(host) {
-        Some(proxy) => proxy.connect(host, port).await,
-        None => TcpStream::connect((host, port))
-            .await
-            .map_err(|source| ProxyError::Unreachable { proxy: "(none: direct)".into(), source }),
+pub async fn connect(host: &str, port: u16) -> Result<TcpStream, ConnectError> {
+    connect_via(for_host(host), host, port).await
+}
+
+async fn connect_via(proxy: Option<Proxy>, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
+    match proxy {
+        Some(proxy) => proxy.connect(host, port).await.map_err(ConnectError::Proxy),
+        None => TcpStream::connect((host, port)).await.map_err(ConnectError::Direct),
     }
 }
 
@@ -272,6 +287,22 @@ mod tests {
         let from_env = Proxy { direct_loopback: true, ..proxy };
         assert!(!from_env.applies_to("127.0.0.1") && !from_env.applies_to("::1") && !from_env.applies_to("localhost"));
         assert!(from_env.applies_to("203.0.113.9"));
+    }
+
+    /// A loopback port nothing listens on.
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        listener.local_addr().unwrap_or_else(|e| panic!("{e}")).port()
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_names_a_proxy_only_when_one_was_in_the_way() {
+        let error = connect_via(None, "127.0.0.1", closed_port()).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains("refused") && !error.contains("proxy"), "{error}");
+
+        let proxy = Proxy::parse(&format!("http://127.0.0.1:{}", closed_port())).unwrap_or_else(|e| panic!("{e}"));
+        let error = connect_via(Some(proxy.clone()), "192.0.2.1", 443).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains(&format!("cannot reach the HTTP proxy {proxy}")), "{error}");
     }
 
     #[test]

@@ -34,8 +34,9 @@ pub struct RelayConfig {
     pub listen: SocketAddr,
     /// TLS listening address (TURN over TLS, RFC 8656 §3.1), if any.
     pub tls_listen: Option<SocketAddr>,
-    /// The TLS certificate; a self-signed one is made when absent.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The TLS certificate; a new self-signed one is made when absent, so its fingerprint
+    /// changes on every start: a relay whose offers clients pin keeps one ([`RelayTlsIdentity`]).
+    pub tls: Option<RelayTlsIdentity>,
     /// The address relayed sockets bind to and clients are told; the listening IP if absent.
     pub relayed_ip: Option<IpAddr>,
     pub realm: String,
@@ -69,6 +70,49 @@ pub enum RelayError {
     NoRelayedAddress(SocketAddr),
     #[error("cannot make the relay's TLS certificate: {0}")]
     Tls(String),
+    #[error("not a usable TLS certificate and key: {0}")]
+    BadTlsIdentity(String),
+}
+
+/// The relay's TLS certificate and key, and the SHA-256 fingerprint clients pin (supernodes
+/// hand it out in relay offers). Kept as one PEM text, certificate then key, so that whoever
+/// stores it has one file to write at once.
+#[derive(Clone)]
+pub struct RelayTlsIdentity {
+    config: Arc<rustls::ServerConfig>,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for RelayTlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("RelayTlsIdentity").field("fingerprint", &self.fingerprint).finish()
+    }
+}
+
+impl RelayTlsIdentity {
+    /// A new self-signed certificate, with the PEM text (certificate and key) to keep it by.
+    pub fn generate() -> Result<(Self, String), RelayError> {
+        let (certificate, key) = koe_auth::tls::generate_self_signed("koe-relay").map_err(|error| RelayError::Tls(error.to_string()))?;
+        let pem = format!("{certificate}{key}");
+        Ok((Self::from_pem(&pem)?, pem))
+    }
+
+    /// The identity in `pem`: a certificate chain and its private key, in one text.
+    pub fn from_pem(pem: &str) -> Result<Self, RelayError> {
+        let (chain, key) = koe_auth::tls::parse_pem(pem, pem).map_err(RelayError::BadTlsIdentity)?;
+        let fingerprint = chain
+            .first()
+            .map(|der| koe_auth::tls::fingerprint(der).to_string())
+            .ok_or_else(|| RelayError::BadTlsIdentity("no certificate".into()))?;
+        let config = koe_auth::tls::server_config(chain, key).map_err(|error| RelayError::BadTlsIdentity(error.to_string()))?;
+        Ok(Self { config, fingerprint })
+    }
+
+    /// SHA-256 of the certificate, `sha256:` and hex, as clients pin it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
 }
 
 /// A running relay node. Dropping it stops it.
@@ -207,19 +251,19 @@ pub async fn start_relay(config: RelayConfig) -> Result<RelayHandle, RelayError>
 
     let (mut tls_addr, mut tls_fingerprint) = (None, None);
     if let Some(tls_listen) = config.tls_listen {
-        let (tls_config, fingerprint) = match &config.tls {
-            Some(tls) => (Arc::clone(tls), None),
-            None => self_signed_tls()?,
+        let identity = match &config.tls {
+            Some(identity) => identity.clone(),
+            None => RelayTlsIdentity::generate()?.0,
         };
         let listener = TcpListener::bind(tls_listen)
             .await
             .map_err(|source| RelayError::Listen { address: tls_listen, transport: "TLS", source })?;
         let address = listener.local_addr().map_err(|source| RelayError::Listen { address: tls_listen, transport: "TLS", source })?;
         core.add_listener(TransportType::Tcp, address);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&identity.config));
         tasks.push(tokio::spawn(accept_streams(listener, address, Some(acceptor), events.clone())));
         tls_addr = Some(address);
-        tls_fingerprint = fingerprint;
+        tls_fingerprint = Some(identity.fingerprint);
     }
     for (username, password) in &config.users {
         core.add_user(username, password);
@@ -265,14 +309,6 @@ fn outbound_ip(unspecified: IpAddr) -> Option<IpAddr> {
     socket.connect(probe).ok()?;
     let ip = socket.local_addr().ok()?.ip();
     (!ip.is_unspecified()).then_some(ip)
-}
-
-fn self_signed_tls() -> Result<(Arc<rustls::ServerConfig>, Option<String>), RelayError> {
-    let (certificate, key) = koe_auth::tls::generate_self_signed("koe-relay").map_err(|error| RelayError::Tls(error.to_string()))?;
-    let (chain, key) = koe_auth::tls::parse_pem(&certificate, &key).map_err(RelayError::Tls)?;
-    let fingerprint = chain.first().map(|der| koe_auth::tls::fingerprint(der).to_string());
-    let config = koe_auth::tls::server_config(chain, key).map_err(|error| RelayError::Tls(error.to_string()))?;
-    Ok((config, fingerprint))
 }
 
 struct Driver {

@@ -13,4 +13,4 @@ pub mod framing;
 
 pub use crate::core::{RelayPolicy, RelayStats};
 pub use credentials::{RelayCredentials, RelaySecret};
-pub use driver::{start_relay, RelayConfig, RelayError, RelayHandle, RelayStatsHandle};
+pub use driver::{start_relay, RelayConfig, RelayError, RelayHandle, RelayStatsHandle, RelayTlsIdentity};

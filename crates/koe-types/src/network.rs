@@ -13,16 +13,22 @@ use crate::name::{NameError, NetworkName};
 
 pub const NETWORK_FILE_FORMAT: u32 = 1;
 
+/// What is wrong inside a network file. The messages do not name the file: whoever read it
+/// does, once. They carry their cause in the text and not as an error `source`, so that a
+/// printed chain (anyhow's `{:#}`) does not say it twice.
 #[derive(Debug, Error)]
 pub enum NetworkFileError {
-    #[error("network file is not valid TOML: {0}")]
-    Toml(#[from] toml::de::Error),
-    #[error("network file format {0} is not supported (this Koe reads format {NETWORK_FILE_FORMAT})")]
+    /// Not TOML, or a field missing, unknown or of the wrong type; toml's text says which
+    /// line and column.
+    #[error("{}", .0.to_string().trim_end())]
+    Toml(toml::de::Error),
+    #[error("format {0} is not supported (this Koe reads format {NETWORK_FILE_FORMAT})")]
     UnsupportedFormat(u32),
-    #[error("network name: {0}")]
-    Name(#[from] NameError),
+    /// The error says "network name" itself.
+    #[error("{0}")]
+    Name(NameError),
     #[error("signing_key: {0}")]
-    SigningKey(#[from] KeyError),
+    SigningKey(KeyError),
     #[error("login_url {0:?} must look like https://HOST:PORT")]
     LoginUrl(String),
     #[error("login_tls_fingerprint {0:?} must be sha256: followed by 64 hex digits")]
@@ -122,17 +128,17 @@ struct NetworkFileToml {
 
 impl NetworkFile {
     pub fn from_toml(text: &str) -> Result<Self, NetworkFileError> {
-        let raw: NetworkFileToml = toml::from_str(text)?;
+        let raw: NetworkFileToml = toml::from_str(text).map_err(NetworkFileError::Toml)?;
         if raw.format != NETWORK_FILE_FORMAT {
             return Err(NetworkFileError::UnsupportedFormat(raw.format));
         }
         Ok(Self {
-            name: NetworkName::parse(&raw.name)?,
+            name: NetworkName::parse(&raw.name).map_err(NetworkFileError::Name)?,
             login_url: LoginUrl::parse(&raw.login_url)
                 .ok_or(NetworkFileError::LoginUrl(raw.login_url))?,
             login_tls_fingerprint: TlsFingerprint::parse(&raw.login_tls_fingerprint)
                 .ok_or(NetworkFileError::Fingerprint(raw.login_tls_fingerprint))?,
-            signing_key: NetworkPublicKey::parse(&raw.signing_key)?,
+            signing_key: NetworkPublicKey::parse(&raw.signing_key).map_err(NetworkFileError::SigningKey)?,
             bootstrap: raw.bootstrap,
         })
     }
@@ -202,6 +208,27 @@ mod tests {
             NetworkFile::from_toml("\u{0}garbage"),
             Err(NetworkFileError::Toml(_))
         ));
+    }
+
+    #[test]
+    fn errors_say_the_cause_once_and_leave_naming_the_file_to_the_caller() {
+        let text = sample().to_toml();
+        let cases = [
+            ("garbage = [".to_string(), "invalid array"),
+            (text.replace("signing_key = ", "signing_kee = "), "unknown field `signing_kee`"),
+            (text.replace("ed25519:", "x25519:"), "expected a key starting with"),
+            (text.replace("name = \"koe-test\"", "name = \"Koe Test\""), "network name may only contain"),
+        ];
+        for (broken, cause) in cases {
+            let error = NetworkFile::from_toml(&broken)
+                .err()
+                .unwrap_or_else(|| panic!("{broken} parsed"));
+            let message = error.to_string();
+            assert_eq!(message.matches(cause).count(), 1, "{message}");
+            assert!(!message.contains("network file"), "{message}");
+            // The cause is in the message, so it is not also a source a chain would print again.
+            assert!(std::error::Error::source(&error).is_none(), "{message}");
+        }
     }
 
     #[test]

@@ -219,7 +219,8 @@ pub struct NodeArgs {
     /// [default: the supernode's IP, its port + 1]
     #[arg(long, value_name = "ADDR")]
     pub relay_listen: Option<SocketAddr>,
-    /// Where the built-in relay node listens for TURN over TLS [default: its port + 2]
+    /// Where the built-in relay node listens for TURN over TLS [default: its port + 2]; its
+    /// self-signed certificate is kept in the home (relay-tls.pem), the same across restarts
     #[arg(long, value_name = "ADDR")]
     pub relay_tls_listen: Option<SocketAddr>,
     /// Run no relay node alongside the supernode
@@ -261,7 +262,8 @@ pub struct RelayArgs {
     /// Where to listen for TURN over UDP and TCP (the same port)
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:3478")]
     pub listen: SocketAddr,
-    /// Where to listen for TURN over TLS (self-signed certificate; its fingerprint is printed)
+    /// Where to listen for TURN over TLS (a self-signed certificate kept in the profile as
+    /// relay-tls.pem, the same across restarts; its fingerprint is printed)
     #[arg(long, value_name = "ADDR")]
     pub tls_listen: Option<SocketAddr>,
     /// File holding the secret shared with supernodes for short-lived credentials (TURN REST

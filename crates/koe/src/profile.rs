@@ -11,6 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use koe_auth::private_file::{read_private_file, replace_private_file, write_private_file, FileError};
 use koe_auth::renewal::{renewal_state, RenewalState};
+use koe_auth::network_init::load_network_file;
 use koe_auth::LoginClient;
 use koe_types::{Certificate, DeviceKey, NetworkFile, UnixTime};
 use koe_wire::Codec;
@@ -86,13 +87,10 @@ impl Profile {
 
     /// The network this profile belongs to, if it has joined one.
     pub fn network(&self) -> Result<Option<NetworkFile>> {
-        let path = self.home.join(NETWORK_FILE);
-        match fs::read_to_string(&path) {
-            Ok(text) => NetworkFile::from_toml(&text)
-                .map(Some)
-                .with_context(|| format!("profile network file {} is damaged", path.display())),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+        match load_network_file(&self.home.join(NETWORK_FILE)) {
+            Ok(network) => Ok(Some(network)),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -100,10 +98,8 @@ impl Profile {
     pub fn resolve_network(&self, flag: Option<&Path>) -> Result<NetworkFile> {
         match flag {
             Some(path) => {
-                let text = fs::read_to_string(path)
-                    .with_context(|| format!("cannot read network file {}", path.display()))?;
-                let network = NetworkFile::from_toml(&text)
-                    .with_context(|| format!("network file {} is invalid", path.display()))?;
+                // The error names the file once, with what is wrong in it.
+                let network = load_network_file(path)?;
                 self.adopt_network(&network)?;
                 Ok(network)
             }

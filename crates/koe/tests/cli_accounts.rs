@@ -55,6 +55,53 @@ fn separate_processes_sign_up_log_in_and_show_who_is_logged_in() {
     assert!(ok(run(&bob, &["whoami"], "")).contains("username:     bob"));
 }
 
+/// `koe signup` at a terminal (a pseudo-terminal from util-linux `script`, into which the
+/// person's typing is written ahead): the password rules come first, and when the repeated
+/// password differs it is asked again instead of giving up.
+#[test]
+fn signup_at_a_terminal_states_the_rules_and_asks_again_when_the_passwords_differ() {
+    if std::process::Command::new("script").arg("--version").output().is_err() {
+        assert!(std::env::var("KOE_REQUIRE_SCRIPT").is_err(), "script (util-linux) is required here but not installed");
+        eprintln!("skipped: script (util-linux) is not installed");
+        return;
+    }
+    let network = TestNetwork::init();
+    let _server = network.serve();
+    let home = network.home("ivy");
+    let quoted = |path: &std::path::Path| format!("'{}'", path.display());
+    let command_line = format!(
+        "{} --home {} signup ivy --network {}",
+        quoted(std::path::Path::new(env!("CARGO_BIN_EXE_koe"))),
+        quoted(&home),
+        quoted(&network.network_file())
+    );
+    let child = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command_line, "/dev/null"])
+        .env_remove("KOE_HOME")
+        .env_remove("KOE_LOG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut terminal = common::KoeProcess { child, first_line: String::new() };
+    // Stdin stays open until the end: at its end `script` would type end-of-file into the
+    // terminal, which is not what a person does.
+    let mut typing = terminal.child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut typing, b"correct horse\ncorrect hrose\ncorrect horse\ncorrect horse\n").unwrap();
+    common::wait_until(std::time::Duration::from_secs(30), || terminal.child.try_wait().unwrap().is_some());
+    drop(typing);
+    let mut screen = String::new();
+    std::io::Read::read_to_string(&mut terminal.child.stdout.take().unwrap(), &mut screen).unwrap();
+    assert!(terminal.child.wait().unwrap().success(), "{screen}");
+
+    let rules = screen.find(&koe_auth::password::password_rules()).unwrap_or_else(|| panic!("no rules in:\n{screen}"));
+    assert!(rules < screen.find("New password for ivy").unwrap(), "the rules come first:\n{screen}");
+    assert_eq!(screen.matches("New password for ivy").count(), 2, "asked again after the mismatch:\n{screen}");
+    assert!(screen.contains("differ. Try again") && screen.contains("Signed up as ivy"), "{screen}");
+    ok(run(&home, &["login", "ivy", "--password-stdin"], "correct horse\n"));
+}
+
 #[test]
 fn clear_errors_for_bad_accounts_and_passwords() {
     let network = TestNetwork::init();
@@ -194,6 +241,53 @@ fn a_client_refuses_a_login_server_with_the_wrong_tls_certificate() {
     let net = network.network_file();
     let error = fails(run(&home, &["signup", "frank", "--network", net.to_str().unwrap(), "--password-stdin"], "correct horse\n"));
     assert!(error.contains("not your network's login server"), "{error}");
+}
+
+#[test]
+fn an_unreachable_login_server_is_named_and_a_proxy_only_when_there_is_one() {
+    let network = TestNetwork::init(); // and no login server
+    let home = network.home("gina");
+    let net = network.network_file();
+    let login = |extra: &[&str]| {
+        fails(run(&home, &[extra, &["login", "gina", "--password-stdin", "--network", net.to_str().unwrap()]].concat(), "correct horse\n"))
+    };
+    let login_server = format!("cannot reach the login server at https://127.0.0.1:{}", network.port);
+
+    // The login server is on loopback, which a proxy from the environment never takes.
+    let error = login(&[]);
+    assert!(error.contains(&login_server) && error.contains("refused"), "{error}");
+    assert!(!error.to_lowercase().contains("proxy"), "no proxy is set, so none is blamed: {error}");
+
+    let proxy = format!("127.0.0.1:{}", common::free_port());
+    let error = login(&["--proxy", &format!("http://{proxy}")]);
+    assert!(error.contains(&login_server) && error.contains(&format!("cannot reach the HTTP proxy {proxy}")), "{error}");
+}
+
+#[test]
+fn a_broken_network_file_is_named_once_with_what_is_wrong() {
+    let network = TestNetwork::init();
+    let good = std::fs::read_to_string(network.network_file()).unwrap();
+    let without_key: String = good.lines().filter(|line| !line.starts_with("signing_key")).map(|line| format!("{line}\n")).collect();
+    let cases = [
+        ("not-toml.toml", Some("name = [\n".to_string()), "invalid array"),
+        ("no-key.toml", Some(without_key), "missing field `signing_key`"),
+        ("unknown-field.toml", Some(good.replace("signing_key =", "signing_kee =")), "unknown field `signing_kee`"),
+        ("wrong-key.toml", Some(good.replace("\"ed25519:", "\"x25519:")), "expected a key starting with \"ed25519:\""),
+        ("absent.toml", None, "No such file or directory"),
+    ];
+    for (name, text, reason) in cases {
+        let path = network.dir.path().join(name);
+        if let Some(text) = text {
+            std::fs::write(&path, text).unwrap();
+        }
+        let path = path.to_str().unwrap();
+        let home = network.home("hank");
+        for command in [&["login", "hank", "--password-stdin", "--network", path][..], &["node", "--listen", "127.0.0.1:0", "--network", path]] {
+            let error = fails(run(&home, command, "correct horse\n"));
+            assert_eq!(error.matches(path).count(), 1, "koe {command:?} names the file once: {error}");
+            assert_eq!(error.matches(reason).count(), 1, "koe {command:?} says what is wrong once: {error}");
+        }
+    }
 }
 
 #[test]

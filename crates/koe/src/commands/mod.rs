@@ -33,7 +33,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Passwd(args) => account::change_password(&profile()?, args).await,
         Command::DeleteAccount(args) => account::delete_account(&profile()?, args).await,
         Command::Node(args) => node::run(home, args, shutdown_signal()).await,
-        Command::Relay(args) => relay::run(args, shutdown_signal()).await,
+        Command::Relay(args) => relay::run(home, args, shutdown_signal()).await,
         Command::Up(args) => client::up(profile()?, args).await,
         Command::Down => client::down(&profile()?).await,
         Command::Autostart { state } => client::autostart(&profile()?, state == crate::cli::OnOff::On),
@@ -113,23 +113,148 @@ impl PasswordSource {
             let password = password.strip_suffix('\r').unwrap_or(password);
             Ok(Pii::new(password.to_string()))
         } else {
-            rpassword::prompt_password(prompt)
-                .map(Pii::new)
-                .context("cannot read the password from the terminal (use --password-stdin)")
+            Terminal.ask(prompt)
         }
     }
 
-    /// A new password: asked twice on a terminal so a typo does not lock the user out.
+    /// A new password. From stdin (scripts) it is one line, checked by whoever takes it; on a
+    /// terminal see [`ask_new_password`].
     pub fn read_new(&self, prompt: &str) -> Result<Pii<String>> {
-        let password = self.read(prompt)?;
-        if !self.from_stdin && self.read("Repeat it: ")?.expose() != password.expose() {
-            bail!("the two passwords differ; nothing was changed");
+        if self.from_stdin {
+            self.read(prompt)
+        } else {
+            ask_new_password(&mut Terminal, prompt)
         }
-        Ok(password)
     }
+}
+
+/// Someone answering prompts: the terminal, or a script in tests.
+trait Prompter {
+    /// Asks for a secret, which is not echoed.
+    fn ask(&mut self, prompt: &str) -> Result<Pii<String>>;
+    /// Tells the person something before the next prompt.
+    fn tell(&mut self, line: &str);
+}
+
+/// The controlling terminal, as `rpassword` reaches it (even with stdin and stdout redirected).
+struct Terminal;
+
+impl Prompter for Terminal {
+    fn ask(&mut self, prompt: &str) -> Result<Pii<String>> {
+        rpassword::prompt_password(prompt)
+            .map(Pii::new)
+            .context("cannot read the password from the terminal (use --password-stdin)")
+    }
+
+    fn tell(&mut self, line: &str) {
+        // stderr, not stdout: stdout carries the command's result, which scripts may read.
+        eprintln!("{line}");
+    }
+}
+
+/// Times a person may type a new password (twice each time) before the command gives up.
+const NEW_PASSWORD_ATTEMPTS: usize = 3;
+
+/// A new password typed by a person: the rules first, then the password twice so that a typo
+/// does not lock them out. A mismatch, or a password the rules refuse, is asked again instead
+/// of ending the command; after [`NEW_PASSWORD_ATTEMPTS`] it ends with what was wrong the last
+/// time.
+fn ask_new_password(prompter: &mut impl Prompter, prompt: &str) -> Result<Pii<String>> {
+    prompter.tell(&koe_auth::password::password_rules());
+    for attempt in 1..=NEW_PASSWORD_ATTEMPTS {
+        let last = attempt == NEW_PASSWORD_ATTEMPTS;
+        let password = prompter.ask(prompt)?;
+        match koe_auth::password::check_new_password(&password) {
+            Err(broken) if last => return Err(broken.into()),
+            Err(broken) => {
+                prompter.tell(&format!("That password cannot be used: {broken}. Try again."));
+                continue;
+            }
+            Ok(()) => {}
+        }
+        if prompter.ask("Repeat it: ")?.expose() == password.expose() {
+            return Ok(password);
+        }
+        if !last {
+            prompter.tell("The two passwords differ. Try again.");
+        }
+    }
+    bail!("the two passwords differ; nothing was changed")
 }
 
 /// A file named on the command line, made absolute for the daemon (which runs elsewhere).
 fn absolute(path: Option<std::path::PathBuf>) -> std::io::Result<Option<String>> {
     path.map(|p| std::path::absolute(p).map(|p| p.display().to_string())).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::VecDeque;
+
+    use koe_auth::password::{PASSWORD_MAX_BYTES, PASSWORD_MIN_CHARS};
+
+    use super::*;
+
+    /// A person at a terminal who types `answers` in turn; records what they were shown.
+    struct Person {
+        answers: VecDeque<&'static str>,
+        saw: Vec<String>,
+    }
+
+    impl Person {
+        fn typing(answers: &[&'static str]) -> Self {
+            Self { answers: answers.iter().copied().collect(), saw: Vec::new() }
+        }
+    }
+
+    impl Prompter for Person {
+        fn ask(&mut self, prompt: &str) -> Result<Pii<String>> {
+            self.saw.push(prompt.to_string());
+            let answer = self.answers.pop_front().context("asked more often than the person answers")?;
+            Ok(Pii::new(answer.to_string()))
+        }
+
+        fn tell(&mut self, line: &str) {
+            self.saw.push(line.to_string());
+        }
+    }
+
+    #[test]
+    fn a_new_password_is_asked_after_the_rules_and_again_when_the_two_differ() {
+        let mut person = Person::typing(&["correct horse", "correct hrose", "correct horse", "correct horse"]);
+        let password = ask_new_password(&mut person, "New password for alice: ").unwrap();
+        assert_eq!(password.expose(), "correct horse");
+        let rules = &person.saw[0];
+        assert!(rules.contains(&PASSWORD_MIN_CHARS.to_string()) && rules.contains(&PASSWORD_MAX_BYTES.to_string()), "{rules}");
+        assert_eq!(person.saw[1], "New password for alice: ", "the rules come before the first prompt");
+        assert!(person.saw.iter().any(|line| line.contains("differ. Try again")), "{:?}", person.saw);
+        assert!(person.answers.is_empty());
+    }
+
+    #[test]
+    fn a_password_the_rules_refuse_is_asked_again_without_repeating_it() {
+        let mut person = Person::typing(&["short", "correct horse", "correct horse"]);
+        assert_eq!(ask_new_password(&mut person, "New password: ").unwrap().expose(), "correct horse");
+        assert!(person.saw.iter().any(|line| line.contains(&format!("at least {PASSWORD_MIN_CHARS} characters"))), "{:?}", person.saw);
+        assert_eq!(person.saw.iter().filter(|line| *line == "Repeat it: ").count(), 1, "{:?}", person.saw);
+    }
+
+    #[test]
+    fn three_mismatches_give_up_and_change_nothing() {
+        let mut person = Person::typing(&["correct horse", "a", "correct horse", "b", "correct horse", "c", "never asked"]);
+        let error = ask_new_password(&mut person, "New password: ").unwrap_err().to_string();
+        assert_eq!(error, "the two passwords differ; nothing was changed");
+        assert_eq!(person.answers, ["never asked"], "three tries, no more");
+        // The last failure is the error, not also a "try again".
+        assert_eq!(person.saw.iter().filter(|line| line.contains("Try again")).count(), 2, "{:?}", person.saw);
+    }
+
+    #[test]
+    fn a_last_try_the_rules_refuse_ends_with_the_rule() {
+        let mut person = Person::typing(&["correct horse", "x", "correct horse", "y", "short"]);
+        let error = ask_new_password(&mut person, "New password: ").unwrap_err().to_string();
+        assert!(error.contains(&format!("at least {PASSWORD_MIN_CHARS} characters")), "{error}");
+    }
 }

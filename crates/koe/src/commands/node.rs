@@ -97,7 +97,7 @@ pub async fn start_supernode(
     let stun = StunResponder::start(SocketAddr::new(listen.ip(), port)).await;
     let relay = match relay {
         Some(placement) => {
-            let (relay, issuer) = super::relay::start_beside_supernode(listen, placement.listen, placement.tls_listen, placement.limits).await?;
+            let (relay, issuer) = super::relay::start_beside_supernode(listen, placement.listen, placement.tls_listen, placement.limits, home).await?;
             node.offer_relays(issuer);
             Some(relay)
         }

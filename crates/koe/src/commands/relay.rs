@@ -2,17 +2,65 @@
 //! line, the one-line summary, and the credentials a supernode hands its clients.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use koe_auth::private_file::{read_private_file, write_private_file};
 use koe_overlay::{RelayIssuer, RelayOffer};
-use koe_relay::{start_relay, RelayConfig, RelayHandle, RelayPolicy, RelaySecret, RelayStats};
+use koe_relay::{start_relay, RelayConfig, RelayHandle, RelayPolicy, RelaySecret, RelayStats, RelayTlsIdentity};
 
 use super::node::report;
 use crate::cli::{RelayArgs, RelayLimits};
+use crate::profile::Profile;
 
 /// How long the credentials a supernode issues stay valid; a client asks again for every call.
 const ISSUED_CREDENTIALS_LIFETIME: Duration = Duration::from_secs(3600);
+/// The relay node's TLS certificate and key (PEM, mode 0600) in the profile of `koe node` or
+/// `koe relay`. Made once and kept: clients pin the certificate's fingerprint, which a new
+/// certificate on every start would break.
+const RELAY_TLS_FILE: &str = "relay-tls.pem";
+
+/// The relay node's TLS identity kept in `home`, made on first use. A file that does not hold
+/// one is an error, never replaced: a new certificate would lock out the clients that pinned
+/// the old one, and the operator should decide that.
+pub fn relay_tls_identity(home: &Path) -> Result<RelayTlsIdentity> {
+    let path = home.join(RELAY_TLS_FILE);
+    if let Some(identity) = read_relay_tls_identity(&path)? {
+        return Ok(identity);
+    }
+    let (identity, pem) = RelayTlsIdentity::generate()?;
+    // Written aside and linked into place, so that a crash never leaves a half-written file
+    // (which would then be "damaged" for good) and, of two nodes starting in one home, the
+    // second uses the first one's certificate.
+    let staged = path.with_extension(format!("new-{}", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    write_private_file(&staged, pem.as_bytes())?;
+    let linked = std::fs::hard_link(&staged, &path);
+    let _ = std::fs::remove_file(&staged);
+    match linked {
+        Ok(()) => Ok(identity),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            read_relay_tls_identity(&path)?.with_context(|| format!("{} vanished as it was made", path.display()))
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
+/// The identity kept in `path`; none if there is no such file.
+fn read_relay_tls_identity(path: &Path) -> Result<Option<RelayTlsIdentity>> {
+    let pem = match read_private_file(path) {
+        Ok(pem) => pem,
+        Err(error) if error.is_not_found() => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    RelayTlsIdentity::from_pem(&pem).map(Some).map_err(|error| {
+        anyhow!(
+            "the relay's TLS certificate {} is damaged ({error}); move it away to make a new one (clients then need the new fingerprint)",
+            path.display()
+        )
+    })
+}
 
 pub fn relay_config(listen: SocketAddr, tls_listen: Option<SocketAddr>, limits: &RelayLimits) -> Result<RelayConfig> {
     let mut config = RelayConfig::new(listen);
@@ -36,9 +84,12 @@ pub fn relay_config(listen: SocketAddr, tls_listen: Option<SocketAddr>, limits: 
     Ok(config)
 }
 
-pub async fn run(args: RelayArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn run(home: Option<PathBuf>, args: RelayArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let mut config = relay_config(args.listen, args.tls_listen, &args.limits)?;
     config.realm = args.realm.clone();
+    if args.tls_listen.is_some() {
+        config.tls = Some(relay_tls_identity(Profile::locate(home)?.home())?);
+    }
     if let Some(path) = &args.secret_file {
         let secret = std::fs::read(path).with_context(|| format!("cannot read the relay secret {}", path.display()))?;
         let secret = secret.trim_ascii().to_vec();
@@ -70,11 +121,19 @@ pub async fn run(args: RelayArgs, shutdown: impl std::future::Future<Output = ()
 }
 
 /// The relay node inside `koe node`, on `listen` (default: the supernode's port + 1) with TLS
-/// on the port after; it takes the credentials this supernode issues.
-pub async fn start_beside_supernode(supernode: SocketAddr, relay_listen: Option<SocketAddr>, tls_listen: Option<SocketAddr>, limits: &RelayLimits) -> Result<(RelayHandle, RelayIssuer)> {
+/// on the port after; it takes the credentials this supernode issues. Its TLS certificate is
+/// kept in `home`; without one (the demo) it is new on every start.
+pub async fn start_beside_supernode(
+    supernode: SocketAddr,
+    relay_listen: Option<SocketAddr>,
+    tls_listen: Option<SocketAddr>,
+    limits: &RelayLimits,
+    home: Option<&Path>,
+) -> Result<(RelayHandle, RelayIssuer)> {
     let listen = relay_listen.unwrap_or(SocketAddr::new(supernode.ip(), next_port(supernode.port())));
     let tls_listen = tls_listen.unwrap_or(SocketAddr::new(listen.ip(), next_port(listen.port())));
     let mut config = relay_config(listen, Some(tls_listen), limits)?;
+    config.tls = home.map(relay_tls_identity).transpose()?;
     let secret = RelaySecret::random();
     config.secret = Some(secret.clone());
     let relay = start_relay(config).await.context("the supernode's relay node did not start (--relay-listen, or --no-relay)")?;
@@ -128,4 +187,31 @@ pub fn summary(stats: &RelayStats) -> String {
         stats.requests_refused_expired,
         stats.streams_closed_not_turn,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn the_relay_keeps_its_tls_certificate_and_refuses_a_damaged_one() {
+        let home = tempfile::tempdir().unwrap();
+        let first = relay_tls_identity(home.path()).unwrap();
+        let file = home.path().join(RELAY_TLS_FILE);
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(relay_tls_identity(home.path()).unwrap().fingerprint(), first.fingerprint(), "the same certificate after a restart");
+        let elsewhere = tempfile::tempdir().unwrap();
+        assert_ne!(relay_tls_identity(elsewhere.path()).unwrap().fingerprint(), first.fingerprint());
+
+        let pem = std::fs::read_to_string(&file).unwrap();
+        let without_key = &pem[..pem.find("-----BEGIN PRIVATE KEY").unwrap()];
+        std::fs::write(&file, without_key).unwrap();
+        let error = format!("{:#}", relay_tls_identity(home.path()).unwrap_err());
+        assert!(error.contains(&file.display().to_string()) && error.contains("no private key"), "{error}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), without_key, "a damaged file is left for the operator");
+    }
 }

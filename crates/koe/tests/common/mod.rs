@@ -195,6 +195,20 @@ impl KoeProcess {
 
     /// `koe node` on this TCP port (a restarted node comes back where it was).
     pub fn node_at(home: &Path, network_file: &Path, relay_ip: &str, port: u16) -> Self {
+        Self::spawn_node(home, network_file, relay_ip, port).0
+    }
+
+    /// [`KoeProcess::node`], and the line it prints after its address: its relay node's
+    /// addresses and TLS certificate fingerprint.
+    pub fn node_with_relay_line(home: &Path, network_file: &Path) -> (Self, String) {
+        let (node, mut stdout) = Self::spawn_node(home, network_file, RELAY_IPS[0], free_port());
+        let mut relay_line = String::new();
+        stdout.read_line(&mut relay_line).expect("read the node's relay line");
+        (node, relay_line.trim().to_string())
+    }
+
+    /// A `koe node` that has printed its address, and the rest of its stdout.
+    fn spawn_node(home: &Path, network_file: &Path, relay_ip: &str, port: u16) -> (Self, BufReader<std::process::ChildStdout>) {
         let mut child = koe()
             .arg("--home")
             .arg(home)
@@ -207,11 +221,10 @@ impl KoeProcess {
             .spawn()
             .expect("spawn koe node");
         let mut first_line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut first_line)
-            .expect("read the node's address");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        stdout.read_line(&mut first_line).expect("read the node's address");
         assert!(first_line.contains("/p2p/"), "koe node printed {first_line:?}");
-        Self { child, first_line: first_line.trim().to_string() }
+        (Self { child, first_line: first_line.trim().to_string() }, stdout)
     }
 
     /// `koe up` for the profile in `home`; waits until `koe status` shows a parent.
