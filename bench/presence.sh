@@ -7,6 +7,8 @@
 #   3. the same after SIGSTOP (the network vanishes: the connection stays open, nothing answers)
 #   4. three supernodes started alone, then all named in the network file they watch (`koe
 #      network add-bootstrap`): time until each one's metrics show koe_supernode_supernodes >= 2
+#   5. an offline message: bob is offline, alice's chat waits for him; time from bob's `koe up`
+#      starting until the message is in his history (polled every 20 ms)
 # Lookups are polled every 100 ms; 1-3 give up after 200 s, 4 after 120 s ("> 200 s").
 #
 #   cargo build --release --workspace && bench/presence.sh
@@ -150,12 +152,33 @@ ring() {
     for i in "${nodes[@]}"; do stop "$i"; done
 }
 
+# mailbox RESULT_FILE RUN: bob offline (his device record published earlier), alice's chat
+# waits for him; time from his `koe up` starting until the message is in his history.
+mailbox() {
+    local out=$1 run=$2 bob started ms=timeout text="waiting message $2"
+    wait_for 30 bob_offline || die "bob is still online before the offline-message run"
+    "$koe" --home "$work/alice" chat bob "$text" | grep -q "waits for them" || die "alice's message to offline bob did not wait"
+    started=$(now_ms)
+    "$koe" --home "$work/bob" up >> "$work/bob.log" 2>&1 &
+    bob=$!
+    pids+=("$bob")
+    while [ $(( $(now_ms) - started )) -lt 60000 ]; do
+        if "$koe" --home "$work/bob" messages alice 2>/dev/null | grep -q "$text"; then ms=$(( $(now_ms) - started )); break; fi
+        sleep 0.02
+    done
+    echo "$ms" >> "$out"
+    log "offline message: ${ms} ms"
+    "$koe" --home "$work/bob" down > /dev/null 2>&1 || true
+    stop "$bob"
+}
+
 for run in $(seq "$runs"); do
     log "run $run of $runs"
     presence "$work/term" TERM
     presence "$work/kill" KILL
     presence "$work/stop" STOP
     ring "$work/ring" "$run"
+    mailbox "$work/mailbox" "$run"
 done
 
 echo "Command: \`RUNS=$runs KOE=${KOE:-target/release/koe} bench/presence.sh\`"
@@ -170,6 +193,7 @@ rows = [
     ("kill", 200, "bob offline at alice after SIGKILL of bob's `koe up`"),
     ("stop", 200, "bob offline at alice after SIGSTOP of bob's `koe up` (network vanishes)"),
     ("ring", 120, "3 supernodes started before add-bootstrap: all see ≥ 2 others"),
+    ("mailbox", 60, "a message that waited for bob: in his history after his `koe up` starts"),
 ]
 print("| measurement | runs | min | median | max |")
 print("|---|---|---|---|---|")

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod calls;
 pub mod control;
+mod desktop;
 pub mod history;
 pub mod requests;
 mod signed_out;
@@ -407,6 +408,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
         notices_on_stderr: options.notices_on_stderr,
     });
+    let desktop_task = tokio::spawn(desktop::show(state.events.subscribe()));
     let promotion_task = options
         .promotion
         .map(|promotion| tokio::spawn(promote_when_ready(Arc::clone(&state), network.clone(), promotion)));
@@ -439,6 +441,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         }
     }
     state.stopping.send_replace(true);
+    desktop_task.abort();
     if let Some(task) = promotion_task {
         task.abort();
     }
