@@ -106,6 +106,10 @@ fn a_blocked_user_never_reaches_you_and_a_sender_over_the_quota_is_told() {
     assert!(ok(run(bob, &["blocked"], "")).contains("carol"));
     let error = fails(run(carol, &["chat", "bob", "let me in"], ""));
     assert!(error.contains("not delivered to bob: not accepted"), "{error}");
+    // Nor do their calls: bob's client never rings, and the call ends unanswered.
+    let call = run(carol, &["call", "bob", "--duration", "1s"], "");
+    assert!(!stdout(&call).contains("answered") && !stdout(&call).contains("ringing"), "{}", stdout(&call));
+    assert!(!ok(run(bob, &["calls"], "")).contains("carol"), "a blocked caller is in bob's history");
     ok(run(bob, &["down"], ""));
     offline(carol, "bob");
     let error = fails(run(carol, &["chat", "bob", "let me in later"], ""));

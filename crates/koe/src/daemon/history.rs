@@ -271,3 +271,41 @@ impl History {
         Ok(calls)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_from_a_mailbox_is_taken_once_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("history.db");
+        let now = UnixTime(1_800_000_000);
+        {
+            let history = History::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(history.take_once(&[1; 16], now).unwrap_or_else(|e| panic!("{e}")));
+            assert!(!history.take_once(&[1; 16], now).unwrap_or_else(|e| panic!("{e}")), "a replay is refused");
+        }
+        let history = History::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let week = now.saturating_add(std::time::Duration::from_secs(7 * 86_400));
+        assert!(!history.take_once(&[1; 16], week).unwrap_or_else(|e| panic!("{e}")), "remembered across a restart");
+        // Past the mailboxes' lifetime no replica would offer it; the id may be forgotten.
+        let later = now.saturating_add(koe_overlay::mailbox::OFFLINE_MESSAGE_LIFETIME + std::time::Duration::from_secs(2 * 86_400));
+        assert!(history.take_once(&[1; 16], later).unwrap_or_else(|e| panic!("{e}")));
+    }
+
+    #[test]
+    fn a_history_made_before_receipts_gains_their_column() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("history.db");
+        let old = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        old.execute_batch("CREATE TABLE messages (id INTEGER PRIMARY KEY, peer TEXT NOT NULL, incoming INTEGER NOT NULL, body TEXT NOT NULL, at INTEGER NOT NULL, status TEXT NOT NULL); INSERT INTO messages (peer, incoming, body, at, status) VALUES ('bob', 0, 'old', 1, 'delivered');")
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(old);
+        let history = History::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        history.add_message("bob", false, "new", UnixTime(2), MessageState::Waiting, Some("abc")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(history.delivered("bob", &["abc".to_string()]).unwrap_or_else(|e| panic!("{e}")), 1);
+        let messages = history.messages(Some("bob"), 10).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(messages.iter().map(|m| (m.text.as_str(), m.state)).collect::<Vec<_>>(), vec![("old", MessageState::Delivered), ("new", MessageState::Delivered)]);
+    }
+}
