@@ -251,6 +251,9 @@ enum Outstanding {
     SendKeep(u64),
 }
 
+/// The daemon's answer for a message from the mailbox: its id, and whether it may go.
+type StoredAckFuture = Pin<Box<dyn Future<Output = (crate::mailbox::MessageId, bool)> + Send>>;
+
 type AckFuture = Pin<Box<dyn Future<Output = (ResponseChannel<OverlayResponse>, Result<(), String>)> + Send>>;
 
 pub struct ClientNode {
@@ -288,7 +291,7 @@ pub struct ClientNode {
     next_send: u64,
     acks: FuturesUnordered<AckFuture>,
     /// The daemon's answers for messages from the mailbox: whether each may go.
-    stored_acks: FuturesUnordered<Pin<Box<dyn Future<Output = (crate::mailbox::MessageId, bool)> + Send>>>,
+    stored_acks: FuturesUnordered<StoredAckFuture>,
     /// Messages from the mailbox handed to the daemon, and when.
     mailbox_in_flight: HashMap<crate::mailbox::MessageId, Instant>,
     /// Taken by the daemon; acknowledged to the replicas at the next housekeeping.

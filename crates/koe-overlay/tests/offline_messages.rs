@@ -28,13 +28,13 @@ async fn a_message_left_for_an_offline_user_reaches_each_device_once() {
     // bob's two devices come online once (publishing their device records), then leave.
     let stored = || [&first, &second].iter().map(|s| s.metrics.device_records_stored.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>();
     for (published, device) in [&laptop, &phone].into_iter().enumerate() {
-        let mut bob = RunningClient::start_device(&network, "bob", &[second.address.clone()], device.clone(), online).await;
+        let mut bob = RunningClient::start_device(&network, "bob", std::slice::from_ref(&second.address), device.clone(), online).await;
         bob.wait_attached(Duration::from_secs(10)).await;
         // On both supernodes (the parent and the other replica).
         eventually("the device record is kept", Duration::from_secs(10), || stored() >= 2 * (published as u64 + 1)).await;
         bob.stop();
     }
-    let mut alice = RunningClient::start(&network, "alice", &[first.address.clone()]).await;
+    let mut alice = RunningClient::start(&network, "alice", std::slice::from_ref(&first.address)).await;
     alice.wait_attached(Duration::from_secs(10)).await;
     let mut outcome = SendOutcome::Offline;
     // Until bob's withdrawals have spread, a send may still find a device "online".
@@ -50,7 +50,7 @@ async fn a_message_left_for_an_offline_user_reaches_each_device_once() {
     assert!(first.metrics.offline_messages_held.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 
     // The laptop comes back: the message arrives once, and goes from the laptop's mailbox.
-    let mut bob = RunningClient::start_device(&network, "bob", &[first.address.clone()], laptop.clone(), online).await;
+    let mut bob = RunningClient::start_device(&network, "bob", std::slice::from_ref(&first.address), laptop.clone(), online).await;
     bob.wait_attached(Duration::from_secs(10)).await;
     let took = eventually("the laptop gets the message", Duration::from_secs(10), || !bob.received.lock().unwrap().is_empty()).await;
     eprintln!("delivered {took:?} after the laptop attached");
@@ -60,7 +60,7 @@ async fn a_message_left_for_an_offline_user_reaches_each_device_once() {
         assert_eq!(received[0].sender.username().as_str(), "alice");
     }
     // The phone, still offline, has its own copy waiting; then it comes back too.
-    let mut bob_phone = RunningClient::start_device(&network, "bob", &[second.address.clone()], phone.clone(), online).await;
+    let mut bob_phone = RunningClient::start_device(&network, "bob", std::slice::from_ref(&second.address), phone.clone(), online).await;
     bob_phone.wait_attached(Duration::from_secs(10)).await;
     eventually("the phone gets the message", Duration::from_secs(10), || !bob_phone.received.lock().unwrap().is_empty()).await;
     // Every device took it: the replicas let it go.
@@ -69,7 +69,7 @@ async fn a_message_left_for_an_offline_user_reaches_each_device_once() {
     })
     .await;
     bob.stop();
-    let mut bob = RunningClient::start_device(&network, "bob", &[first.address.clone()], laptop, online).await;
+    let mut bob = RunningClient::start_device(&network, "bob", std::slice::from_ref(&first.address), laptop, online).await;
     bob.wait_attached(Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(bob.received.lock().unwrap().is_empty(), "a message taken is not delivered again");

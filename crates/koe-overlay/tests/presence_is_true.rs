@@ -37,8 +37,8 @@ async fn wait_offline(from: &RunningClient, target: &RunningClient, timeout: Dur
 async fn a_client_whose_connection_closes_is_offline_at_once() {
     let network = TestNetwork::new();
     let (first, second) = two_supernodes(&network).await;
-    let mut alice = RunningClient::start(&network, "alice", &[first.address.clone()]).await;
-    let mut bob = RunningClient::start(&network, "bob", &[second.address.clone()]).await;
+    let mut alice = RunningClient::start(&network, "alice", std::slice::from_ref(&first.address)).await;
+    let mut bob = RunningClient::start(&network, "bob", std::slice::from_ref(&second.address)).await;
     alice.wait_attached(Duration::from_secs(10)).await;
     bob.wait_attached(Duration::from_secs(10)).await;
     wait_findable(&alice, &bob, Duration::from_secs(10)).await;
@@ -52,9 +52,9 @@ async fn a_client_whose_connection_closes_is_offline_at_once() {
 async fn an_invisible_client_never_shows_online() {
     let network = TestNetwork::new();
     let (first, second) = two_supernodes(&network).await;
-    let mut alice = RunningClient::start(&network, "alice", &[first.address.clone()]).await;
+    let mut alice = RunningClient::start(&network, "alice", std::slice::from_ref(&first.address)).await;
     alice.wait_attached(Duration::from_secs(10)).await;
-    let mut bob = RunningClient::start_with_status(&network, "bob", &[second.address.clone()], None).await;
+    let mut bob = RunningClient::start_with_status(&network, "bob", std::slice::from_ref(&second.address), None).await;
     bob.wait_attached(Duration::from_secs(10)).await;
     // A client starting invisible publishes its withdrawal only: nothing to find, ever.
     let watch_for = |bob: &RunningClient, alice: &RunningClient, how_long: Duration| {

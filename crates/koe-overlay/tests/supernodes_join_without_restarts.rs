@@ -16,8 +16,8 @@ use koe_types::DeviceKey;
 async fn one_overlay(network: &TestNetwork, first: &RunningSupernode, second: &RunningSupernode) {
     let joined = eventually("the supernodes connect", Duration::from_secs(10), || first.supernodes() >= 1 && second.supernodes() >= 1).await;
     eprintln!("one overlay after {joined:?}");
-    let mut alice = RunningClient::start(network, "alice", &[first.address.clone()]).await;
-    let mut bob = RunningClient::start(network, "bob", &[second.address.clone()]).await;
+    let mut alice = RunningClient::start(network, "alice", std::slice::from_ref(&first.address)).await;
+    let mut bob = RunningClient::start(network, "bob", std::slice::from_ref(&second.address)).await;
     alice.wait_attached(Duration::from_secs(10)).await;
     bob.wait_attached(Duration::from_secs(10)).await;
     wait_findable(&alice, &bob, Duration::from_secs(10)).await;

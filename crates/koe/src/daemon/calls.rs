@@ -848,7 +848,7 @@ async fn ring(
         return Ok(None);
     };
     let result = answer_now(state, from, id, call, remote_media, files, signals, hangup, log).await;
-    let _ = reply.send(result.as_ref().map(|_| String::new()).map_err(|e| ApiError::failed(e)));
+    let _ = reply.send(result.as_ref().map(|_| String::new()).map_err(ApiError::failed));
     result.map(Some)
 }
 
