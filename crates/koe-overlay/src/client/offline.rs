@@ -130,7 +130,10 @@ impl ClientNode {
 
     /// The recipient of send `id` has no device online: find the devices it may be sealed to.
     pub(super) fn keep_for_later(&mut self, id: u64) {
-        let (Some(parent), Some(send)) = (self.parent_peer(), self.sends.get(&id)) else { return };
+        let Some(parent) = self.parent_peer() else {
+            return self.retry_or_fail(id, "not attached to a supernode".into());
+        };
+        let Some(send) = self.sends.get(&id) else { return };
         let username = send.to.to_string();
         let request = self.swarm.behaviour_mut().overlay.send_request(&parent, OverlayRequest::LookupDevices { username });
         self.outstanding.insert(request, Outstanding::SendDevices(id));
@@ -144,7 +147,11 @@ impl ClientNode {
             Ok(other) => return self.retry_or_fail(id, format!("unexpected answer {other:?}")),
             Err(error) => return self.retry_or_fail(id, error),
         };
-        let (Some(parent), Some(send)) = (self.parent_peer(), self.sends.get(&id)) else { return };
+        // The parent may have gone meanwhile: the send starts again through the next one.
+        let Some(parent) = self.parent_peer() else {
+            return self.retry_or_fail(id, "the parent supernode went away".into());
+        };
+        let Some(send) = self.sends.get(&id) else { return };
         let now = UnixTime::now();
         let (network, key) = (&self.config.network.name, &self.config.network.signing_key);
         let devices: Vec<DeviceRecord> = records

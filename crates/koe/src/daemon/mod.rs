@@ -258,9 +258,10 @@ impl DaemonState {
                 PresenceStatus::Away => 2,
                 PresenceStatus::Offline => 3,
             });
+            // News only: the first look at a contact (at start) is not a change.
             let changed = {
                 let Ok(mut presence) = self.contact_presence.lock() else { return };
-                presence.insert(name.clone(), seen) != Some(seen)
+                presence.insert(name.clone(), seen).is_some_and(|before| before != seen)
             };
             if changed {
                 info!(contact = %name, status = ?seen, "contact presence");
