@@ -179,6 +179,8 @@ pub struct Supernode {
     fanouts: HashMap<u64, offline::Fanout>,
     /// Lines about peers' bad input, a few a minute.
     log_budget: std::sync::Mutex<crate::log_budget::LogBudget>,
+    /// Supernodes dialled before this node knew where it listens, to greet once it does.
+    hello_pending: Vec<PeerId>,
 }
 
 /// Tells a running supernode about more supernodes (e.g. the network file changed).
@@ -241,6 +243,7 @@ impl Supernode {
             mailboxes,
             fanouts: HashMap::new(),
             log_budget: std::sync::Mutex::default(),
+            hello_pending: Vec::new(),
         };
         node.update_mailbox_metrics();
         node.learn_bootstrap(config.bootstrap);
@@ -415,6 +418,11 @@ impl Supernode {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
                 self.listen_addresses.push(address);
+                for peer in std::mem::take(&mut self.hello_pending) {
+                    if self.connected.contains(&peer) {
+                        self.say_hello(peer);
+                    }
+                }
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 if let Some(channel) = self.dial_backs.remove(&peer_id) {
@@ -703,6 +711,12 @@ impl Supernode {
     }
 
     fn say_hello(&mut self, peer: PeerId) {
+        if self.listen_addresses.is_empty() {
+            // A node dialling before its listener reported its address would announce nothing
+            // (and be refused): it says hello once it knows where it listens.
+            self.hello_pending.push(peer);
+            return;
+        }
         let listen = self.listen_addresses.iter().map(ToString::to_string).collect();
         let id = self.swarm.behaviour_mut().overlay.send_request(&peer, OverlayRequest::Hello { listen });
         self.outstanding.insert(id, Outstanding::Hello);
@@ -724,6 +738,7 @@ impl Supernode {
             .filter(|a| !matches!(a.iter().last(), Some(Protocol::P2p(other)) if other != peer))
             .collect();
         if addresses.is_empty() {
+            debug!(%peer, ?remote_ip, ?listen, "a Hello announced no address on the IP it connects from");
             self.metrics.refused("hello", "no_address");
             return self.refuse(channel, "no announced address is on the IP you connect from");
         }

@@ -100,5 +100,9 @@ async fn twenty_clients_on_five_supernodes_find_and_reach_each_other() {
         assert_eq!(outcome, SendOutcome::Delivered { devices: 1 }, "{}", clients[i].username);
     }
     let total_refused: u64 = supernodes.iter().map(|s| s.metrics.refused_total()).sum();
-    assert_eq!(total_refused, 0, "honest traffic is never refused");
+    let refusals: Vec<String> = supernodes
+        .iter()
+        .flat_map(|s| s.metrics.prometheus().lines().filter(|l| l.starts_with("koe_supernode_refused_total{")).map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(total_refused, 0, "honest traffic is never refused: {refusals:?}");
 }
