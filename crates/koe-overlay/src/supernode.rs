@@ -320,7 +320,7 @@ impl Supernode {
     /// Dials supernodes heard of from a client or another supernode, while this node knows
     /// too few: how supernodes that were started apart (none in the other's list) meet.
     fn learn_supernodes(&mut self, addresses: &[String]) {
-        if self.supernode_peers().len() >= ENOUGH_SUPERNODES {
+        if self.supernode_count() >= ENOUGH_SUPERNODES {
             return;
         }
         for address in addresses.iter().take(MAX_LEARNED_SUPERNODES) {
@@ -336,20 +336,16 @@ impl Supernode {
     }
 
     /// Other supernodes connected now: peers in the routing table (clients never are).
-    fn supernode_peers(&mut self) -> Vec<PeerId> {
+    fn supernode_count(&mut self) -> usize {
         let connected = &self.connected;
         match self.swarm.behaviour_mut().kad.as_mut() {
-            Some(kad) => kad
-                .kbuckets()
-                .flat_map(|bucket| bucket.iter().map(|entry| *entry.node.key.preimage()).collect::<Vec<_>>())
-                .filter(|peer| connected.contains(peer))
-                .collect(),
-            None => Vec::new(),
+            Some(kad) => kad.kbuckets().map(|bucket| bucket.iter().filter(|entry| connected.contains(entry.node.key.preimage())).count()).sum(),
+            None => 0,
         }
     }
 
     fn update_peer_metrics(&mut self) {
-        let supernodes = self.supernode_peers().len();
+        let supernodes = self.supernode_count();
         self.metrics.connected_peers.store(self.connected.len() as u64, Ordering::Relaxed);
         self.metrics.supernodes.store(supernodes as u64, Ordering::Relaxed);
         self.metrics.attached_clients.store(self.attached.len() as u64, Ordering::Relaxed);
@@ -361,7 +357,7 @@ impl Supernode {
     /// While few other supernodes are connected, dials the bootstrap list again (one may
     /// have been down, or started later); a node with none says so, once a minute.
     fn retry_bootstrap(&mut self) {
-        let supernodes = self.supernode_peers().len();
+        let supernodes = self.supernode_count();
         if supernodes >= ENOUGH_SUPERNODES {
             return;
         }

@@ -194,7 +194,11 @@ impl Supernode {
             },
             OverlayRequest::KeepMessage { message } => match OfflineMessage::decode_verified(message, &network, &key, now) {
                 Ok(message) => match self.mailboxes.keep(&message, now) {
-                    Ok(Ok(Kept::Stored | Kept::AlreadyHeld)) => Ok(OverlayResponse::Stored),
+                    Ok(Ok(Kept::Stored | Kept::AlreadyHeld)) => {
+                        // Counting is a query: only after what changes the count, not per fetch.
+                        self.update_mailbox_metrics();
+                        Ok(OverlayResponse::Stored)
+                    }
                     Ok(Err(refusal)) => {
                         self.metrics.refused("offline_message", "over_quota");
                         Ok(OverlayResponse::NotKept { refusal })
@@ -212,9 +216,15 @@ impl Supernode {
                             .waiting(&owner, &device, now)
                             .map(|messages| OverlayResponse::Mailbox { messages: messages.into_iter().map(ByteString).collect() })
                             .map_err(store_failed),
-                        MailboxAction::Ack { ids } => self.mailboxes.acknowledge(&owner, &device, ids).map(|_| OverlayResponse::Stored).map_err(store_failed),
+                        MailboxAction::Ack { ids } => {
+                            let acknowledged = self.mailboxes.acknowledge(&owner, &device, ids);
+                            self.update_mailbox_metrics();
+                            acknowledged.map(|_| OverlayResponse::Stored).map_err(store_failed)
+                        }
                         MailboxAction::Block { sequence, blocked } => {
-                            self.mailboxes.set_blocked(&owner, *sequence, blocked).map(|_| OverlayResponse::Stored).map_err(store_failed)
+                            let set = self.mailboxes.set_blocked(&owner, *sequence, blocked);
+                            self.update_mailbox_metrics();
+                            set.map(|_| OverlayResponse::Stored).map_err(store_failed)
                         }
                     }
                 }
@@ -222,7 +232,6 @@ impl Supernode {
             },
             _ => Err("not a replica request".into()),
         };
-        self.update_mailbox_metrics();
         outcome.unwrap_or_else(|reason| OverlayResponse::Refused { reason })
     }
 

@@ -13,7 +13,7 @@ use crate::daemon::control::{ask, ask_streaming, ControlError};
 use crate::daemon::{self, DaemonOptions, Promotion};
 use crate::profile::Profile;
 
-use super::node::{node_identity, start_supernode};
+use super::node::{node_identity, report, start_supernode};
 use super::shutdown_signal;
 
 pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
@@ -210,7 +210,7 @@ pub async fn echo_bot(profile: Profile, listen: std::time::Duration) -> Result<(
 /// line as it happens). History (`messages`, `calls`, `contacts list`) is read from the
 /// profile's database when the client is not running.
 pub async fn control(profile: &Profile, request: Request) -> Result<()> {
-    let response = match ask_streaming(profile.home(), &request, |event| print_line(&super::render::event(&event))).await {
+    let response = match ask_streaming(profile.home(), &request, |event| report(&super::render::event(&event))).await {
         // The history is on this device, whether the client runs or is signed in or not.
         Ok(Response::Failed(ApiError::NotLoggedIn)) | Err(ControlError::NotRunning { .. }) if history_request(&request) => {
             read_history(profile, &request)?
@@ -223,7 +223,7 @@ pub async fn control(profile: &Profile, request: Request) -> Result<()> {
         Ok(text) => {
             let text = text.trim_end();
             if !text.is_empty() {
-                print_line(text);
+                report(text);
             }
             Ok(())
         }
@@ -233,10 +233,10 @@ pub async fn control(profile: &Profile, request: Request) -> Result<()> {
 
 /// `koe events`: prints what happens as it happens, until Ctrl-C or the client stops.
 pub async fn events(profile: &Profile) -> Result<()> {
-    let stopped = ask_streaming(profile.home(), &Request::Events, |event| print_line(&super::render::event(&event))).await;
+    let stopped = ask_streaming(profile.home(), &Request::Events, |event| report(&super::render::event(&event))).await;
     match stopped {
         Err(ControlError::NoAnswer) => {
-            print_line("koe stopped");
+            report("koe stopped");
             Ok(())
         }
         Err(error) => Err(error.into()),
@@ -254,19 +254,12 @@ fn read_history(profile: &Profile, request: &Request) -> Result<Response> {
     let history = crate::daemon::history::History::open(&profile.home().join(crate::daemon::HISTORY_FILE))?;
     let answer = match request {
         Request::Messages { username, limit } => {
-            let with = username.as_deref().map(koe_types::Username::parse_existing).transpose().map_err(|e| anyhow::anyhow!("no such user: {e}"))?;
-            requests::messages(&history, with, *limit)
+            username.as_deref().map(requests::user).transpose().and_then(|with| requests::messages(&history, with, *limit))
         }
         Request::Calls { limit } => requests::call_history(&history, *limit),
         _ => requests::contact_list(&history),
     };
     Ok(answer.unwrap_or_else(Response::Failed))
-}
-
-/// Prints to stdout; a reader that went away (`koe calls | head`) is no error, and no panic.
-fn print_line(line: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 pub fn contacts_request(command: ContactsCommand) -> Request {

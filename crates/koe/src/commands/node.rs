@@ -223,8 +223,8 @@ async fn watch_network_file(path: std::path::PathBuf, started_with: NetworkFile,
     }
 }
 
-/// Prints a line for the operator. A service keeps running when nobody reads its output any
-/// more (a closed pipe): `println!` would panic there.
+/// Prints a line on stdout (for the operator, or a command's answer). A reader that went away
+/// (a closed pipe, `koe calls | head`) is no error: `println!` would panic there.
 pub fn report(line: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stdout(), "{line}");

@@ -161,11 +161,7 @@ impl DaemonState {
     /// Tells the user something they must know (online, the network cannot be reached) on
     /// stderr, and logs it. Everything else goes only to the log (`koe.log` in the profile).
     fn notice(&self, line: &str) {
-        use std::io::Write as _;
-        info!("{line}");
-        if self.notices_on_stderr {
-            let _ = writeln!(std::io::stderr(), "koe: {line}");
-        }
+        notice(self.notices_on_stderr, line);
     }
 
     /// Tells every `koe events` (there may be none).
@@ -525,6 +521,15 @@ fn load_host_cache(home: &Path) -> HostCache {
 fn save_host_cache(home: &Path, cache: &HostCache) {
     if let Ok(bytes) = serde_json::to_vec_pretty(cache) {
         let _ = koe_auth::private_file::replace_private_file(&home.join(HOST_CACHE_FILE), &bytes);
+    }
+}
+
+/// Logs `line`, and with `on_stderr` says it there too: what the user must know.
+fn notice(on_stderr: bool, line: &str) {
+    use std::io::Write as _;
+    info!("{line}");
+    if on_stderr {
+        let _ = writeln!(std::io::stderr(), "koe: {line}");
     }
 }
 

@@ -69,13 +69,10 @@ async fn stream_events(state: &DaemonState, from_asker: &mut (impl tokio::io::As
         return;
     }
     // First where things stand, so the asker knows it is listening.
-    let now = match state.client.status().await {
-        Ok(status) => match (status.parent, status.unreachable) {
-            (Some(parent), _) => Some(Event::Online { parent }),
-            (None, Some(reason)) => Some(Event::Unreachable { reason }),
-            (None, None) => None,
-        },
-        Err(_) => None,
+    let now = match state.client.status().await.map(|status| reach(&status)) {
+        Ok(Reach::Online { parent }) => Some(Event::Online { parent }),
+        Ok(Reach::Unreachable { reason }) => Some(Event::Unreachable { reason }),
+        Ok(Reach::Attaching) | Err(_) => None,
     };
     if let Some(event) = now {
         if control::send_frame(to_asker, &Frame::Event(event)).await.is_err() {
@@ -147,24 +144,28 @@ async fn dispatch(state: &Arc<DaemonState>, request: Request, progress: Progress
 }
 
 /// A username from the asker: one that cannot exist is "no such user".
-fn user(name: &str) -> Result<Username, ApiError> {
+pub fn user(name: &str) -> Result<Username, ApiError> {
     Username::parse_existing(name).map_err(|_| ApiError::NoSuchUser { username: name.to_string() })
 }
 
 async fn status(state: &DaemonState) -> Result<Response, ApiError> {
     let status = state.client.status().await.map_err(ApiError::failed)?;
-    let reach = match (status.parent, status.unreachable) {
-        (Some(parent), _) => Reach::Online { parent },
-        (None, Some(reason)) => Reach::Unreachable { reason },
-        (None, None) => Reach::Attaching,
-    };
     Ok(Response::Status(StatusView {
         me: state.me.to_string(),
         availability: Availability::of(status.status),
-        reach,
+        reach: reach(&status),
         serving: state.serving.lock().ok().and_then(|s| s.clone()),
         known_supernodes: status.known_supernodes,
     }))
+}
+
+/// How the overlay client reaches the network.
+fn reach(status: &koe_overlay::client::ClientStatus) -> Reach {
+    match (&status.parent, &status.unreachable) {
+        (Some(parent), _) => Reach::Online { parent: parent.clone() },
+        (None, Some(reason)) => Reach::Unreachable { reason: reason.clone() },
+        (None, None) => Reach::Attaching,
+    }
 }
 
 async fn lookup(state: &DaemonState, username: &Username) -> Result<Response, ApiError> {

@@ -22,11 +22,7 @@ pub async fn wait_for_login(
     notices_on_stderr: bool,
     shutdown: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) -> bool {
-    tracing::info!("{why}; waiting");
-    if notices_on_stderr {
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "koe: {why} (this client goes online when you do)");
-    }
+    super::notice(notices_on_stderr, &format!("{why} (this client goes online when you do)"));
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut poll = tokio::time::interval(LOGIN_POLL_INTERVAL);
     loop {
