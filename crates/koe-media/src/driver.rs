@@ -171,39 +171,45 @@ pub struct CallSummary {
     pub failure: Option<String>,
 }
 
-/// Writes queued towards one relay stream before more are dropped (voice is worth nothing late).
-const RELAY_STREAM_QUEUE: usize = 256;
-
 /// A byte stream to a relay node: TCP, or TLS over TCP, perhaps through an HTTP proxy.
 pub trait RelayStreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> RelayStreamIo for T {}
 
-/// The call's streams to relay nodes, each with a task that reads it and writes to it.
+/// The call's streams to relay nodes, each with a task that reads it and writes to it. What
+/// waits to be written is bounded, and the oldest voice goes first when a stream falls behind
+/// (the relay node's own queue, [`koe_relay::send_queue`]: voice is worth nothing late).
 #[derive(Debug)]
 pub struct RelayStreams {
-    writers: std::collections::HashMap<usize, mpsc::Sender<Vec<u8>>>,
+    writers: std::collections::HashMap<usize, koe_relay::send_queue::SendQueueSender>,
     events: mpsc::Receiver<(usize, Option<Vec<u8>>)>,
     events_sender: mpsc::Sender<(usize, Option<Vec<u8>>)>,
+    frames_dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for RelayStreams {
     fn default() -> Self {
         let (events_sender, events) = mpsc::channel(1024);
-        Self { writers: Default::default(), events, events_sender }
+        Self { writers: Default::default(), events, events_sender, frames_dropped: Arc::default() }
     }
 }
 
 impl RelayStreams {
-    /// Carries relay `relay`'s stream (the index [`MediaSession::add_relay`] gave).
+    /// Carries relay `relay`'s stream (the index [`MediaSession::add_relay`] gave). The TCP
+    /// socket under it should have been through
+    /// [`koe_relay::send_queue::limit_kernel_send_buffering`], so that a slow path's backlog
+    /// waits in the queue, where the oldest voice can be dropped, not in the kernel.
     pub fn add(&mut self, relay: usize, stream: impl RelayStreamIo) {
-        let (writer, mut writes) = mpsc::channel::<Vec<u8>>(RELAY_STREAM_QUEUE);
+        let limits = koe_relay::send_queue::SendQueueLimits::default();
+        let (writer, writes) = koe_relay::send_queue::channel(limits, Arc::clone(&self.frames_dropped));
         self.writers.insert(relay, writer);
         let events = self.events_sender.clone();
         tokio::spawn(async move {
             let (mut reader, mut writer) = tokio::io::split(stream);
             let writing = async {
                 while let Some(bytes) = writes.recv().await {
-                    if writer.write_all(&bytes).await.is_err() {
+                    // Flushed write by write (TLS would buffer), so a slow stream's backlog
+                    // waits in the queue, where the oldest voice is dropped.
+                    if writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err() {
                         return;
                     }
                 }
@@ -231,8 +237,13 @@ impl RelayStreams {
 
     fn write(&self, relay: usize, bytes: Vec<u8>) {
         if let Some(writer) = self.writers.get(&relay) {
-            let _ = writer.try_send(bytes);
+            writer.send(bytes);
         }
+    }
+
+    /// Frames dropped so far because a stream fell behind (the oldest voice first).
+    pub fn frames_dropped(&self) -> u64 {
+        self.frames_dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The next piece read from a stream (`None` bytes: it closed). Pends forever without streams.

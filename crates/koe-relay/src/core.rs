@@ -95,6 +95,9 @@ pub struct RelayStats {
     pub packets_dropped_forbidden_peer: u64,
     pub streams_closed_not_turn: u64,
     pub requests_refused_expired: u64,
+    /// Frames for TCP and TLS clients dropped because their stream fell behind (the oldest
+    /// media first, see [`crate::send_queue`]). Counted by the driver, not this core.
+    pub stream_frames_dropped: u64,
 }
 
 #[derive(Debug)]

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,13 +18,12 @@ use turn_types::stun::TransportType;
 
 use crate::core::{AllocationRequest, RelayCore, RelayOutput, RelayPolicy, RelayStats};
 use crate::credentials::RelaySecret;
+use crate::send_queue::{self, SendQueueLimits, SendQueueReceiver, SendQueueSender};
 
 /// Largest datagram handled at once (a TURN message is at most 20 + 65,535 bytes).
 const READ_BUFFER: usize = 65_600;
 /// One read from a stream; the framer puts larger messages together.
 const STREAM_READ_BUFFER: usize = 16 * 1024;
-/// Frames queued towards one stream before further ones are dropped (voice is worth nothing late).
-const STREAM_QUEUE: usize = 512;
 const EVENT_QUEUE: usize = 16_384;
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -187,30 +187,32 @@ enum StreamWriter {
     /// takes whole frames.
     Direct(Arc<TcpStream>),
     /// TLS, or a TCP socket that once did not take a whole frame: a task writes the queue in
-    /// order; beyond [`STREAM_QUEUE`] frames are dropped (voice is worth nothing late).
-    Queued(mpsc::Sender<Vec<u8>>),
+    /// order; when the stream falls behind, the oldest media is dropped ([`send_queue`]).
+    Queued(SendQueueSender),
 }
 
 impl StreamWriter {
-    fn write(&mut self, frame: Vec<u8>) {
+    /// Writes `frame`, or queues it; frames dropped from a full queue are added to `dropped`.
+    fn write(&mut self, frame: Vec<u8>, dropped: &Arc<AtomicU64>) {
         match self {
             Self::Direct(socket) => {
-                let rest = match socket.try_write(&frame) {
+                let (unfinished, queued) = match socket.try_write(&frame) {
                     Ok(length) if length == frame.len() => return,
-                    Ok(length) => frame[length..].to_vec(),
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => frame,
+                    // Part of the frame is on the wire: the rest must follow, never be dropped.
+                    Ok(length) => (frame[length..].to_vec(), None),
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => (Vec::new(), Some(frame)),
                     // The reading side sees the connection end and closes the stream.
                     Err(_) => return,
                 };
                 // The socket is full: from now on a task writes, so nothing is reordered.
-                let (queue, frames) = mpsc::channel(STREAM_QUEUE);
-                let _ = queue.try_send(rest);
-                tokio::spawn(write_tcp(Arc::clone(socket), frames));
+                let (queue, frames) = send_queue::channel(SendQueueLimits::default(), Arc::clone(dropped));
+                if let Some(frame) = queued {
+                    queue.send(frame);
+                }
+                tokio::spawn(write_tcp(Arc::clone(socket), unfinished, frames));
                 *self = Self::Queued(queue);
             }
-            Self::Queued(queue) => {
-                let _ = queue.try_send(frame);
-            }
+            Self::Queued(queue) => queue.send(frame),
         }
     }
 }
@@ -247,7 +249,8 @@ pub async fn start_relay(config: RelayConfig) -> Result<RelayHandle, RelayError>
     core.add_listener(TransportType::Tcp, tcp_addr);
 
     let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
-    let mut tasks = vec![tokio::spawn(accept_streams(tcp, tcp_addr, None, events.clone()))];
+    let stream_frames_dropped = Arc::new(AtomicU64::new(0));
+    let mut tasks = vec![tokio::spawn(accept_streams(tcp, tcp_addr, None, events.clone(), Arc::clone(&stream_frames_dropped)))];
 
     let (mut tls_addr, mut tls_fingerprint) = (None, None);
     if let Some(tls_listen) = config.tls_listen {
@@ -261,7 +264,7 @@ pub async fn start_relay(config: RelayConfig) -> Result<RelayHandle, RelayError>
         let address = listener.local_addr().map_err(|source| RelayError::Listen { address: tls_listen, transport: "TLS", source })?;
         core.add_listener(TransportType::Tcp, address);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&identity.config));
-        tasks.push(tokio::spawn(accept_streams(listener, address, Some(acceptor), events.clone())));
+        tasks.push(tokio::spawn(accept_streams(listener, address, Some(acceptor), events.clone(), Arc::clone(&stream_frames_dropped))));
         tls_addr = Some(address);
         tls_fingerprint = Some(identity.fingerprint);
     }
@@ -280,6 +283,7 @@ pub async fn start_relay(config: RelayConfig) -> Result<RelayHandle, RelayError>
         relayed: HashMap::new(),
         events,
         stats: Arc::clone(&stats),
+        stream_frames_dropped,
     };
     tasks.push(tokio::spawn(driver.run(event_queue)));
     tracing::info!(udp = %udp_addr, tcp = %tcp_addr, tls = ?tls_addr, "relay node listening");
@@ -323,6 +327,8 @@ struct Driver {
     relayed: HashMap<SocketAddr, RelayedSocket>,
     events: mpsc::Sender<Event>,
     stats: Arc<Mutex<RelayStats>>,
+    /// Frames dropped from every stream's send queue.
+    stream_frames_dropped: Arc<AtomicU64>,
 }
 
 impl Driver {
@@ -350,7 +356,7 @@ impl Driver {
             }
             self.carry_out().await;
             if let Ok(mut stats) = self.stats.lock() {
-                *stats = self.core.stats();
+                *stats = RelayStats { stream_frames_dropped: self.stream_frames_dropped.load(Ordering::Relaxed), ..self.core.stats() };
             }
         }
     }
@@ -387,7 +393,7 @@ impl Driver {
                 }
                 RelayOutput::Stream { listen, client, data } => {
                     if let Some(stream) = self.streams.get_mut(&(listen, client)) {
-                        stream.writer.write(data);
+                        stream.writer.write(data, &self.stream_frames_dropped);
                     }
                 }
                 RelayOutput::CloseStream { listen, client } => {
@@ -434,10 +440,18 @@ async fn read_relayed(socket: Arc<UdpSocket>, local: SocketAddr, events: mpsc::S
     }
 }
 
-async fn accept_streams(listener: TcpListener, listen: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>, events: mpsc::Sender<Event>) {
+async fn accept_streams(
+    listener: TcpListener,
+    listen: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    events: mpsc::Sender<Event>,
+    stream_frames_dropped: Arc<AtomicU64>,
+) {
     loop {
         let Ok((stream, client)) = listener.accept().await else { continue };
-        let _ = stream.set_nodelay(true);
+        if let Err(error) = send_queue::limit_kernel_send_buffering(&stream) {
+            tracing::debug!(%client, %error, "cannot limit a stream's send buffer");
+        }
         let (close, closed) = oneshot::channel();
         let events_for_task = events.clone();
         match tls.clone() {
@@ -458,7 +472,7 @@ async fn accept_streams(listener: TcpListener, listen: SocketAddr, tls: Option<t
                 });
             }
             Some(acceptor) => {
-                let (writer, frames) = mpsc::channel(STREAM_QUEUE);
+                let (writer, frames) = send_queue::channel(SendQueueLimits::default(), Arc::clone(&stream_frames_dropped));
                 if events.send(Event::StreamOpened { listen, client, writer: StreamWriter::Queued(writer), close }).await.is_err() {
                     return;
                 }
@@ -496,20 +510,37 @@ async fn read_tcp(socket: &TcpStream, listen: SocketAddr, client: SocketAddr, ev
     }
 }
 
-/// Writes queued frames to a plain TCP stream, in order, as it takes them.
-async fn write_tcp(socket: Arc<TcpStream>, mut frames: mpsc::Receiver<Vec<u8>>) {
-    while let Some(frame) = frames.recv().await {
-        let mut written = 0;
-        while written < frame.len() {
-            if socket.writable().await.is_err() {
+/// Writes the rest of a frame the socket took only part of, then queued frames, to a plain TCP
+/// stream, in order, as it takes them, until the driver lets go of the stream. A frame leaves
+/// the queue only once the socket has room, so while the stream is behind the queue decides
+/// what to drop.
+async fn write_tcp(socket: Arc<TcpStream>, unfinished: Vec<u8>, frames: SendQueueReceiver) {
+    let writing = async {
+        let mut unfinished = unfinished;
+        loop {
+            let mut written = 0;
+            while written < unfinished.len() {
+                if socket.writable().await.is_err() {
+                    return;
+                }
+                match socket.try_write(&unfinished[written..]) {
+                    Ok(length) => written += length,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return,
+                }
+            }
+            if !frames.ready().await || socket.writable().await.is_err() {
                 return;
             }
-            match socket.try_write(&frame[written..]) {
-                Ok(length) => written += length,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return,
-            }
+            // A frame taken off the queue is written whole, even if the room was not really there.
+            unfinished = frames.try_recv().unwrap_or_default();
         }
+    };
+    // A client that stopped reading would otherwise hold the socket (and this task) forever
+    // after the relay closed the stream.
+    tokio::select! {
+        () = writing => {}
+        () = frames.closed() => {}
     }
 }
 
@@ -519,7 +550,7 @@ async fn serve_stream<S>(
     stream: S,
     listen: SocketAddr,
     client: SocketAddr,
-    mut frames: mpsc::Receiver<Vec<u8>>,
+    frames: SendQueueReceiver,
     closed: oneshot::Receiver<()>,
     events: &mpsc::Sender<Event>,
 ) where
@@ -528,7 +559,9 @@ async fn serve_stream<S>(
     let (mut reader, mut writer) = tokio::io::split(stream);
     let writing = async {
         while let Some(frame) = frames.recv().await {
-            if writer.write_all(&frame).await.is_err() {
+            // Flushed frame by frame, so a slow stream's backlog waits in the queue, where the
+            // oldest media is dropped, not in TLS's own buffer.
+            if writer.write_all(&frame).await.is_err() || writer.flush().await.is_err() {
                 return;
             }
         }

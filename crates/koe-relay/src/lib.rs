@@ -5,11 +5,14 @@
 //! - [`driver`]: the tokio sockets around it.
 //! - [`credentials`]: short-lived credentials supernodes hand to logged-in users.
 //! - [`framing`]: TURN over a byte stream.
+//! - [`send_queue`]: what waits to be written to a stream, the oldest voice dropped first when
+//!   the path falls behind (the relay's and the client's).
 
 pub mod core;
 pub mod credentials;
 pub mod driver;
 pub mod framing;
+pub mod send_queue;
 
 pub use crate::core::{RelayPolicy, RelayStats};
 pub use credentials::{RelayCredentials, RelaySecret};
