@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use koe_voice::{Backend, JitterConfig, ReceiverStats, SenderStats, VoiceReceiver, VoiceSender, FRAME_SAMPLES, SAMPLE_RATE};
+use koe_voice::jitter::LossReport;
+use koe_voice::{Backend, JitterConfig, ReceiverStats, SenderStats, Transport, VoiceReceiver, VoiceSender, FRAME_SAMPLES, SAMPLE_RATE};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -27,8 +28,10 @@ use crate::{MediaError, MediaOutput, MediaPath, MediaSession};
 const FRAME: Duration = Duration::from_millis(20);
 /// Path changes this early after media connected are ICE settling, not moves worth reporting.
 const ICE_SETTLING: Duration = Duration::from_secs(1);
-/// Loss reports to the other side, and live statistics, once a second.
-const REPORT_EVERY_FRAMES: u64 = 50;
+/// Loss reports to the other side, and live statistics, every 200 ms: the first report reaches
+/// the sender while the call's first words are spoken (until then it sends a copy of each
+/// frame), and a report is 21 bytes in SRTCP, a tenth of a voice packet.
+const REPORT_EVERY_FRAMES: u64 = 10;
 /// The echo test's tone: before it listens and before it plays back.
 const ECHO_TONE: Duration = Duration::from_millis(400);
 const ECHO_TONE_HZ: f32 = 660.0;
@@ -473,7 +476,11 @@ pub async fn run(
                 MediaOutput::Voice { payload, arrived } => {
                     let _ = receiver.receive(arrived, &payload);
                 }
-                MediaOutput::LossReport(report) => sender.on_loss_report(report),
+                MediaOutput::LossReport(report) => {
+                    // A byte stream on either side's leg makes what arrives here come in bursts.
+                    receiver.set_transport(if report.stream_leg || session.on_stream_leg() { Transport::Stream } else { Transport::Datagram });
+                    sender.on_loss_report(report);
+                }
                 MediaOutput::PathStats { path: now_path, rtt: now_rtt } => {
                     if let (Some(from), Some(to), Some(connected)) = (path, now_path, connected) {
                         // In its first second ICE is still settling on the best pair.
@@ -524,7 +531,7 @@ pub async fn run(
                     push_sound(speaker, &played);
                 }
                 if frames_sent.is_multiple_of(REPORT_EVERY_FRAMES) {
-                    session.send_loss_report(receiver.loss_report());
+                    session.send_loss_report(LossReport { stream_leg: session.on_stream_leg(), ..receiver.loss_report() });
                     if let Ok(mut live) = controls.live.lock() {
                         *live = stats(&session, &sender, &receiver, started, connected, path, rtt);
                         live.path_moves.clone_from(&path_moves);

@@ -245,6 +245,15 @@ impl MediaSession {
         self.relays.len() - 1
     }
 
+    /// Whether this side's end of the path the voice arrives on is a byte stream: an
+    /// allocation on a relay reached over TCP or TLS.
+    pub fn on_stream_leg(&self) -> bool {
+        let Some((_, local)) = self.receiving else { return false };
+        self.relays
+            .iter()
+            .any(|relay| relay.allocated() == Some(local) && relay.server.transport != RelayTransport::Udp)
+    }
+
     /// Each relay's transport, server and state, in [`Self::add_relay`] order.
     pub fn relay_states(&self) -> Vec<(RelayTransport, SocketAddr, AllocationState)> {
         self.relays.iter().map(|relay| (relay.server.transport, relay.server.address, relay.state().clone())).collect()
@@ -422,6 +431,7 @@ impl MediaSession {
         let mut payload = LOSS_REPORT_TAG.to_vec();
         payload.extend_from_slice(&(report.loss as f32).to_be_bytes());
         payload.extend_from_slice(&(report.mean_burst as f32).to_be_bytes());
+        payload.push(u8::from(report.stream_leg));
         let ssrc = self.ssrc;
         self.rtc.direct_api().send_app_specific_feedback(ssrc, remote, payload);
     }
@@ -658,13 +668,16 @@ fn rtp_ssrc(datagram: &[u8]) -> Option<u32> {
     is_rtp.then(|| u32::from_be_bytes([header[8], header[9], header[10], header[11]]))
 }
 
-/// A loss report from the other side, if the feedback is one and its numbers make sense.
+/// A loss report from the other side, if the feedback is one and its numbers make sense:
+/// the loss and mean burst (two f32), then a flags byte (bit 0: the other side's leg is a
+/// byte stream), which older reports lack.
 fn parse_loss_report(payload: &[u8]) -> Option<LossReport> {
     let rest = payload.strip_prefix(LOSS_REPORT_TAG.as_slice())?;
-    let (loss, burst) = rest.split_first_chunk::<4>()?;
-    let burst = burst.first_chunk::<4>()?;
+    let (loss, rest) = rest.split_first_chunk::<4>()?;
+    let (burst, flags) = rest.split_first_chunk::<4>()?;
     let (loss, mean_burst) = (f64::from(f32::from_be_bytes(*loss)), f64::from(f32::from_be_bytes(*burst)));
-    ((0.0..=1.0).contains(&loss) && (0.0..=1000.0).contains(&mean_burst)).then_some(LossReport { loss, mean_burst })
+    let stream_leg = flags.first().is_some_and(|flags| flags & 1 == 1);
+    ((0.0..=1.0).contains(&loss) && (0.0..=1000.0).contains(&mean_burst)).then_some(LossReport { loss, mean_burst, stream_leg })
 }
 
 #[cfg(test)]
@@ -676,7 +689,9 @@ mod tests {
         let mut good = LOSS_REPORT_TAG.to_vec();
         good.extend_from_slice(&0.25f32.to_be_bytes());
         good.extend_from_slice(&3.0f32.to_be_bytes());
-        assert_eq!(parse_loss_report(&good), Some(LossReport { loss: 0.25, mean_burst: 3.0 }));
+        assert_eq!(parse_loss_report(&good), Some(LossReport { loss: 0.25, mean_burst: 3.0, stream_leg: false }), "an older report");
+        good.push(1);
+        assert_eq!(parse_loss_report(&good), Some(LossReport { loss: 0.25, mean_burst: 3.0, stream_leg: true }));
         assert_eq!(parse_loss_report(&good[..10]), None, "truncated");
         assert_eq!(parse_loss_report(b"xxxx\0\0\0\0\0\0\0\0"), None, "another application's feedback");
         let mut nonsense = LOSS_REPORT_TAG.to_vec();

@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("bursty 10% (mean burst 3)".into(), Impairment { loss: LossModel::bursty(0.10, 3.0), ..Impairment::CLEAN }),
         ("bursty 20% (mean burst 3)".into(), Impairment { loss: LossModel::bursty(0.20, 3.0), ..Impairment::CLEAN }),
         ("jitter 0–60 ms".into(), Impairment { delay: ms(20), jitter: ms(60), ..Impairment::CLEAN }),
-        ("jitter 0–60 ms + random 10%".into(), Impairment { loss: LossModel::Random(0.10), delay: ms(20), jitter: ms(60) }),
+        ("jitter 0–60 ms + random 10%".into(), Impairment { loss: LossModel::Random(0.10), delay: ms(20), jitter: ms(60), stalls: None }),
     ];
     for (index, (name, impairment)) in conditions.iter().enumerate() {
         for (engine, fixed_redundancy) in [("koe", None), ("fec-only", Some(0))] {

@@ -1,5 +1,6 @@
 //! A bad network in a box, sans-IO and seeded: random or bursty (Gilbert–Elliott) loss,
-//! delay and jitter (and so reordering). Tests and the voice benchmark push packets through
+//! delay and jitter (and so reordering), or the stalls of a byte stream (TCP retransmissions:
+//! nothing lost, everything behind a lost segment held up and then delivered at once). Tests and the voice benchmark push packets through
 //! it in virtual time; the same core can sit in a user-space forwarder between real peers.
 
 use std::cmp::Reverse;
@@ -58,10 +59,20 @@ pub struct Impairment {
     pub delay: Duration,
     /// Extra delay, uniform in 0..jitter per packet (packets can overtake each other).
     pub jitter: Duration,
+    /// A byte stream's head-of-line blocking, if any: delivery stays in order.
+    pub stalls: Option<Stalls>,
+}
+
+/// The stalls of a TCP connection: now and then (on average every `every`, at random), a
+/// segment is lost and retransmitted after `hold`; whatever was sent meanwhile waits behind it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stalls {
+    pub every: Duration,
+    pub hold: Duration,
 }
 
 impl Impairment {
-    pub const CLEAN: Self = Self { loss: LossModel::None, delay: Duration::ZERO, jitter: Duration::ZERO };
+    pub const CLEAN: Self = Self { loss: LossModel::None, delay: Duration::ZERO, jitter: Duration::ZERO, stalls: None };
 }
 
 /// Packets in flight through an [`Impairment`].
@@ -73,11 +84,24 @@ pub struct ImpairedLink {
     in_flight: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>>,
     sent: u64,
     lost: u64,
+    /// Until when a stream stall holds everything, and the latest delivery time (streams
+    /// deliver in order).
+    stalled_until: Option<Instant>,
+    last_delivery: Option<Instant>,
 }
 
 impl ImpairedLink {
     pub fn new(impairment: Impairment, seed: u64) -> Self {
-        Self { impairment, rng: SeededRng::new(seed), bad: false, in_flight: BinaryHeap::new(), sent: 0, lost: 0 }
+        Self {
+            impairment,
+            rng: SeededRng::new(seed),
+            bad: false,
+            in_flight: BinaryHeap::new(),
+            sent: 0,
+            lost: 0,
+            stalled_until: None,
+            last_delivery: None,
+        }
     }
 
     fn lose(&mut self) -> bool {
@@ -100,7 +124,20 @@ impl ImpairedLink {
             return;
         }
         let jitter = self.impairment.jitter.mul_f64(self.rng.unit());
-        let at = now + self.impairment.delay + jitter;
+        let mut at = now + self.impairment.delay + jitter;
+        if let Some(stalls) = self.impairment.stalls {
+            // A stall starts with this packet with the chance that makes one every `every`
+            // on average at 50 packets a second.
+            let chance = 0.02 / stalls.every.as_secs_f64().max(0.02);
+            if self.stalled_until.is_none_or(|until| until <= now) && self.rng.unit() < chance {
+                self.stalled_until = Some(now + stalls.hold);
+            }
+            if let Some(until) = self.stalled_until.filter(|&until| until > now) {
+                at = at.max(until + self.impairment.delay);
+            }
+            at = self.last_delivery.map_or(at, |last| at.max(last));
+            self.last_delivery = Some(at);
+        }
         self.in_flight.push(Reverse((at, self.sent, packet)));
     }
 

@@ -1,52 +1,81 @@
-//! The adaptive jitter buffer, sans-IO: payloads go in as they arrive (`push`), and every
-//! 20 ms the playout clock asks what to play (`pop`). Time is whatever `Instant` the caller
-//! passes, so tests run in virtual time.
+//! The adaptive jitter buffer, sans-IO: payloads go in as they arrive (`push`), and the playout
+//! asks what to play next (`pop`) whenever it needs another 20 ms of audio, saying when that
+//! audio will start to play. Time is whatever `Instant` the caller passes, so tests run in
+//! virtual time.
 //!
 //! Each frame's ideal playout time is its send time (frame number × 20 ms) plus the smallest
 //! transit time seen recently plus a target delay. The target covers the jitter of recent
-//! arrivals (a high quantile of transit above the minimum) and, when packets are being lost,
-//! the wait for the copies of a lost frame that later packets carry (20 ms per copy waited
-//! for, only as many as the loss rate makes worthwhile). On a clean path it is a few
-//! milliseconds. The buffer follows the target by inserting a concealed frame (expand) when
-//! playout runs ahead of it and dropping one (shrink) when it lags, preferably while the
-//! caller reports quiet audio, so adjustments fall into pauses rather than words.
+//! arrivals and, when packets are being lost, the wait for the copies of a lost frame that
+//! later packets carry (20 ms per copy waited for, only as many as the loss rate makes
+//! worthwhile). On a clean datagram path the jitter is a high quantile of recent transit above
+//! the minimum, and the target a few milliseconds. On a byte-stream path (a TCP or TLS relay
+//! leg) nothing is lost but arrivals come in bursts after each retransmission, with every
+//! frame behind it held up: there the target covers the highest delay peak of the last ten
+//! seconds, since one retransmission means more to come.
 //!
-//! A missing frame is rebuilt from a copy in a later packet, else from the in-band FEC of the
-//! next frame's Opus packet, else concealed; each outcome is counted.
+//! The buffer follows its target without dropping or inserting audio in words: in speech it
+//! asks the caller to stretch the frame by a pitch period ([`Stretch`], see
+//! [`crate::stretch`]), shorter when playout lags the target and longer when it runs ahead; in
+//! a pause it inserts a concealed frame (expand) or drops one, which is quicker and unheard.
+//!
+//! A frame that has not arrived when its time comes is waited for (an expand that consumes
+//! nothing) as long as nothing newer has arrived either: it may be late, the sender may have
+//! paused, a stream may be stalled. Once newer frames are there, the ones still missing are
+//! rebuilt from a copy in a later packet, else from the in-band FEC of the next frame's Opus
+//! packet, else concealed; the time already spent waiting is caught up by skipping them.
+//! Each outcome is counted, and a primary that turns up after its frame was rebuilt or
+//! concealed moves that frame from "lost" to "late": late is not lost.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::codec::FRAME_MILLIS;
 use crate::payload::{PayloadError, VoicePayload};
+pub use crate::stretch::Stretch;
 
 const FRAME_MICROS: i64 = FRAME_MILLIS as i64 * 1000;
-/// Arrivals remembered for the jitter and minimum-transit estimates (4 s of speech).
+/// Arrivals remembered for the jitter and minimum-transit estimates on a datagram path (4 s).
 const TRANSIT_WINDOW: usize = 200;
+/// ... and on a byte stream, whose delay peaks come seconds apart (10 s).
+const STREAM_TRANSIT_WINDOW: usize = 500;
 /// Frames remembered for the loss estimate (5 s).
 const LOSS_WINDOW: u64 = 250;
 /// Until this many frames have arrived, the loss rate is not known yet.
 const EARLY_FRAMES: usize = 50;
 /// Waiting for fewer copies only once the loss has stayed low this many frames (5 s): a
-/// loss estimate that wavers around a threshold must not shrink and re-grow the delay (each
-/// change shifts the playout by a frame or more).
+/// loss estimate that wavers around a threshold must not shrink and re-grow the delay.
 const FEWER_COPIES_AFTER_FRAMES: u64 = 250;
-/// The share of arrivals the target waits for.
+/// The share of arrivals the target waits for on a datagram path (on a stream: all of them).
 const JITTER_QUANTILE: f64 = 0.97;
 /// Waiting for copies stops being worth it once fewer frames than this stay lost.
 const RESIDUAL_LOSS_GOAL: f64 = 0.005;
-/// Playout may run this far ahead of the ideal time before a frame is inserted ...
-const EXPAND_BELOW_MICROS: i64 = -5_000;
-/// ... even in speech, once this far ahead (until then, a pause is awaited).
-const EXPAND_IN_SPEECH_BELOW_MICROS: i64 = -30_000;
-/// It may lag this far behind before a frame is dropped (hysteresis: after one adjustment
-/// of 20 ms the other threshold is never crossed) ...
-const SHRINK_ABOVE_MICROS: i64 = 30_000;
-/// ... even in speech, once this far behind.
-const SHRINK_IN_SPEECH_ABOVE_MICROS: i64 = 100_000;
-/// A frame further ahead than this means the stream jumped (sender restarted, long outage):
-/// start over from it.
+/// In a pause, a concealed frame is inserted once playout runs this far ahead of its ideal
+/// time ...
+const EXPAND_IN_PAUSE_BELOW_MICROS: i64 = -5_000;
+/// ... in speech, the frame is stretched longer from as far ahead ...
+const LENGTHEN_BELOW_MICROS: i64 = -5_000;
+/// ... and a concealed frame inserted all the same from this far (a sudden jump of the
+/// target, as when loss starts and copies must be waited for).
+const EXPAND_IN_SPEECH_BELOW_MICROS: i64 = -60_000;
+/// A frame is stretched shorter once playout lags this far behind its ideal time (one pitch
+/// period, at most 14 ms, never carries it past the lengthening threshold) ...
+const SHORTEN_ABOVE_MICROS: i64 = 15_000;
+/// ... in a pause a whole frame is dropped from this far (20 ms less never crosses the
+/// expansion threshold) ...
+const DROP_IN_PAUSE_ABOVE_MICROS: i64 = 30_000;
+/// ... and in speech too from this far, when stretching cannot keep up (a long stall).
+const DROP_IN_SPEECH_ABOVE_MICROS: i64 = 200_000;
+/// When the smallest transit of this many recent arrivals (1 s) exceeds the remembered
+/// minimum by [`BASELINE_SHIFT_MICROS`], the path's delay itself has changed (a paused
+/// sender resumed, a route changed): the older transits are forgotten.
+const BASELINE_ARRIVALS: usize = 50;
+const BASELINE_SHIFT_MICROS: i64 = 120_000;
+/// A frame further ahead than this (or 4× as far behind) does not belong to the stream being
+/// played: it is a stray, unless the next frames follow it, which means the stream jumped
+/// (sender restarted, long outage) and is started over from it.
 const RESYNC_AHEAD_FRAMES: u64 = 100;
+/// How close after a stray the next frame must be to confirm a jump.
+const RESYNC_CONFIRM_FRAMES: u32 = 5;
 /// Frames held at most (bounds memory whatever a peer sends).
 const MAX_HELD_FRAMES: usize = 256;
 
@@ -66,6 +95,17 @@ impl Default for JitterConfig {
     }
 }
 
+/// How the frames reach this end: what kind of delay to expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Datagrams (UDP, directly or through a relay): packets get lost, and jitter is spread.
+    #[default]
+    Datagram,
+    /// A byte stream on some leg of the path (a TCP or TLS relay connection): nothing is
+    /// lost on that leg, but a retransmission holds up every frame behind it.
+    Stream,
+}
+
 /// Where a played frame came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -74,53 +114,64 @@ pub enum Source {
     Copy,
 }
 
-/// What the playout clock should do now.
+/// What the playout should do now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Playout {
     /// Nothing has arrived yet: play silence.
     Waiting,
-    /// Decode this Opus packet.
-    Frame { opus: Vec<u8>, source: Source },
+    /// Decode this Opus packet, and stretch the result if `stretch` says so.
+    Frame { opus: Vec<u8>, source: Source, stretch: Option<Stretch> },
     /// The frame is lost but the next one is here: rebuild it from its in-band FEC.
     Fec { next_opus: Vec<u8> },
     /// The frame is lost: conceal it.
     Conceal,
-    /// Insert a concealed frame to let the buffer grow (nothing is consumed).
+    /// Conceal a frame without consuming one: to let the buffer grow, or to wait for a frame
+    /// that has not arrived while nothing newer has either.
     Expand,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct JitterStats {
-    /// Frames of the stream played (not counting `Waiting`, `Expand` and underruns).
+    /// Frames of the stream played (not counting `Waiting` and `Expand`).
     pub frames: u64,
     pub from_copies: u64,
     pub from_fec: u64,
-    /// Frames lost for good: concealed although a later frame had arrived.
+    /// Frames lost for good: their packet never came, and no copy or FEC rebuilt them.
     pub concealed: u64,
-    /// Frames concealed because nothing newer had arrived at all (the sender paused or
-    /// stopped, or everything is late): not counted as loss.
+    /// Frames concealed because their packet came after their time (late, not lost).
+    pub late_concealed: u64,
+    /// Expansions while waiting for a frame when nothing newer had arrived either (the sender
+    /// paused or stopped, a stream stalled, everything is late).
     pub underruns: u64,
     /// Primary frames that came after their time had passed.
     pub late: u64,
+    /// Expansions to grow the delay (in pauses, or far ahead in speech).
     pub expanded: u64,
     /// Frames dropped to shrink the delay.
     pub dropped: u64,
+    /// Frames the buffer asked to stretch shorter or longer (the receiver counts what moved).
+    pub stretched_shorter: u64,
+    pub stretched_longer: u64,
     pub malformed: u64,
     pub duplicates: u64,
+    /// Frames so far from the stream that they were set aside (see [`RESYNC_AHEAD_FRAMES`]).
+    pub strays: u64,
+    pub transport: Transport,
     /// Current target delay above the minimum transit.
     pub target_delay: Duration,
     /// How far the last played frame lagged its send time beyond the minimum transit.
     pub playout_delay: Duration,
-    /// Fraction of recent frames whose own packet never came (before any recovery).
+    /// Fraction of recent frames whose own packet never came (before any recovery; a late
+    /// packet came).
     pub loss_before_recovery: f64,
     /// Mean length of the recent runs of lost packets (1.0 for isolated losses).
     pub mean_burst: f64,
 }
 
 impl JitterStats {
-    /// Fraction of played frames whose own packet did not arrive in time, over the whole
-    /// stream (before recovery from copies or FEC); [`JitterStats::loss_before_recovery`] is
-    /// the recent window the sender's copies follow.
+    /// Fraction of played frames whose own packet never came, over the whole stream (before
+    /// recovery from copies or FEC; late packets are not counted);
+    /// [`JitterStats::loss_before_recovery`] is the recent window the sender's copies follow.
     pub fn loss_on_the_way(&self) -> f64 {
         if self.frames == 0 {
             0.0
@@ -129,12 +180,21 @@ impl JitterStats {
         }
     }
 
-    /// Fraction of played frames that had to be concealed (loss after recovery).
+    /// Fraction of played frames that had to be concealed (loss after recovery), lost or late.
     pub fn loss_after_recovery(&self) -> f64 {
         if self.frames == 0 {
             0.0
         } else {
-            self.concealed as f64 / self.frames as f64
+            (self.concealed + self.late_concealed) as f64 / self.frames as f64
+        }
+    }
+
+    /// Fraction of played frames that were concealed because they came too late.
+    pub fn late_after_recovery(&self) -> f64 {
+        if self.frames == 0 {
+            0.0
+        } else {
+            self.late_concealed as f64 / self.frames as f64
         }
     }
 }
@@ -142,10 +202,15 @@ impl JitterStats {
 /// The receiver's view of the path, sent back to the sender now and then.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct LossReport {
-    /// Fraction of packets lost (before recovery), 0.0–1.0.
+    /// Fraction of packets lost (before recovery), 0.0–1.0. Packets that came late are not
+    /// lost: copies do not help with lateness, only a larger buffer does.
     pub loss: f64,
     /// Mean length of runs of lost packets.
     pub mean_burst: f64,
+    /// Whether the reporting end reaches the path over a byte stream (a TCP or TLS relay
+    /// connection): what it sends arrives in bursts, and the other end's buffer should expect
+    /// them.
+    pub stream_leg: bool,
 }
 
 #[derive(Debug)]
@@ -154,9 +219,18 @@ struct Held {
     source: Source,
 }
 
+/// How a frame was played without its own packet, until the packet turns up late.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missed {
+    Copy,
+    Fec,
+    Concealed,
+}
+
 #[derive(Debug)]
 pub struct JitterBuffer {
     config: JitterConfig,
+    transport: Transport,
     epoch: Option<Instant>,
     frames: BTreeMap<u64, Held>,
     /// The highest frame number seen, unwrapped to 64 bits.
@@ -166,8 +240,12 @@ pub struct JitterBuffer {
     transits: VecDeque<(u64, i64)>,
     /// Primary frames received recently, for the loss estimate.
     received: VecDeque<u64>,
-    /// Frames concealed for want of anything newer, oldest first.
-    underrun_frames: VecDeque<u64>,
+    /// Frames played without their own packet, oldest first (see [`Missed`]).
+    missed: VecDeque<(u64, Missed)>,
+    /// Frames' worth of waiting since the last frame played: the time skipping catches up.
+    waited: u64,
+    /// The number of the last stray, which the next frames may confirm as a jump.
+    stray: Option<u32>,
     /// How far back the copies in the newest payload reach, nearest first.
     copy_distances: Vec<u32>,
     /// How many copies of a lost frame the target waits for now.
@@ -184,13 +262,16 @@ impl JitterBuffer {
     pub fn new(config: JitterConfig) -> Self {
         Self {
             config,
+            transport: Transport::Datagram,
             epoch: None,
             frames: BTreeMap::new(),
             highest: None,
             next_play: None,
             transits: VecDeque::with_capacity(TRANSIT_WINDOW),
             received: VecDeque::new(),
-            underrun_frames: VecDeque::new(),
+            missed: VecDeque::new(),
+            waited: 0,
+            stray: None,
             copy_distances: Vec::new(),
             copies_waited: 0,
             fewer_copies_since: None,
@@ -204,10 +285,21 @@ impl JitterBuffer {
         self.stats
     }
 
+    /// How many frames are held now (for tests of what a peer can make it hold).
+    pub fn held_frames(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Says how the frames travel now (it may change when the call moves to another path).
+    pub fn set_transport(&mut self, transport: Transport) {
+        self.transport = transport;
+        self.stats.transport = transport;
+    }
+
     /// What the sender needs to choose its copies: recent loss before recovery and how
     /// bursty it is.
     pub fn loss_report(&self) -> LossReport {
-        LossReport { loss: self.stats.loss_before_recovery, mean_burst: self.stats.mean_burst }
+        LossReport { loss: self.stats.loss_before_recovery, mean_burst: self.stats.mean_burst, stream_leg: false }
     }
 
     fn micros_since_epoch(&mut self, now: Instant) -> i64 {
@@ -241,28 +333,35 @@ impl JitterBuffer {
         let frame = self.unwrap(payload.frame);
         if let Some(next) = self.next_play {
             if frame >= next + RESYNC_AHEAD_FRAMES || frame + RESYNC_AHEAD_FRAMES * 4 < next {
+                let follows_stray = self.stray.is_some_and(|stray| (1..=RESYNC_CONFIRM_FRAMES).contains(&payload.frame.wrapping_sub(stray)));
+                self.stray = Some(payload.frame);
+                if !follows_stray {
+                    self.stats.strays += 1;
+                    return Ok(());
+                }
                 // The stream jumped: forget the old one.
+                self.stray = None;
                 self.frames.clear();
                 self.transits.clear();
                 self.received.clear();
-                self.underrun_frames.clear();
+                self.missed.clear();
+                self.waited = 0;
                 self.next_play = None;
                 self.highest = None;
                 return self.push(now, bytes);
             }
         }
         self.highest = Some(self.highest.map_or(frame, |h| h.max(frame)));
-        while self.underrun_frames.front().is_some_and(|&f| f < frame) {
-            self.underrun_frames.pop_front();
-            self.stats.underruns -= 1;
-            self.stats.concealed += 1;
-            self.stats.frames += 1;
-        }
         let transit = arrival - frame as i64 * FRAME_MICROS;
-        if self.transits.len() == TRANSIT_WINDOW {
+        let window = match self.transport {
+            Transport::Datagram => TRANSIT_WINDOW,
+            Transport::Stream => STREAM_TRANSIT_WINDOW,
+        };
+        while self.transits.len() >= window {
             self.transits.pop_front();
         }
         self.transits.push_back((frame, transit));
+        self.follow_baseline();
         self.received.push_back(frame);
         while self.received.front().is_some_and(|&f| f + LOSS_WINDOW <= frame) {
             self.received.pop_front();
@@ -270,6 +369,7 @@ impl JitterBuffer {
         let playable = |f: u64, next: Option<u64>| next.is_none_or(|n| f >= n);
         if !playable(frame, self.next_play) {
             self.stats.late += 1;
+            self.reclassify_late(frame);
         } else {
             match self.frames.get(&frame) {
                 Some(held) if held.source == Source::Primary => self.stats.duplicates += 1,
@@ -296,6 +396,49 @@ impl JitterBuffer {
         Ok(())
     }
 
+    /// Forgets older transits once the recent ones all sit well above them: the path's delay
+    /// moved for good (or the sender paused), and a stale minimum would make every frame
+    /// look late.
+    fn follow_baseline(&mut self) {
+        if self.transits.len() <= BASELINE_ARRIVALS {
+            return;
+        }
+        let recent = self.transits.len() - BASELINE_ARRIVALS;
+        let recent_min = self.transits.range(recent..).map(|(_, t)| *t).min();
+        let older_min = self.transits.range(..recent).map(|(_, t)| *t).min();
+        if let (Some(recent_min), Some(older_min)) = (recent_min, older_min) {
+            if recent_min - older_min > BASELINE_SHIFT_MICROS {
+                self.transits.drain(..recent);
+            }
+        }
+    }
+
+    /// A primary came after its frame was played without it: that frame was late, not lost.
+    fn reclassify_late(&mut self, frame: u64) {
+        let Some(index) = self.missed.iter().position(|(f, _)| *f == frame) else { return };
+        let Some((_, how)) = self.missed.remove(index) else { return };
+        match how {
+            Missed::Copy => self.stats.from_copies -= 1,
+            Missed::Fec => self.stats.from_fec -= 1,
+            Missed::Concealed => {
+                self.stats.concealed -= 1;
+                self.stats.late_concealed += 1;
+            }
+        }
+    }
+
+    fn record_missed(&mut self, frame: u64, how: Missed) {
+        if self.missed.len() == MAX_HELD_FRAMES {
+            self.missed.pop_front();
+        }
+        self.missed.push_back((frame, how));
+        match how {
+            Missed::Copy => self.stats.from_copies += 1,
+            Missed::Fec => self.stats.from_fec += 1,
+            Missed::Concealed => self.stats.concealed += 1,
+        }
+    }
+
     fn update_estimates(&mut self) {
         // Loss before recovery over the recent window of frame numbers.
         if let (Some(&first), Some(highest)) = (self.received.front(), self.highest) {
@@ -308,12 +451,17 @@ impl JitterBuffer {
             self.stats.mean_burst =
                 if gaps.is_empty() { 0.0 } else { gaps.iter().sum::<u64>() as f64 / gaps.len() as f64 };
         }
-        let Some(min) = self.transits.iter().map(|(_, t)| *t).min() else {
+        let Some(min) = self.min_transit() else {
             return;
         };
         let mut above: Vec<i64> = self.transits.iter().map(|(_, t)| t - min).collect();
         above.sort_unstable();
-        let index = ((above.len() - 1) as f64 * JITTER_QUANTILE).round() as usize;
+        let quantile = match self.transport {
+            Transport::Datagram => JITTER_QUANTILE,
+            // Every delay peak of the window: each is a retransmission, and more will come.
+            Transport::Stream => 1.0,
+        };
+        let index = ((above.len() - 1) as f64 * quantile).round() as usize;
         let jitter = above.get(index).copied().unwrap_or(0);
         let wanted = if !self.config.wait_for_copies {
             0
@@ -360,13 +508,14 @@ impl JitterBuffer {
         self.transits.iter().map(|(_, t)| *t).min()
     }
 
-    /// What to play now. `quiet` says whether playout is in a pause, so that delay
-    /// adjustments prefer pauses.
-    pub fn pop(&mut self, now: Instant, quiet: bool) -> Playout {
+    /// What to play from `start` on (when the audio asked for now will begin to play).
+    /// `quiet` says whether playout is in a pause, so that whole-frame adjustments keep to
+    /// pauses.
+    pub fn pop(&mut self, start: Instant, quiet: bool) -> Playout {
         let Some(min_transit) = self.min_transit() else {
             return Playout::Waiting;
         };
-        let now = self.micros_since_epoch(now);
+        let now = self.micros_since_epoch(start);
         let next = match self.next_play {
             Some(next) => next,
             None => {
@@ -383,30 +532,38 @@ impl JitterBuffer {
         };
         let ideal = next as i64 * FRAME_MICROS + min_transit + self.target_micros;
         let offset = now - ideal;
-        if offset < EXPAND_IN_SPEECH_BELOW_MICROS || (offset < EXPAND_BELOW_MICROS && quiet) {
+        if offset < EXPAND_IN_SPEECH_BELOW_MICROS || (offset < EXPAND_IN_PAUSE_BELOW_MICROS && quiet) {
             self.stats.expanded += 1;
             return Playout::Expand;
         }
+        let Some(highest) = self.highest.filter(|&h| h >= next) else {
+            // Nothing newer has come (yet): wait for it.
+            self.stats.underruns += 1;
+            self.waited += 1;
+            return Playout::Expand;
+        };
         let mut next = next;
-        if offset > SHRINK_IN_SPEECH_ABOVE_MICROS || (offset > SHRINK_ABOVE_MICROS && quiet) {
+        if !self.frames.contains_key(&next) && self.waited > 0 {
+            // Frames that never came, whose time was spent waiting: skip them.
+            let first_held = self.frames.range(next..).next().map_or(highest, |(&f, _)| f);
+            let skipped = (first_held - next).min(self.waited);
+            for frame in next..next + skipped {
+                self.record_missed(frame, Missed::Concealed);
+            }
+            self.stats.frames += skipped;
+            next += skipped;
+        }
+        // What is still waited is now delay above the target: the offset sees it.
+        self.waited = 0;
+        if offset > DROP_IN_SPEECH_ABOVE_MICROS || (offset > DROP_IN_PAUSE_ABOVE_MICROS && quiet) {
             // Drop one frame, the one due now, if something follows it.
-            if self.highest.is_some_and(|h| h > next) {
+            if highest > next {
                 self.frames.remove(&next);
                 self.stats.dropped += 1;
                 next += 1;
             }
         }
         self.next_play = Some(next + 1);
-        if self.highest.is_none_or(|h| next > h) {
-            // Nothing newer has come (yet): an underrun, which becomes a loss if a later
-            // frame does arrive.
-            self.stats.underruns += 1;
-            if self.underrun_frames.len() == MAX_HELD_FRAMES {
-                self.underrun_frames.pop_front();
-            }
-            self.underrun_frames.push_back(next);
-            return Playout::Conceal;
-        }
         self.stats.frames += 1;
         self.stats.playout_delay = Duration::from_micros((now - next as i64 * FRAME_MICROS - min_transit).max(0) as u64);
         // Everything older is of no use any more.
@@ -415,15 +572,27 @@ impl JitterBuffer {
         }
         if let Some(held) = self.frames.remove(&next) {
             if held.source == Source::Copy {
-                self.stats.from_copies += 1;
+                self.record_missed(next, Missed::Copy);
             }
-            return Playout::Frame { opus: held.opus, source: held.source };
+            // Shorter only with something behind this frame to catch up on: a sender that
+            // just came back from a pause lags the stale minimum, but has nothing queued.
+            let stretch = if offset > SHORTEN_ABOVE_MICROS && highest > next {
+                self.stats.stretched_shorter += 1;
+                Some(Stretch::Shorter)
+            } else if offset < LENGTHEN_BELOW_MICROS {
+                self.stats.stretched_longer += 1;
+                Some(Stretch::Longer)
+            } else {
+                None
+            };
+            return Playout::Frame { opus: held.opus, source: held.source, stretch };
         }
         if let Some(following) = self.frames.get(&(next + 1)) {
-            self.stats.from_fec += 1;
-            return Playout::Fec { next_opus: following.opus.clone() };
+            let next_opus = following.opus.clone();
+            self.record_missed(next, Missed::Fec);
+            return Playout::Fec { next_opus };
         }
-        self.stats.concealed += 1;
+        self.record_missed(next, Missed::Concealed);
         Playout::Conceal
     }
 }
@@ -466,17 +635,21 @@ mod tests {
         let start = Instant::now();
         let mut buffer = JitterBuffer::new(JitterConfig::default());
         let mut played = Vec::new();
+        let mut shorter = 0;
         for tick in 0..200u32 {
             let now = start + Duration::from_millis(u64::from(tick) * 20);
             buffer.push(now, &payload(tick, &[])).unwrap_or_else(|e| panic!("{e}"));
-            if let Playout::Frame { opus, .. } = buffer.pop(now + Duration::from_millis(3), true) {
+            if let Playout::Frame { opus, stretch, .. } = buffer.pop(now + Duration::from_millis(3), true) {
                 played.push(number(&opus));
+                shorter += usize::from(stretch == Some(Stretch::Shorter));
             }
         }
         let stats = buffer.stats();
         // Until the path is known the buffer waits for one copy (20 ms); on a clean path it
-        // then drops one frame (in a pause) to come back down.
+        // then drops one frame (in a pause) to come back down, and asks for the voice to be
+        // stretched shorter for the rest (here nothing carries that out, so it keeps asking).
         assert_eq!((stats.concealed, stats.late, stats.expanded, stats.dropped), (0, 0, 0, 1));
+        assert!(shorter > 0 && stats.stretched_shorter == shorter as u64, "{stats:?}");
         assert!(played.windows(2).all(|w| w[1] == w[0] + 1 || w[1] == w[0] + 2), "in order: {played:?}");
         assert_eq!(played.len() + 1 + 1, 200, "every frame but the dropped one and the one still due");
         assert!(stats.target_delay <= Duration::from_millis(5), "{:?}", stats.target_delay);
@@ -511,6 +684,30 @@ mod tests {
         assert_eq!(copies_worth_waiting(0.05), 1);
         assert_eq!(copies_worth_waiting(0.10), 2);
         assert_eq!(copies_worth_waiting(0.20), 3);
+    }
+
+    #[test]
+    fn a_frame_that_comes_after_its_time_is_late_not_lost() {
+        let start = Instant::now();
+        let mut buffer = JitterBuffer::new(JitterConfig { wait_for_copies: false, ..JitterConfig::default() });
+        let at = |tick: u32| start + Duration::from_millis(u64::from(tick) * 20);
+        for tick in 0..100u32 {
+            // Frames 60 and 61 come 100 ms late, after 62 and 63: waited for, then 60
+            // concealed and 61 rebuilt from 62's FEC.
+            if tick != 60 && tick != 61 {
+                buffer.push(at(tick), &payload(tick, &[])).unwrap_or_else(|e| panic!("{e}"));
+            }
+            if tick == 65 {
+                buffer.push(at(tick), &payload(60, &[])).unwrap_or_else(|e| panic!("{e}"));
+                buffer.push(at(tick), &payload(61, &[])).unwrap_or_else(|e| panic!("{e}"));
+            }
+            buffer.pop(at(tick) + Duration::from_millis(3), false);
+        }
+        let stats = buffer.stats();
+        assert_eq!((stats.late, stats.late_concealed, stats.concealed, stats.from_fec, stats.underruns), (2, 1, 0, 0, 1), "{stats:?}");
+        assert_eq!(buffer.loss_report().loss, 0.0, "the sender is not asked for copies");
+        assert_eq!(stats.loss_on_the_way(), 0.0);
+        assert!(stats.loss_after_recovery() > 0.0, "the listener did miss it: {stats:?}");
     }
 
     #[test]

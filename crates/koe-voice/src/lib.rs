@@ -6,7 +6,8 @@
 //!   [`codec::VoiceDecoder`]; the pure-Rust backend by default.
 //! - [`payload`]: the voice payload with copies of earlier frames.
 //! - [`sender`]: encoding, and redundancy that follows the loss the receiver reports.
-//! - [`jitter`]: the adaptive jitter buffer; [`receiver`]: it with the decoder.
+//! - [`jitter`]: the adaptive jitter buffer; [`stretch`]: time-stretching of speech, which it
+//!   changes its delay with; [`receiver`]: both with the decoder.
 //! - [`quality`]: the E-model MOS estimate; [`impairment`]: a seeded bad network;
 //!   [`simulate`]: one direction of a call in virtual time; [`wav`]: WAV in and out;
 //!   [`signal`]: a speech-like test signal and sent-versus-played comparisons.
@@ -22,10 +23,11 @@ pub mod receiver;
 pub mod sender;
 pub mod signal;
 pub mod simulate;
+pub mod stretch;
 pub mod wav;
 
 pub use codec::{Backend, CodecError, VoiceDecoder, VoiceEncoder, FRAME_SAMPLES, SAMPLE_RATE};
-pub use jitter::{JitterBuffer, JitterConfig, JitterStats, Playout};
+pub use jitter::{JitterBuffer, JitterConfig, JitterStats, Playout, Transport};
 pub use payload::{PayloadError, VoicePayload};
 pub use receiver::{ReceiverStats, VoiceReceiver};
 pub use sender::{SenderStats, VoiceSender};

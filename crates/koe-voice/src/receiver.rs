@@ -1,11 +1,15 @@
-//! The receiving half of a call's voice: the jitter buffer and the decoder together. Every
-//! 20 ms the playout clock calls [`VoiceReceiver::play`] for the next frame of audio.
+//! The receiving half of a call's voice: the jitter buffer, the decoder and the time-stretcher
+//! together. Every 20 ms the playout clock calls [`VoiceReceiver::play`] for the next frame of
+//! audio. Decoded audio that a stretch made longer than a frame waits in a short queue of its
+//! own; the jitter buffer is told when the next frame it hands out will start to play, so it
+//! sees that queue as part of its delay.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::codec::{CodecError, VoiceDecoder, FRAME_SAMPLES};
-use crate::jitter::{JitterBuffer, JitterConfig, JitterStats, LossReport, Playout};
+use crate::codec::{CodecError, VoiceDecoder, FRAME_SAMPLES, SAMPLE_RATE};
+use crate::jitter::{JitterBuffer, JitterConfig, JitterStats, LossReport, Playout, Transport};
 use crate::payload::PayloadError;
+use crate::stretch::{stretch, Stretch};
 
 /// A frame counts as quiet (a good moment to adjust delay) below this RMS (about −45 dBFS)
 /// or 20 dB below the recent speech level, whichever is higher: recordings rarely fall
@@ -23,14 +27,22 @@ pub struct ReceiverStats {
     pub jitter: JitterStats,
     /// Packets the decoder refused (concealed instead).
     pub undecodable: u64,
+    /// Audio removed and added by time-stretching.
+    pub stretched_shorter: Duration,
+    pub stretched_longer: Duration,
 }
 
 pub struct VoiceReceiver {
     buffer: JitterBuffer,
     decoder: Box<dyn VoiceDecoder>,
+    /// Decoded audio not played yet, at most a frame and a stretch.
+    pending: Vec<f32>,
     quiet_frames: u32,
     speech_level: f32,
     undecodable: u64,
+    /// Samples removed and added by stretching.
+    shortened: u64,
+    lengthened: u64,
 }
 
 impl std::fmt::Debug for VoiceReceiver {
@@ -41,7 +53,21 @@ impl std::fmt::Debug for VoiceReceiver {
 
 impl VoiceReceiver {
     pub fn new(decoder: Box<dyn VoiceDecoder>, config: JitterConfig) -> Self {
-        Self { buffer: JitterBuffer::new(config), decoder, quiet_frames: PAUSE_FRAMES, speech_level: 0.0, undecodable: 0 }
+        Self {
+            buffer: JitterBuffer::new(config),
+            decoder,
+            pending: Vec::with_capacity(3 * FRAME_SAMPLES),
+            quiet_frames: PAUSE_FRAMES,
+            speech_level: 0.0,
+            undecodable: 0,
+            shortened: 0,
+            lengthened: 0,
+        }
+    }
+
+    /// Says how the frames travel now (see [`Transport`]).
+    pub fn set_transport(&mut self, transport: Transport) {
+        self.buffer.set_transport(transport);
     }
 
     /// Takes a payload that arrived at `now`.
@@ -54,27 +80,43 @@ impl VoiceReceiver {
         if frame.len() != FRAME_SAMPLES {
             return Err(CodecError::FrameSize(frame.len()));
         }
-        let decoded = match self.buffer.pop(now, self.quiet_frames >= PAUSE_FRAMES) {
-            Playout::Waiting => {
-                frame.fill(0.0);
-                Ok(())
+        while self.pending.len() < FRAME_SAMPLES {
+            let queued = Duration::from_micros(self.pending.len() as u64 * 1_000_000 / u64::from(SAMPLE_RATE));
+            let from = self.pending.len();
+            self.pending.resize(from + FRAME_SAMPLES, 0.0);
+            let decoded = &mut self.pending[from..];
+            let (result, way) = match self.buffer.pop(now + queued, self.quiet_frames >= PAUSE_FRAMES) {
+                Playout::Waiting => (Ok(()), None),
+                Playout::Frame { opus, stretch, .. } => (self.decoder.decode(&opus, decoded), stretch),
+                Playout::Fec { next_opus } => (self.decoder.decode_fec(&next_opus, decoded), None),
+                Playout::Conceal | Playout::Expand => (self.decoder.conceal(decoded), None),
+            };
+            if result.is_err() {
+                // A packet that passed the payload checks but not Opus's: conceal instead.
+                self.undecodable += 1;
+                if self.decoder.conceal(decoded).is_err() {
+                    decoded.fill(0.0);
+                }
             }
-            Playout::Frame { opus, .. } => self.decoder.decode(&opus, frame),
-            Playout::Fec { next_opus } => self.decoder.decode_fec(&next_opus, frame),
-            Playout::Conceal | Playout::Expand => self.decoder.conceal(frame),
-        };
-        if decoded.is_err() {
-            // A packet that passed the payload checks but not Opus's: conceal instead.
-            self.undecodable += 1;
-            if self.decoder.conceal(frame).is_err() {
-                frame.fill(0.0);
+            // The stretch may reach back into audio decoded before but not played yet.
+            match way {
+                Some(Stretch::Shorter) => self.shortened += stretch(&mut self.pending, 0, Stretch::Shorter) as u64,
+                Some(Stretch::Longer) => self.lengthened += stretch(&mut self.pending, 0, Stretch::Longer) as u64,
+                None => {}
             }
         }
+        frame.copy_from_slice(&self.pending[..FRAME_SAMPLES]);
+        self.pending.drain(..FRAME_SAMPLES);
         let rms = (frame.iter().map(|s| s * s).sum::<f32>() / FRAME_SAMPLES as f32).sqrt();
         self.speech_level = rms.max(self.speech_level * SPEECH_LEVEL_DECAY);
         let quiet = rms < QUIET_RMS.max(self.speech_level * QUIET_BELOW_SPEECH);
         self.quiet_frames = if quiet { self.quiet_frames.saturating_add(1) } else { 0 };
         Ok(())
+    }
+
+    /// Frames waiting in the jitter buffer.
+    pub fn held_frames(&self) -> usize {
+        self.buffer.held_frames()
     }
 
     /// Recent loss before recovery and its burstiness, to report to the sender.
@@ -83,6 +125,12 @@ impl VoiceReceiver {
     }
 
     pub fn stats(&self) -> ReceiverStats {
-        ReceiverStats { jitter: self.buffer.stats(), undecodable: self.undecodable }
+        let duration = |samples: u64| Duration::from_micros(samples * 1_000_000 / u64::from(SAMPLE_RATE));
+        ReceiverStats {
+            jitter: self.buffer.stats(),
+            undecodable: self.undecodable,
+            stretched_shorter: duration(self.shortened),
+            stretched_longer: duration(self.lengthened),
+        }
     }
 }

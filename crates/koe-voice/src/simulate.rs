@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec::{Backend, CodecError, FRAME_MILLIS, FRAME_SAMPLES, SAMPLE_RATE};
 use crate::impairment::{ImpairedLink, Impairment};
-use crate::jitter::JitterConfig;
+use crate::jitter::{JitterConfig, Transport};
 use crate::receiver::{ReceiverStats, VoiceReceiver};
 use crate::sender::{SenderStats, VoiceSender};
 
@@ -24,6 +24,8 @@ pub struct CallSimulation {
     pub report_every: Duration,
     /// Where in a 20 ms period the playout clock ticks, relative to the sender's.
     pub playout_phase: Duration,
+    /// What the receiver is told about the path (a driver knows it from the path in use).
+    pub transport: Transport,
 }
 
 impl Default for CallSimulation {
@@ -37,6 +39,7 @@ impl Default for CallSimulation {
             fixed_redundancy: None,
             report_every: Duration::from_secs(1),
             playout_phase: Duration::from_millis(3),
+            transport: Transport::Datagram,
         }
     }
 }
@@ -46,6 +49,7 @@ pub struct SimulationResult {
     /// What was played, 48 kHz, one frame per playout tick from the first send on.
     pub played: Vec<f32>,
     pub sender: SenderStats,
+    /// As the last frame was played.
     pub receiver: ReceiverStats,
     /// Share of packets the link lost.
     pub link_loss: f64,
@@ -59,18 +63,22 @@ impl CallSimulation {
         let mut sender = VoiceSender::new(self.backend.encoder(self.bitrate)?);
         sender.fix_redundancy(self.fixed_redundancy);
         let mut receiver = VoiceReceiver::new(self.backend.decoder()?, self.jitter);
+        receiver.set_transport(self.transport);
         let mut link = ImpairedLink::new(self.impairment, self.seed);
         let start = Instant::now();
         let frame_time = Duration::from_millis(FRAME_MILLIS);
         let frames = speech.len().div_ceil(FRAME_SAMPLES);
         // Enough ticks to drain the link and the largest jitter buffer.
-        let tail = (self.impairment.delay + self.impairment.jitter + self.jitter.max_delay).as_millis() as usize
+        let stall = self.impairment.stalls.map_or(Duration::ZERO, |stalls| stalls.hold);
+        let tail = (self.impairment.delay + self.impairment.jitter + stall + self.jitter.max_delay).as_millis() as usize
             / FRAME_MILLIS as usize
             + 5;
         let report_ticks = (self.report_every.as_millis() as usize / FRAME_MILLIS as usize).max(1);
         let mut played = Vec::with_capacity((frames + tail) * FRAME_SAMPLES);
         let mut input = vec![0.0f32; FRAME_SAMPLES];
         let mut output = vec![0.0f32; FRAME_SAMPLES];
+        // The receiver's statistics once it has played the last frame (after that it waits).
+        let mut ended = None;
         for tick in 0..frames + tail {
             // Frame `tick` has been captured by the end of its 20 ms: encode and send it.
             let sent_at = start + frame_time * (tick as u32 + 1);
@@ -88,6 +96,9 @@ impl CallSimulation {
             }
             receiver.play(play_at, &mut output)?;
             played.extend_from_slice(&output);
+            if ended.is_none() && tick + 1 >= frames && link.next_delivery().is_none() && receiver.held_frames() == 0 {
+                ended = Some(receiver.stats());
+            }
             if tick % report_ticks == report_ticks - 1 {
                 sender.on_loss_report(receiver.loss_report());
             }
@@ -97,7 +108,7 @@ impl CallSimulation {
         Ok(SimulationResult {
             played,
             sender: sender_stats,
-            receiver: receiver.stats(),
+            receiver: ended.unwrap_or_else(|| receiver.stats()),
             link_loss: link.loss_rate(),
             bits_per_second: sender_stats.payload_bytes as f64 * 8.0 / seconds.max(f64::EPSILON),
         })

@@ -21,7 +21,7 @@ use koe_media::relay::{AllocationState, RelayServer, RelayTransport};
 use koe_media::MediaSession;
 use koe_overlay::RelayOffer;
 use koe_types::{UnixTime, Username};
-use koe_voice::{codec::DEFAULT_BITRATE, quality, wav, Backend, SAMPLE_RATE};
+use koe_voice::{codec::DEFAULT_BITRATE, quality, wav, Backend, Transport, SAMPLE_RATE};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -415,7 +415,9 @@ async fn reach_relay(local: SocketAddr, offer: Option<&RelayOffer>, udp_works: b
         match tokio::time::timeout(RELAY_GATHER, tokio::net::TcpStream::connect(address)).await {
             Ok(Ok(stream)) => {
                 if let Ok(stream_local) = stream.local_addr() {
-                    let _ = stream.set_nodelay(true);
+                    // A slow path's backlog waits in the call's queue, where the oldest voice
+                    // goes first, not in the kernel.
+                    let _ = koe_relay::send_queue::limit_kernel_send_buffering(&stream);
                     return Some(ReachedRelay { server: server(RelayTransport::Tcp, address), local: stream_local, stream: Some(Box::new(stream)) });
                 }
             }
@@ -445,7 +447,7 @@ async fn connect_tls(
         .await
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    let _ = tcp.set_nodelay(true);
+    let _ = koe_relay::send_queue::limit_kernel_send_buffering(&tcp);
     let local = tcp.local_addr().map_err(|e| e.to_string())?;
     let config = koe_auth::tls::PinnedServerCertificate::new(fingerprint).client_config().map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("koe-relay").map_err(|e| e.to_string())?;
@@ -944,18 +946,30 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
     }
     let _ = writeln!(
         out,
-        "received {} frames: {:.1} % lost on the way, {:.2} % after recovery ({} from copies, {} from FEC, {} concealed)",
+        "received {} frames: {:.1} % lost on the way, {} late; {:.2} % missing after recovery ({} from copies, {} from FEC, {} concealed, {} too late)",
         jitter.frames,
         jitter.loss_on_the_way() * 100.0,
+        jitter.late,
         jitter.loss_after_recovery() * 100.0,
         jitter.from_copies,
         jitter.from_fec,
-        jitter.concealed
+        jitter.concealed,
+        jitter.late_concealed
+    );
+    let stream = if jitter.transport == Transport::Stream { " for a byte-stream leg (TCP/TLS relay)" } else { "" };
+    let _ = writeln!(
+        out,
+        "jitter buffer {} ms{stream}, moved by stretching the voice (−{} ms, +{} ms) and in pauses ({} frames dropped, {} inserted); waited {} times for audio that had not come",
+        jitter.target_delay.as_millis(),
+        stats.receiver.stretched_shorter.as_millis(),
+        stats.receiver.stretched_longer.as_millis(),
+        jitter.dropped,
+        jitter.expanded,
+        jitter.underruns
     );
     let _ = writeln!(
         out,
-        "jitter buffer {} ms; sent {:.0} kbit/s of voice with {} copies of earlier frames per packet",
-        jitter.target_delay.as_millis(),
+        "sent {:.0} kbit/s of voice with {} copies of earlier frames per packet",
         kbit_per_s(stats),
         stats.sender.redundancy
     );
