@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::codec::{CodecError, VoiceDecoder, FRAME_SAMPLES, SAMPLE_RATE};
-use crate::jitter::{JitterBuffer, JitterConfig, JitterStats, LossReport, Playout, Transport};
+use crate::jitter::{JitterBuffer, JitterConfig, JitterStats, LossReport, Playout, StretchBy, Transport};
 use crate::payload::PayloadError;
 use crate::stretch::{stretch, Stretch};
 
@@ -99,10 +99,13 @@ impl VoiceReceiver {
                 }
             }
             // The stretch may reach back into audio decoded before but not played yet.
-            match way {
-                Some(Stretch::Shorter) => self.shortened += stretch(&mut self.pending, 0, Stretch::Shorter) as u64,
-                Some(Stretch::Longer) => self.lengthened += stretch(&mut self.pending, 0, Stretch::Longer) as u64,
-                None => {}
+            if let Some(StretchBy { way, at_least }) = way {
+                let at_least = (at_least.as_micros() as u64 * u64::from(SAMPLE_RATE) / 1_000_000) as usize;
+                let moved = stretch(&mut self.pending, 0, way, at_least) as u64;
+                match way {
+                    Stretch::Shorter => self.shortened += moved,
+                    Stretch::Longer => self.lengthened += moved,
+                }
             }
         }
         frame.copy_from_slice(&self.pending[..FRAME_SAMPLES]);

@@ -31,9 +31,23 @@ pub enum Stretch {
     Longer,
 }
 
-/// Stretches `samples` by one pitch period, touching nothing before `from` (audio already
-/// committed); returns how many samples were removed or added (0: no period worth moving).
-pub fn stretch(samples: &mut Vec<f32>, from: usize, way: Stretch) -> usize {
+/// Stretches `samples` by whole pitch periods until at least `at_least` samples moved (or no
+/// period is left to move), touching nothing before `from` (audio already committed); returns
+/// how many samples were removed or added (0: no period worth moving). One stretch of several
+/// periods is heard less than as many stretches a frame apart.
+pub fn stretch(samples: &mut Vec<f32>, from: usize, way: Stretch, at_least: usize) -> usize {
+    let mut moved = 0;
+    loop {
+        let period = stretch_once(samples, from, way);
+        moved += period;
+        if period == 0 || moved >= at_least {
+            return moved;
+        }
+    }
+}
+
+/// One period removed or repeated at `from`.
+fn stretch_once(samples: &mut Vec<f32>, from: usize, way: Stretch) -> usize {
     let Some(tail) = samples.get(from..) else { return 0 };
     let Some(period) = find_period(tail) else { return 0 };
     let (a, b) = (from, from + period);
@@ -140,7 +154,7 @@ mod tests {
             for way in [Stretch::Shorter, Stretch::Longer] {
                 let original = voice(pitch, 1920);
                 let mut stretched = original.clone();
-                let moved = stretch(&mut stretched, 0, way);
+                let moved = stretch(&mut stretched, 0, way, 1);
                 let period = SAMPLE_RATE as f32 / pitch;
                 assert!((moved as f32 - period).abs() <= 2.0, "{pitch} Hz {way:?}: moved {moved}, period {period}");
                 let expected = if way == Stretch::Shorter { 1920 - moved } else { 1920 + moved };
@@ -158,13 +172,25 @@ mod tests {
     }
 
     #[test]
+    fn several_periods_move_at_once_when_asked() {
+        let original = voice(200.0, 2880);
+        for way in [Stretch::Shorter, Stretch::Longer] {
+            let mut stretched = original.clone();
+            let moved = stretch(&mut stretched, 0, way, 600);
+            assert!((600..600 + 240).contains(&moved), "{way:?}: {moved} samples for at least 600");
+            assert_eq!(moved % 240, 0, "{way:?}: whole periods of 240 samples");
+            assert!(roughest_step(&stretched) <= roughest_step(&original) * 1.05, "{way:?}");
+        }
+    }
+
+    #[test]
     fn speech_keeps_its_start_and_stays_smooth_where_it_is_stretched() {
         let speech = speechlike(1);
         // In a syllable (speechlike's start in the middle of the first one).
         let from = 2400;
         for way in [Stretch::Shorter, Stretch::Longer] {
             let mut stretched = speech[..from + 1920].to_vec();
-            let moved = stretch(&mut stretched, from, way);
+            let moved = stretch(&mut stretched, from, way, 1);
             assert!(moved >= MIN_PERIOD, "voiced speech has a period ({way:?})");
             assert_eq!(stretched[..from], speech[..from], "what was committed is untouched");
             let original_step = roughest_step(&speech[..from + 1920]);
@@ -182,13 +208,13 @@ mod tests {
                 (state >> 8) as f32 / (1 << 24) as f32 * 0.4 - 0.2
             })
             .collect();
-        assert_eq!(stretch(&mut hiss, 0, Stretch::Shorter), 0);
+        assert_eq!(stretch(&mut hiss, 0, Stretch::Shorter, 1), 0);
         assert_eq!(hiss.len(), 1920);
         let mut silence = vec![0.0; 1920];
-        assert_eq!(stretch(&mut silence, 0, Stretch::Longer), MAX_PERIOD);
+        assert_eq!(stretch(&mut silence, 0, Stretch::Longer, 1), MAX_PERIOD);
         assert_eq!(silence.len(), 1920 + MAX_PERIOD);
         let mut short = voice(150.0, MIN_PERIOD);
-        assert_eq!(stretch(&mut short, 0, Stretch::Shorter), 0, "less than two periods");
-        assert_eq!(stretch(&mut short, 10_000, Stretch::Shorter), 0, "from beyond the end");
+        assert_eq!(stretch(&mut short, 0, Stretch::Shorter, 1), 0, "less than two periods");
+        assert_eq!(stretch(&mut short, 10_000, Stretch::Shorter, 1), 0, "from beyond the end");
     }
 }

@@ -110,7 +110,8 @@ fn a_path_that_gets_faster_is_followed_by_shortening_the_voice() {
     eprintln!("{stats:?}");
     assert_eq!((jitter.dropped, jitter.expanded, jitter.concealed, jitter.underruns), (0, 0, 0, 0), "no frame dropped or inserted");
     assert!(stats.stretched_shorter >= Duration::from_millis(45), "the delay came down by stretching: {stats:?}");
-    assert!(jitter.playout_delay <= Duration::from_millis(25), "and it is down: {:?}", jitter.playout_delay);
+    // Back within the band the buffer keeps around its target (5 ms): up to 30 ms above.
+    assert!(jitter.playout_delay <= Duration::from_millis(35), "and it is down: {:?}", jitter.playout_delay);
     assert_unheard(&speech, &played, SAMPLE_RATE as usize);
 }
 
