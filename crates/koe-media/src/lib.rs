@@ -25,7 +25,7 @@ pub mod driver;
 pub mod punch;
 pub mod relay;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use koe_voice::jitter::LossReport;
@@ -530,13 +530,20 @@ impl MediaSession {
     }
 
     fn path(&self, local: SocketAddr, remote: SocketAddr) -> MediaPath {
+        let relay_hosts: Vec<IpAddr> = self
+            .relays
+            .iter()
+            .flat_map(|relay| [Some(relay.server.address.ip()), relay.allocated().map(|a| a.ip())])
+            .flatten()
+            .collect();
         MediaPath {
             local,
             local_kind: candidate_kind(&self.local_candidates, local),
             remote,
-            remote_kind: candidate_kind(&self.remote_candidates, remote),
+            remote_kind: remote_kind(&self.remote_candidates, &relay_hosts, remote),
         }
     }
+
 
     /// Drops the candidates of relays that died, so that ICE moves the call to another pair:
     /// a relay of this side that died (its stream closed, it closed the allocation, or it
@@ -656,6 +663,22 @@ fn candidate_kind(candidates: &[Candidate], address: SocketAddr) -> CandidateKin
     candidates.iter().find(|c| c.addr() == address).map_or(CandidateKind::PeerReflexive, Candidate::kind)
 }
 
+/// The kind of the other side's end of a path. A relayed address of the other side that ICE
+/// learned from a check (an allocation made after the candidates were sent, a relay that
+/// relays from another port) is peer-reflexive to ICE, yet the path goes through a relay node
+/// all the same: one at the IP of a relayed candidate of the other side, or of a relay node
+/// this side uses (`relay_hosts`).
+fn remote_kind(candidates: &[Candidate], relay_hosts: &[IpAddr], address: SocketAddr) -> CandidateKind {
+    let kind = candidate_kind(candidates, address);
+    let relay_host = relay_hosts.contains(&address.ip())
+        || candidates.iter().any(|c| c.kind() == CandidateKind::Relayed && c.addr().ip() == address.ip());
+    if kind == CandidateKind::PeerReflexive && relay_host {
+        CandidateKind::Relayed
+    } else {
+        kind
+    }
+}
+
 /// Whether a datagram is SRTP or SRTCP (RFC 7983: first byte 128–191), not STUN or DTLS.
 fn is_rtp_or_rtcp(datagram: &[u8]) -> bool {
     datagram.first().is_some_and(|first| (128..=191).contains(first))
@@ -683,6 +706,21 @@ fn parse_loss_report(payload: &[u8]) -> Option<LossReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_reflexive_address_on_a_relay_host_is_a_relayed_path() {
+        let address = |text: &str| text.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{e}"));
+        let host = Candidate::host(address("203.0.113.11:4000"), "udp").unwrap_or_else(|e| panic!("{e}"));
+        let relayed = Candidate::relayed(address("203.0.113.103:50000"), address("203.0.113.11:4000"), "udp").unwrap_or_else(|e| panic!("{e}"));
+        let candidates = [host, relayed];
+        let ours = [address("198.51.100.2:3478").ip()];
+        let kind = |text: &str| remote_kind(&candidates, &ours, address(text));
+        assert_eq!(kind("203.0.113.11:4000"), CandidateKind::Host);
+        assert_eq!(kind("203.0.113.103:50000"), CandidateKind::Relayed);
+        assert_eq!(kind("203.0.113.103:50002"), CandidateKind::Relayed, "another port of the other side's relay");
+        assert_eq!(kind("198.51.100.2:49999"), CandidateKind::Relayed, "our relay node");
+        assert_eq!(kind("203.0.113.11:4001"), CandidateKind::PeerReflexive, "a NAT's other port");
+    }
 
     #[test]
     fn loss_reports_are_read_only_when_well_formed() {
