@@ -42,6 +42,10 @@ use str0m::{Candidate, CandidateKind, Event, Input, Output, Rtc, RtcConfig};
 const MID: &str = "0";
 /// Marks Koe's loss report inside an RTCP application feedback message.
 const LOSS_REPORT_TAG: &[u8; 4] = b"koeL";
+/// ICE's first retransmission of an unanswered check, and its longest gap between checks
+/// (also how often a working pair is re-checked).
+const ICE_FIRST_RESEND: Duration = Duration::from_millis(100);
+const ICE_LONGEST_RESEND: Duration = Duration::from_millis(1500);
 /// How long ICE may take to find a path before the call is given up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Koe clients send a frame every 20 ms for the whole call (silence and mute included), so
@@ -188,12 +192,19 @@ impl MediaSession {
     /// only relayed candidates (added later) are offered, and every path goes through a relay.
     pub fn new(now: Instant, local: &[SocketAddr]) -> Result<Self, MediaError> {
         install_crypto();
-        let mut rtc = RtcConfig::new()
+        let mut config = RtcConfig::new()
             // Emit every packet at once: Koe's own jitter buffer does the reordering.
             .set_reordering_size_audio(0)
             // Path and round-trip time for the call's statistics.
             .set_stats_interval(Some(Duration::from_secs(1)))
-            .build(now);
+            .clone();
+        // Lost checks are resent sooner than str0m's 250 ms (then 500 ms, 1 s, …), so that a
+        // lossy path connects within a second, and a working pair is re-checked every 1.5 s
+        // rather than 3 s, so that one that dies is noticed sooner (at 20 % loss each way, nine
+        // checks in a row all go unanswered about once in ten thousand intervals).
+        config.set_initial_stun_rto(ICE_FIRST_RESEND);
+        config.set_max_stun_rto(ICE_LONGEST_RESEND);
+        let mut rtc = config.build(now);
         let mut local_candidates = Vec::new();
         for address in local {
             let candidate = Candidate::host(*address, "udp").map_err(|e| MediaError::Engine(e.to_string()))?;
