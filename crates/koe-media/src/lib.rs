@@ -6,7 +6,7 @@
 //! side's to [`MediaSession::start`]. The driver then feeds datagrams in
 //! ([`MediaSession::receive`]), sends what [`MediaSession::poll`] says, wakes it at the
 //! deadline it names, and writes one voice payload every 20 ms with
-//! [`MediaSession::send_voice`]. About once a second each side sends the other its
+//! [`MediaSession::send_voice`]. Every 200 ms each side sends the other its
 //! receiver's [`LossReport`] ([`MediaSession::send_loss_report`]) inside SRTCP, so each sender's
 //! copies follow what the other end sees. Candidates: host ones at creation, server-reflexive
 //! ones learned from a supernode's STUN responder ([`MediaSession::add_server_reflexive`]);
@@ -20,8 +20,12 @@
 //! takes with it its local candidate and the other side's relayed candidates at the same IP
 //! (the same relay host). When voice stops arriving ([`PATH_QUIET`]) while this side's end of
 //! the path still answers, the other side's relayed candidate it came from is dropped.
+//!
+//! Under loss, checks and handshakes are resent quickly: ICE after 100 ms, a DTLS flight after
+//! 150 ms ([`dtls`]), a relay's liveness check every 100 ms ([`relay`]).
 
 pub mod driver;
+pub mod dtls;
 pub mod punch;
 pub mod relay;
 
@@ -182,16 +186,12 @@ impl std::fmt::Debug for MediaSession {
     }
 }
 
-fn install_crypto() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| str0m::crypto::from_feature_flags().install_process_default());
-}
 
 impl MediaSession {
     /// A session whose host candidates are `local` (the addresses of its UDP sockets); with none,
     /// only relayed candidates (added later) are offered, and every path goes through a relay.
     pub fn new(now: Instant, local: &[SocketAddr]) -> Result<Self, MediaError> {
-        install_crypto();
+        dtls::install();
         let mut config = RtcConfig::new()
             // Emit every packet at once: Koe's own jitter buffer does the reordering.
             .set_reordering_size_audio(0)
