@@ -13,17 +13,19 @@
 //! frame behind it held up: there the target covers the highest delay peak of the last ten
 //! seconds, since one retransmission means more to come.
 //!
-//! The buffer follows its target without dropping or inserting audio in words: in speech it
-//! asks the caller to stretch the frame by a pitch period ([`Stretch`], see
-//! [`crate::stretch`]), shorter when playout lags the target and longer when it runs ahead; in
-//! a pause it inserts a concealed frame (expand) or drops one, which is quicker and unheard.
+//! The buffer keeps playout within a band around its target. Outside it, it adjusts in a
+//! pause if one comes: it inserts a concealed frame (expand) or drops one, quick and unheard.
+//! In speech, after a second without a pause or at once when far off, it asks the caller to
+//! stretch the frame by whole pitch periods instead ([`StretchBy`], see [`crate::stretch`]),
+//! shorter when playout lags and longer when it runs ahead; whole frames go or come in speech
+//! only when stretching cannot keep up (60 ms ahead, 200 ms behind).
 //!
 //! A frame that has not arrived when its time comes is waited for (an expand that consumes
 //! nothing) as long as nothing newer has arrived either: it may be late, the sender may have
-//! paused, a stream may be stalled. Once newer frames are there, the ones still missing are
-//! rebuilt from a copy in a later packet, else from the in-band FEC of the next frame's Opus
-//! packet, else concealed; the time already spent waiting is caught up by skipping them.
-//! Each outcome is counted, and a primary that turns up after its frame was rebuilt or
+//! paused, a stream may be stalled. Once newer frames are there, the time spent waiting is
+//! caught up by skipping as many frames (on a byte stream only frames that never came); a
+//! missing frame is rebuilt from a copy in a later packet, else from the in-band FEC of the
+//! next frame's Opus packet, else concealed. Each outcome is counted, and a primary that turns up after its frame was rebuilt or
 //! concealed moves that frame from "lost" to "late": late is not lost.
 
 use std::collections::{BTreeMap, VecDeque};
