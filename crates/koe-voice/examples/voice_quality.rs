@@ -9,9 +9,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use koe_voice::impairment::{Impairment, LossModel};
+use koe_voice::impairment::{Impairment, LossModel, Stalls};
 use koe_voice::simulate::CallSimulation;
-use koe_voice::wav;
+use koe_voice::{wav, Transport};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut speech_path = None;
@@ -45,10 +45,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("bursty 20% (mean burst 3)".into(), Impairment { loss: LossModel::bursty(0.20, 3.0), ..Impairment::CLEAN }),
         ("jitter 0–60 ms".into(), Impairment { delay: ms(20), jitter: ms(60), ..Impairment::CLEAN }),
         ("jitter 0–60 ms + random 10%".into(), Impairment { loss: LossModel::Random(0.10), delay: ms(20), jitter: ms(60), stalls: None }),
+        (
+            "TCP leg: 140 ms stalls every 2 s".into(),
+            Impairment { delay: ms(15), stalls: Some(Stalls { every: ms(2000), hold: ms(140) }), ..Impairment::CLEAN },
+        ),
     ];
     for (index, (name, impairment)) in conditions.iter().enumerate() {
         for (engine, fixed_redundancy) in [("koe", None), ("fec-only", Some(0))] {
-            let simulation = CallSimulation { impairment: *impairment, fixed_redundancy, seed, bitrate, ..CallSimulation::default() };
+            // A driver tells the receiver when a leg of the path is a byte stream.
+            let transport = if impairment.stalls.is_some() { Transport::Stream } else { Transport::Datagram };
+            let simulation = CallSimulation { impairment: *impairment, fixed_redundancy, seed, bitrate, transport, ..CallSimulation::default() };
             let started = Instant::now();
             let result = simulation.run(&speech)?;
             let cpu = started.elapsed();
