@@ -240,7 +240,8 @@ if [[ " $PEERS " == *" koe "* ]]; then
     pids+=($!)
     wait_for 10 "the login server" grep -q "listening on" "$k/auth.out"
     for i in 1 2; do
-        $IN_R "$KOE" --home "$k/node$i" node --network "$k/net/network.toml" --listen "10.77.0.1:410$i" \
+        # Ports 4100 and 4200: each supernode's relay node takes the next two ports.
+        $IN_R "$KOE" --home "$k/node$i" node --network "$k/net/network.toml" --listen "10.77.0.1:4${i}00" \
             > "$k/node$i.out" 2> "$k/node$i.log" &
         pids+=($!)
         wait_for 10 "supernode $i" grep -q /p2p/ "$k/node$i.out"
@@ -248,11 +249,13 @@ if [[ " $PEERS " == *" koe "* ]]; then
     done
     echo "a good password" | $IN_A "$KOE" --home "$k/alice" signup alice --network "$k/net/network.toml" --password-stdin >&2
     echo "a good password" | $IN_B "$KOE" --home "$k/bob" signup bob --network "$k/net/network.toml" --password-stdin >&2
-    # str0m=debug: the "Connected" lines give each side's media start (the time origins).
-    KOE_LOG=info,str0m=debug $IN_B "$KOE" --home "$k/bob" up --auto-answer --record "$k/bob-heard.wav" \
+    # str0m=debug: the "Connected" lines give each side's media start (the time origins); -v:
+    # the log on stderr (not koe.log in the profile).
+    koe_log=warn,koe=info,koe_media=info,koe_call=info,koe_overlay=info,str0m=debug
+    KOE_LOG=$koe_log $IN_B "$KOE" -v --home "$k/bob" up --auto-answer --record "$k/bob-heard.wav" \
         > "$k/bob-up.out" 2> "$k/bob-up.log" &
     pids+=($!)
-    KOE_LOG=info,str0m=debug $IN_A "$KOE" --home "$k/alice" up > "$k/alice-up.out" 2> "$k/alice-up.log" &
+    KOE_LOG=$koe_log $IN_A "$KOE" -v --home "$k/alice" up > "$k/alice-up.out" 2> "$k/alice-up.log" &
     pids+=($!)
     wait_for 15 "alice's client to attach" sh -c "ip netns exec $LAB-a $KOE --home $k/alice status | grep -q /p2p/"
     wait_for 15 "bob's client to attach" sh -c "ip netns exec $LAB-b $KOE --home $k/bob status | grep -q /p2p/"
