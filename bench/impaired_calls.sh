@@ -60,8 +60,7 @@ CONDITIONS=(
     "bursty 20 %, bursts of 3|bursty 0.20 3"
 )
 
-log() { echo "[$(date +%T)] $*" >&2; }
-die() { log "error: $*"; exit 1; }
+source "$ROOT/bench/lab/harness.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces, iptables)"
 [ -x "$KOE" ] || [[ " $PEERS " != *" koe "* ]] || die "no Koe binary at $KOE (this script never builds it)"
@@ -81,52 +80,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     log "installing ${need_apt[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-PY=$(python3 -c 'import sys; print(sys.executable)')   # the real interpreter (not a pyenv shim)
-if ! "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dev >/dev/null
-fi
-if ! "$PY" -c "import numpy, pesq, netfilterqueue, jack" 2>/dev/null; then
-    "$PY" -m pip --version >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
-    pip_packages=(numpy pesq NetfilterQueue JACK-Client)
-    # Debian's own python3 refuses plain pip installs (PEP 668): then into its site-packages.
-    "$PY" -m pip install -q "${pip_packages[@]}" ||
-        "$PY" -m pip install -q --break-system-packages "${pip_packages[@]}"
-fi
+bench_python "numpy pesq netfilterqueue jack" numpy pesq NetfilterQueue JACK-Client
 
 # ---------------------------------------------------------------------------- cleanup
-work=$(mktemp -d /tmp/koeb.XXXXXX)
-pids=()
-cleanup() {
-    local status=$?
-    set +e
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
-    sleep 0.3
-    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null; done
-    "$NETLAB" down "$LAB"   # also ends whatever still runs inside the namespaces
-    if [ "${KEEP:-0}" = 1 ] || [ $status -ne 0 ]; then log "work directory kept: $work"; else rm -rf "$work"; fi
-    exit $status
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-forget() { local keep=() p; for p in "${pids[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done; pids=("${keep[@]}"); }
-# Not a function: "$IN_A cmd &" must make $! the pid of cmd itself (ip netns exec execs it).
-IN_R="ip netns exec $LAB-r" IN_A="ip netns exec $LAB-a" IN_B="ip netns exec $LAB-b"
-
-wait_for() {   # wait_for SECONDS DESCRIPTION COMMAND...
-    local limit=$1 what=$2; shift 2
-    local until=$((SECONDS + limit))
-    until "$@" >/dev/null 2>&1; do
-        [ $SECONDS -lt $until ] || die "timed out waiting for $what"
-        sleep 0.1
-    done
-}
-
-# The Koe binary may be rebuilt while this runs: every process uses one copy of it.
-if [ -x "$KOE" ]; then
-    koe_built=$(date -u -r "$KOE" +%FT%TZ)
-    cp "$KOE" "$work/koe-bin"
-    KOE=$work/koe-bin
-fi
+bench_start koeb
 
 # ---------------------------------------------------------------------------- speech
 alsa=/usr/share/sounds/alsa
