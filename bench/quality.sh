@@ -295,67 +295,8 @@ EOF
     wait_for 10 "tinyproxy" $IN_R sh -c "ss -ltn | grep -q '10.77.1.1:8888'"
 fi
 
-impair_start() {   # impair_start ARGS...: impair.py in the router until impair_stop
-    rm -f "$work/impair.ready"
-    $IN_R "$PY" "$ROOT/bench/lab/impair.py" --seed "$seed" --ready "$work/impair.ready" "$@" \
-        > "$work/impair-$CALL.log" 2>&1 &
-    impair_pid=$!
-    pids+=("$impair_pid")
-    wait_for 10 "impair.py" test -e "$work/impair.ready"
-}
-impair_stop() {
-    local rc=0
-    kill -TERM "$impair_pid"
-    wait "$impair_pid" || rc=$?
-    [ $rc = 0 ] || die "impair.py failed (exit status $rc): $(cat "$work/impair-$CALL.log")"
-    forget "$impair_pid"
-    grep '^impair-stats ' "$work/impair-$CALL.log" | cut -d' ' -f2- > "$work/impair-$CALL.json"
-}
-
 # ---------------------------------------------------------------------------- baresip
-jack_name=koeq$$
-if [ $baresip_runs = yes ]; then
-    # baresip's real-time clock: a JACK server with the dummy backend, 20 ms periods, in the
-    # router namespace only so that `netlab.sh down` ends it too (it uses no network).
-    $IN_R jackd --no-realtime -n "$jack_name" -d dummy -r 48000 -p 960 -C 1 -P 1 > "$work/jackd.log" 2>&1 &
-    pids+=($!)
-    export JACK_DEFAULT_SERVER=$jack_name JACK_NO_AUDIO_RESERVATION=1
-    wait_for 10 "jackd" jack_lsp
-    for side in a b; do
-        if [ $side = a ]; then ip=10.77.1.2 answer=manual; else ip=10.77.2.2 answer=auto; fi
-        mkdir -p "$work/baresip-$side"
-        cat > "$work/baresip-$side/config" <<EOF
-poll_method		epoll
-sip_listen		$ip:5060
-call_local_timeout	120
-audio_player		jack,
-audio_source		jack,
-audio_alert		jack,
-ausrc_format		float
-auplay_format		float
-ausrc_srate		48000
-auplay_srate		48000
-ausrc_channels		1
-auplay_channels		1
-audio_buffer		20-160
-rtp_ports		10000-10020
-jitter_buffer_delay	5-10
-rtp_stats		yes
-module_path		/usr/lib/baresip/modules
-module			opus.so
-module			jack.so
-module_tmp		account.so
-module_app		menu.so
-opus_bitrate		28000
-opus_stereo		no
-opus_sprop_stereo	no
-opus_inbandfec		no
-jack_connect_ports	no
-jack_client_name	bs$side
-EOF
-        echo "<sip:$side@$ip;transport=tcp>;regint=0;audio_codecs=opus;answermode=$answer" > "$work/baresip-$side/accounts"
-    done
-fi
+[ $baresip_runs = yes ] && baresip_lab koeq$$ no
 
 baresip_stop() { kill -TERM "$1" 2>/dev/null; wait "$1" 2>/dev/null || true; forget "$1"; }
 baresip_call() {   # one call A -> B with $SAMPLE; sets status, note; B's audio to $work/$CALL.wav
