@@ -205,15 +205,6 @@ impl JitterStats {
             (self.concealed + self.late_concealed) as f64 / self.frames as f64
         }
     }
-
-    /// Fraction of played frames that were concealed because they came too late.
-    pub fn late_after_recovery(&self) -> f64 {
-        if self.frames == 0 {
-            0.0
-        } else {
-            self.late_concealed as f64 / self.frames as f64
-        }
-    }
 }
 
 /// The receiver's view of the path, sent back to the sender now and then.
