@@ -6,8 +6,8 @@
 //! Each frame's ideal playout time is its send time (frame number × 20 ms) plus the smallest
 //! transit time seen recently plus a target delay. The target covers the jitter of recent
 //! arrivals and, when packets are being lost, the wait for the copies of a lost frame that
-//! later packets carry (20 ms per copy waited for, only as many as the loss rate makes
-//! worthwhile). On a clean datagram path the jitter is a high quantile of recent transit above
+//! later packets carry (20 ms per frame of distance to the farthest copy worth waiting for at
+//! the loss rate and burstiness measured, see [`crate::protection`]). On a clean datagram path the jitter is a high quantile of recent transit above
 //! the minimum, and the target a few milliseconds. On a byte-stream path (a TCP or TLS relay
 //! leg) nothing is lost but arrivals come in bursts after each retransmission, with every
 //! frame behind it held up: there the target covers the highest delay peak of the last ten
@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec::FRAME_MILLIS;
 use crate::payload::{PayloadError, VoicePayload};
+use crate::protection::PathLoss;
 pub use crate::stretch::Stretch;
 
 const FRAME_MICROS: i64 = FRAME_MILLIS as i64 * 1000;
@@ -42,15 +43,23 @@ const TRANSIT_WINDOW: usize = 200;
 const STREAM_TRANSIT_WINDOW: usize = 500;
 /// Frames remembered for the loss estimate (5 s).
 const LOSS_WINDOW: u64 = 250;
+/// How many runs of independent loss the burst estimate starts from (see [`mean_burst`]).
+const BURST_PRIOR_RUNS: f64 = 4.0;
+/// The burst estimate follows the last this many runs of lost frames: a path losing 10 % in
+/// runs of three shows only eight runs in the loss window.
+const BURST_RUNS: usize = 32;
+/// A run of lost frames is counted this many frames (500 ms) behind the newest, when nothing
+/// of it is still coming.
+const SETTLED_AFTER_FRAMES: u64 = 25;
+/// A run counts at most this long: an outage says that bursts are long, but not 100 times.
+const LONGEST_RUN: u64 = 16;
 /// Until this many frames have arrived, the loss rate is not known yet.
 const EARLY_FRAMES: usize = 50;
-/// Waiting for fewer copies only once the loss has stayed low this many frames (5 s): a
+/// A shorter wait for copies only once the loss has stayed low this many frames (5 s): a
 /// loss estimate that wavers around a threshold must not shrink and re-grow the delay.
-const FEWER_COPIES_AFTER_FRAMES: u64 = 250;
+const SHORTER_WAIT_AFTER_FRAMES: u64 = 250;
 /// The share of arrivals the target waits for on a datagram path (on a stream: all of them).
 const JITTER_QUANTILE: f64 = 0.97;
-/// Waiting for copies stops being worth it once fewer frames than this stay lost.
-const RESIDUAL_LOSS_GOAL: f64 = 0.005;
 /// In a pause, a concealed frame is inserted once playout runs this far ahead of its ideal
 /// time ...
 const EXPAND_IN_PAUSE_BELOW_MICROS: i64 = -5_000;
@@ -258,10 +267,15 @@ pub struct JitterBuffer {
     off_target_since: Option<u64>,
     /// How far back the copies in the newest payload reach, nearest first.
     copy_distances: Vec<u32>,
-    /// How many copies of a lost frame the target waits for now.
-    copies_waited: usize,
-    /// Since which frame fewer copies would do (see [`FEWER_COPIES_AFTER_FRAMES`]).
-    fewer_copies_since: Option<u64>,
+    /// How many frames the target waits for the copies of a lost frame now.
+    frames_waited: u32,
+    /// Recent runs of lost frames (lengths), oldest first, and how far they are counted.
+    runs: VecDeque<u64>,
+    settled_to: Option<u64>,
+    /// Frames lost in a row at `settled_to`.
+    open_run: u64,
+    /// Since which frame a shorter wait would do (see [`SHORTER_WAIT_AFTER_FRAMES`]).
+    shorter_wait_since: Option<u64>,
     /// Whether the loss has been measured yet (the early frames' one copy is a guess).
     loss_measured: bool,
     target_micros: i64,
@@ -284,8 +298,11 @@ impl JitterBuffer {
             stray: None,
             off_target_since: None,
             copy_distances: Vec::new(),
-            copies_waited: 0,
-            fewer_copies_since: None,
+            frames_waited: 0,
+            runs: VecDeque::with_capacity(BURST_RUNS),
+            settled_to: None,
+            open_run: 0,
+            shorter_wait_since: None,
             loss_measured: false,
             target_micros: config.margin.as_micros() as i64,
             stats: JitterStats::default(),
@@ -356,6 +373,7 @@ impl JitterBuffer {
                 self.transits.clear();
                 self.received.clear();
                 self.missed.clear();
+                self.settled_to = None;
                 self.waited = 0;
                 self.next_play = None;
                 self.highest = None;
@@ -450,6 +468,36 @@ impl JitterBuffer {
         }
     }
 
+    /// Counts the runs of lost frames up to [`SETTLED_AFTER_FRAMES`] behind the newest, where
+    /// nothing is still coming; `seen` is the window's received frames, sorted.
+    fn settle_runs(&mut self, seen: &[u64], highest: u64) {
+        let Some(until) = highest.checked_sub(SETTLED_AFTER_FRAMES) else { return };
+        let from = match self.settled_to {
+            Some(done) if done >= until => return,
+            Some(done) if until - done <= LOSS_WINDOW - SETTLED_AFTER_FRAMES => done + 1,
+            // The first frames, or a jump past the window: start from what the window knows.
+            _ => {
+                self.open_run = 0;
+                match seen.first() {
+                    Some(&first) if first <= until => first,
+                    _ => return,
+                }
+            }
+        };
+        for frame in from..=until {
+            if seen.binary_search(&frame).is_err() {
+                self.open_run += 1;
+            } else if self.open_run > 0 {
+                if self.runs.len() == BURST_RUNS {
+                    self.runs.pop_front();
+                }
+                self.runs.push_back(self.open_run.min(LONGEST_RUN));
+                self.open_run = 0;
+            }
+        }
+        self.settled_to = Some(until);
+    }
+
     fn update_estimates(&mut self) {
         // Loss before recovery over the recent window of frame numbers.
         if let (Some(&first), Some(highest)) = (self.received.front(), self.highest) {
@@ -458,9 +506,8 @@ impl JitterBuffer {
             seen.sort_unstable();
             seen.dedup();
             self.stats.loss_before_recovery = (1.0 - seen.len() as f64 / span).max(0.0);
-            let gaps: Vec<u64> = seen.windows(2).map(|w| w[1] - w[0] - 1).filter(|&g| g > 0).collect();
-            self.stats.mean_burst =
-                if gaps.is_empty() { 0.0 } else { gaps.iter().sum::<u64>() as f64 / gaps.len() as f64 };
+            self.settle_runs(&seen, highest);
+            self.stats.mean_burst = mean_burst(&self.runs, self.stats.loss_before_recovery);
         }
         let Some(min) = self.min_transit() else {
             return;
@@ -474,45 +521,40 @@ impl JitterBuffer {
         };
         let index = ((above.len() - 1) as f64 * quantile).round() as usize;
         let jitter = above.get(index).copied().unwrap_or(0);
+        // Waiting for a copy means waiting for the packet that carries it, as many frames
+        // later as its distance.
         let wanted = if !self.config.wait_for_copies {
             0
         } else if self.received.len() < EARLY_FRAMES {
             // Too early to know the path: wait for the one copy a sender starts with, so
             // that a lossy path needs no expansion in the middle of the first words.
-            1
+            self.copy_distances.first().copied().unwrap_or(1)
         } else {
-            copies_worth_waiting(self.stats.loss_before_recovery)
+            PathLoss::new(self.stats.loss_before_recovery, self.stats.mean_burst).frames_worth_waiting(&self.copy_distances)
         };
-        let copies_waited = self.settle_copies_waited(wanted);
-        // Waiting for the n-th copy means waiting for the packet that carries it, as many
-        // frames later as its distance.
-        let frames_waited = if copies_waited == 0 {
-            0
-        } else {
-            self.copy_distances.get(copies_waited - 1).copied().unwrap_or(copies_waited as u32)
-        };
+        let frames_waited = self.settle_frames_waited(wanted);
         let target = jitter + self.config.margin.as_micros() as i64 + i64::from(frames_waited) * FRAME_MICROS;
         self.target_micros = target.min(self.config.max_delay.as_micros() as i64);
         self.stats.target_delay = Duration::from_micros(self.target_micros.max(0) as u64);
     }
 
-    /// More copies at once; fewer only after [`FEWER_COPIES_AFTER_FRAMES`] of wanting fewer
-    /// — except when the first measurement replaces the early frames' guess.
-    fn settle_copies_waited(&mut self, wanted: usize) -> usize {
+    /// A longer wait at once; a shorter one only after [`SHORTER_WAIT_AFTER_FRAMES`] of
+    /// wanting less — except when the first measurement replaces the early frames' guess.
+    fn settle_frames_waited(&mut self, wanted: u32) -> u32 {
         let now = self.highest.unwrap_or(0);
         let first_measurement = !self.loss_measured && self.received.len() >= EARLY_FRAMES;
         self.loss_measured |= first_measurement;
-        if wanted >= self.copies_waited || !self.loss_measured || first_measurement {
-            self.copies_waited = wanted;
-            self.fewer_copies_since = None;
+        if wanted >= self.frames_waited || !self.loss_measured || first_measurement {
+            self.frames_waited = wanted;
+            self.shorter_wait_since = None;
         } else {
-            let since = *self.fewer_copies_since.get_or_insert(now);
-            if now.saturating_sub(since) >= FEWER_COPIES_AFTER_FRAMES {
-                self.copies_waited = wanted;
-                self.fewer_copies_since = None;
+            let since = *self.shorter_wait_since.get_or_insert(now);
+            if now.saturating_sub(since) >= SHORTER_WAIT_AFTER_FRAMES {
+                self.frames_waited = wanted;
+                self.shorter_wait_since = None;
             }
         }
-        self.copies_waited
+        self.frames_waited
     }
 
     fn min_transit(&self) -> Option<i64> {
@@ -637,14 +679,15 @@ impl JitterBuffer {
     }
 }
 
-/// How many copies of a lost frame are worth waiting for (20 ms each) at this loss rate:
-/// the fewest after which fewer than [`RESIDUAL_LOSS_GOAL`] of frames stay lost.
-pub fn copies_worth_waiting(loss: f64) -> usize {
-    if loss.is_nan() || loss <= 0.0 {
-        return 0;
+/// The mean length of the recent runs of lost frames, drawn toward what independent loss at
+/// rate `loss` would give by [`BURST_PRIOR_RUNS`] imagined runs: a few runs say little, and a
+/// sender that spreads its copies on a chance pair of neighbours costs delay.
+fn mean_burst(runs: &VecDeque<u64>, loss: f64) -> f64 {
+    if runs.is_empty() {
+        return 0.0;
     }
-    let limit = crate::sender::redundancy_for_loss(loss).max(1);
-    (0..=limit).find(|&copies| loss.powi(copies as i32 + 1) < RESIDUAL_LOSS_GOAL).unwrap_or(limit)
+    let independent = 1.0 / (1.0 - loss.clamp(0.0, 0.99));
+    (runs.iter().sum::<u64>() as f64 + BURST_PRIOR_RUNS * independent) / (runs.len() as f64 + BURST_PRIOR_RUNS)
 }
 
 #[cfg(test)]
@@ -698,14 +741,14 @@ mod tests {
     #[test]
     fn fewer_copies_are_waited_for_only_after_the_loss_stayed_low() {
         let mut buffer = JitterBuffer::new(JitterConfig::default());
-        let at = |buffer: &mut JitterBuffer, frame: u64, wanted: usize| {
+        let at = |buffer: &mut JitterBuffer, frame: u64, wanted: u32| {
             buffer.highest = Some(frame);
             buffer.received = (frame.saturating_sub(60)..=frame).collect();
-            buffer.settle_copies_waited(wanted)
+            buffer.settle_frames_waited(wanted)
         };
         // The early frames' guess gives way to the first measurement at once, down as well.
         buffer.received = (0..10).collect();
-        assert_eq!(buffer.settle_copies_waited(1), 1);
+        assert_eq!(buffer.settle_frames_waited(1), 1);
         assert_eq!(at(&mut buffer, 60, 0), 0, "a clean path stops waiting at once");
         // More copies at once; fewer only after 250 frames of wanting fewer.
         assert_eq!(at(&mut buffer, 100, 3), 3);
@@ -718,12 +761,25 @@ mod tests {
     }
 
     #[test]
-    fn copies_waited_for_grow_with_loss() {
-        assert_eq!(copies_worth_waiting(0.0), 0);
-        assert_eq!(copies_worth_waiting(f64::NAN), 0);
-        assert_eq!(copies_worth_waiting(0.05), 1);
-        assert_eq!(copies_worth_waiting(0.10), 2);
-        assert_eq!(copies_worth_waiting(0.20), 3);
+    fn the_burst_estimate_counts_runs_of_lost_frames_and_not_late_ones() {
+        let start = Instant::now();
+        let mut buffer = JitterBuffer::new(JitterConfig::default());
+        let at = |frame: u32| start + Duration::from_millis(u64::from(frame) * 20);
+        // Runs of three lost in every 20 frames (15 %); every 10th frame comes 100 ms late.
+        let lost = |frame: u32| frame % 20 < 3 && frame >= 20;
+        for frame in 0..1000u32 {
+            if lost(frame) {
+                continue;
+            }
+            let arrival = if frame % 10 == 5 { at(frame) + Duration::from_millis(100) } else { at(frame) };
+            buffer.push(arrival, &payload(frame, &[])).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let report = buffer.loss_report();
+        assert!((report.loss - 0.15).abs() < 0.01, "{report:?}");
+        // 32 runs of three, drawn a little toward the 1.18 of independent loss at 15 %.
+        let expected = (32.0 * 3.0 + BURST_PRIOR_RUNS / 0.85) / (32.0 + BURST_PRIOR_RUNS);
+        assert!((report.mean_burst - expected).abs() < 0.01, "{report:?} against {expected}");
+        assert_eq!(buffer.runs.len(), BURST_RUNS);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`codec`]: Opus (48 kHz mono, 20 ms) behind [`codec::VoiceEncoder`] /
 //!   [`codec::VoiceDecoder`]; the pure-Rust backend by default.
 //! - [`payload`]: the voice payload with copies of earlier frames.
-//! - [`sender`]: encoding, and redundancy that follows the loss the receiver reports.
+//! - [`sender`]: encoding, and copies that follow the loss the receiver reports;
+//!   [`protection`]: which copies that loss calls for, and how long to wait for them.
 //! - [`jitter`]: the adaptive jitter buffer; [`stretch`]: time-stretching of speech, which it
 //!   changes its delay with; [`receiver`]: both with the decoder.
 //! - [`quality`]: the E-model MOS estimate; [`impairment`]: a seeded bad network;
@@ -18,6 +19,7 @@ pub mod jitter;
 #[cfg(feature = "libopus")]
 mod libopus;
 pub mod payload;
+pub mod protection;
 pub mod quality;
 pub mod receiver;
 pub mod sender;

@@ -1,39 +1,27 @@
 //! The sending half of a call's voice: encodes each 20 ms frame and builds the payload with
-//! copies of earlier frames, as many as the loss the receiver reports calls for.
+//! copies of earlier frames, the ones the loss the receiver reports calls for
+//! ([`crate::protection`]).
 
 use std::collections::VecDeque;
 
 use crate::codec::{CodecError, VoiceEncoder, MAX_OPUS_PACKET};
 use crate::jitter::LossReport;
-use crate::payload::{VoicePayload, MAX_REDUNDANCY};
+use crate::payload::{VoicePayload, MAX_DISTANCE, MAX_REDUNDANCY};
+use crate::protection::{cost, PathLoss};
 
-/// How many earlier frames to repeat for a reported loss fraction (0.0–1.0). A frame is then
-/// lost only when its packet and every later packet carrying it are: at 20 % random loss
-/// and three copies, 0.2⁴ = 0.16 % of frames.
-pub fn redundancy_for_loss(loss: f64) -> usize {
-    match loss {
-        l if l < 0.005 => 0,
-        l if l < 0.04 => 1,
-        l if l < 0.12 => 2,
-        l if l < 0.25 => 3,
-        _ => MAX_REDUNDANCY,
-    }
-}
-
-const INITIAL_REDUNDANCY: usize = 1;
-/// For its first second a call sends at least [`INITIAL_REDUNDANCY`] copies whatever the
-/// reports say: the first reports rest on a handful of frames (a path losing 10 % often shows
-/// none in the first ten), and the first words of a call are the ones everyone hears.
+/// For its first second a call sends at least one copy whatever the reports say: the first
+/// reports rest on a handful of frames (a path losing 10 % often shows none in the first ten),
+/// and the first words of a call are the ones everyone hears.
 const CAREFUL_FRAMES: u64 = 50;
-/// Frames kept for copies: as far back as the farthest distance.
-const HISTORY: usize = 7;
-
-/// How far back copies reach. Isolated losses: the frames just before. Bursts (runs of
-/// lost packets two or more long on average): spread out, so that one burst does not take a
-/// frame and all its copies.
+const CAREFUL_COPIES: &[u32] = &[1];
+/// Frames kept for copies: as far back as a copy may reach.
+const HISTORY: usize = MAX_DISTANCE as usize;
+/// A cheaper copy set (a shorter reach, fewer copies) only once the reports have asked for it
+/// this many frames (5 s), unless the path shows no loss at all: a bursty path has quiet
+/// spells, and the receiver keeps its delay for the copies meanwhile anyway.
+const CHEAPER_AFTER_FRAMES: u64 = 250;
+/// Copies when the caller fixes their number: the frames just before.
 const CONSECUTIVE: [u32; MAX_REDUNDANCY] = [1, 2, 3, 4];
-const SPREAD: [u32; MAX_REDUNDANCY] = [1, 3, 5, 7];
-const BURSTY_FROM: f64 = 1.8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SenderStats {
@@ -47,10 +35,12 @@ pub struct VoiceSender {
     next_frame: u32,
     /// The last frames sent, newest last, for copies.
     history: VecDeque<(u32, Vec<u8>)>,
-    redundancy: usize,
-    distances: &'static [u32; MAX_REDUNDANCY],
+    /// How far back the copies in each packet reach, in frames.
+    distances: &'static [u32],
     /// Fixed by the caller (`None`: follow the reported loss).
     fixed_redundancy: Option<usize>,
+    /// The frame since which the reports ask for a cheaper set.
+    cheaper_since: Option<u64>,
     stats: SenderStats,
 }
 
@@ -58,7 +48,7 @@ impl std::fmt::Debug for VoiceSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VoiceSender")
             .field("next_frame", &self.next_frame)
-            .field("redundancy", &self.redundancy)
+            .field("distances", &self.distances)
             .finish_non_exhaustive()
     }
 }
@@ -69,11 +59,11 @@ impl VoiceSender {
             encoder,
             next_frame: 0,
             history: VecDeque::with_capacity(HISTORY),
-            // One copy until the first loss report shows the path is clean: the first
-            // second of a call on a lossy path is protected too.
-            redundancy: INITIAL_REDUNDANCY,
-            distances: &CONSECUTIVE,
+            // One copy until the first loss report: the first second of a call on a lossy
+            // path is protected too.
+            distances: CAREFUL_COPIES,
             fixed_redundancy: None,
+            cheaper_since: None,
             stats: SenderStats::default(),
         }
     }
@@ -82,24 +72,31 @@ impl VoiceSender {
     pub fn fix_redundancy(&mut self, copies: Option<usize>) {
         self.fixed_redundancy = copies.map(|c| c.min(MAX_REDUNDANCY));
         if let Some(copies) = self.fixed_redundancy {
-            self.redundancy = copies;
+            self.distances = &CONSECUTIVE[..copies];
         }
     }
 
     /// The receiver's latest loss report.
     pub fn on_loss_report(&mut self, report: LossReport) {
-        let loss = if report.loss.is_finite() { report.loss.clamp(0.0, 1.0) } else { 0.0 };
-        self.distances = if report.mean_burst >= BURSTY_FROM { &SPREAD } else { &CONSECUTIVE };
+        let path = PathLoss::new(report.loss, report.mean_burst);
         if self.fixed_redundancy.is_none() {
-            self.redundancy = redundancy_for_loss(loss);
-            if self.stats.frames < CAREFUL_FRAMES {
-                self.redundancy = self.redundancy.max(INITIAL_REDUNDANCY);
+            let mut wanted = path.copies_to_send_after(self.distances);
+            if self.stats.frames < CAREFUL_FRAMES && wanted.is_empty() {
+                wanted = CAREFUL_COPIES;
+            }
+            let cheaper = cost(wanted) < cost(self.distances);
+            let since = *self.cheaper_since.get_or_insert(self.stats.frames);
+            if !cheaper || path.loss == 0.0 || self.stats.frames - since >= CHEAPER_AFTER_FRAMES {
+                self.distances = wanted;
+            }
+            if !cheaper || self.distances == wanted {
+                self.cheaper_since = None;
             }
         }
         // In-band FEC (and less prediction from earlier frames), paid for in quality, is the
         // tool for light loss; once copies are sent the encoder need only brace itself for
         // what they leave, which is next to nothing.
-        let expected = if self.redundancy == 0 { (loss * 100.0).ceil() } else { (loss.powi(self.redundancy as i32 + 1) * 100.0).round() };
+        let expected = if self.distances.is_empty() { (path.loss * 100.0).ceil() } else { (path.residual(self.distances) * 100.0).round() };
         self.encoder.set_expected_loss(expected as u8);
     }
 
@@ -114,7 +111,8 @@ impl VoiceSender {
         opus.truncate(length);
         let number = self.next_frame;
         self.next_frame = self.next_frame.wrapping_add(1);
-        let copies: Vec<(u32, &[u8])> = self.distances[..self.redundancy]
+        let copies: Vec<(u32, &[u8])> = self
+            .distances
             .iter()
             .rev()
             .filter_map(|&distance| {
@@ -128,7 +126,7 @@ impl VoiceSender {
             .map_err(|e| CodecError::Encode(e.to_string()))?;
         self.stats.frames += 1;
         self.stats.payload_bytes += payload.len() as u64;
-        self.stats.redundancy = self.redundancy;
+        self.stats.redundancy = self.distances.len();
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
@@ -185,7 +183,33 @@ mod tests {
         let payload = sender.encode(&frame)?;
         let parsed = VoicePayload::parse(&payload).map_err(|e| CodecError::Decode(e.to_string()))?;
         let distances: Vec<u32> = parsed.copies.iter().map(|(n, _)| parsed.frame - n).collect();
-        assert_eq!(distances, [5, 3, 1], "oldest first");
+        assert_eq!(distances, [8, 6, 4, 2], "oldest first, spread beyond the bursts");
+        Ok(())
+    }
+
+    #[test]
+    fn a_quiet_spell_on_a_bursty_path_keeps_the_copies_for_a_while() -> Result<(), CodecError> {
+        let mut sender = VoiceSender::new(Backend::OpusPure.encoder(DEFAULT_BITRATE)?);
+        let frame = vec![0.1f32; FRAME_SAMPLES];
+        let bursty = LossReport { loss: 0.10, mean_burst: 3.0, ..LossReport::default() };
+        let calm = LossReport { loss: 0.02, mean_burst: 1.0, ..LossReport::default() };
+        sender.on_loss_report(bursty);
+        let mut sent = Vec::new();
+        for report in 0..60 {
+            for _ in 0..10 {
+                sender.encode(&frame)?;
+            }
+            sender.on_loss_report(if report < 10 { bursty } else { calm });
+            sent.push(sender.distances);
+        }
+        // Reports every 10 frames: calm from the 11th on, and one copy 250 frames later.
+        assert!(sent[..35].iter().all(|d| *d == [2, 5, 8]), "{sent:?}");
+        assert!(sent[35..].iter().all(|d| *d == [1]), "{sent:?}");
+        // Loss coming back is answered at once; no loss at all, too.
+        sender.on_loss_report(bursty);
+        assert_eq!(sender.distances, [2, 5, 8]);
+        sender.on_loss_report(LossReport::default());
+        assert_eq!(sender.distances, [] as [u32; 0]);
         Ok(())
     }
 }

@@ -20,7 +20,7 @@ pub struct CallSimulation {
     pub jitter: JitterConfig,
     /// `None`: copies follow the reported loss; `Some(n)`: always `n`.
     pub fixed_redundancy: Option<usize>,
-    /// How often the receiver's loss report reaches the sender (RTCP-like).
+    /// How often the receiver's loss report reaches the sender (the call driver: every 200 ms).
     pub report_every: Duration,
     /// Where in a 20 ms period the playout clock ticks, relative to the sender's.
     pub playout_phase: Duration,
@@ -37,7 +37,7 @@ impl Default for CallSimulation {
             seed: 1,
             jitter: JitterConfig::default(),
             fixed_redundancy: None,
-            report_every: Duration::from_secs(1),
+            report_every: Duration::from_millis(200),
             playout_phase: Duration::from_millis(3),
             transport: Transport::Datagram,
         }

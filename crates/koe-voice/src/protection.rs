@@ -1,0 +1,229 @@
+//! How copies of earlier frames protect a call against the loss the receiver reports: which
+//! earlier frames each packet repeats (their distances back), and how long the receiver waits
+//! for them. The sender and the receiver use one model of the path, a two-state Markov chain
+//! (Gilbert) fitted to the measured loss rate and mean burst length. A frame stays lost only
+//! when its own packet and every packet carrying one of its copies are lost. On a path that
+//! loses packets in bursts, neighbouring packets go together, so the copies reach past the
+//! bursts the path shows; on random loss the frames just before are enough and cost least delay.
+
+use crate::payload::{MAX_DISTANCE, MAX_REDUNDANCY};
+
+/// The share of frames that may stay lost after the copies waited for: above it, one more
+/// copy (or a farther one) is worth its bandwidth and delay.
+pub const RESIDUAL_LOSS_GOAL: f64 = 0.005;
+
+/// How far a current copy set may miss the goal before it is replaced, and how far inside it
+/// a cheaper set must be to replace it.
+const HYSTERESIS: f64 = 1.5;
+
+/// The copy sets a sender chooses from, by how far back they reach, then by number of copies.
+/// Reach comes first: the receiver waits as many frames as the farthest copy it counts on,
+/// and delay is what a caller hears, while a copy costs only bandwidth. Consecutive sets suit
+/// random loss; spread ones outlast bursts.
+const CANDIDATES: &[&[u32]] = &[
+    &[],
+    &[1],
+    &[2],
+    &[1, 2],
+    &[1, 3],
+    &[1, 2, 3],
+    &[1, 2, 3, 4],
+    &[2, 5],
+    &[1, 3, 6],
+    &[2, 5, 8],
+    &[1, 3, 5, 8],
+    &[2, 4, 6, 8],
+];
+
+const _: () = assert!(MAX_DISTANCE == 8, "CANDIDATES reach at most MAX_DISTANCE back");
+
+/// The loss a receiver measured: the share of packets lost and the mean length of a run of
+/// lost packets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PathLoss {
+    pub loss: f64,
+    pub mean_burst: f64,
+}
+
+impl PathLoss {
+    /// Sane values from whatever a report said (NaN, negative, out of range: no loss).
+    pub fn new(loss: f64, mean_burst: f64) -> Self {
+        let loss = if loss.is_finite() { loss.clamp(0.0, 0.99) } else { 0.0 };
+        // Losses are taken to be at least independent: random loss at rate p has mean runs of
+        // 1/(1 − p), and a shorter measured mean (few losses, all alone) is no promise that
+        // the next two packets are not lost together.
+        let independent = 1.0 / (1.0 - loss);
+        let mean_burst = if mean_burst.is_finite() { mean_burst.max(independent) } else { independent };
+        Self { loss, mean_burst }
+    }
+
+    /// The share of frames still lost when the receiver can use copies at `distances`
+    /// (frames back, ascending or not): the chance that the frame's packet and every one of
+    /// those later packets are lost.
+    pub fn residual(&self, distances: &[u32]) -> f64 {
+        let p = self.loss;
+        if p <= 0.0 {
+            return 0.0;
+        }
+        // Lost → received with 1/burst; received → lost so that the mean loss is p.
+        let recover = 1.0 / self.mean_burst;
+        let fall = (p * recover / (1.0 - p)).min(1.0);
+        // P(lost at t + k | lost at t) = p + (1 − p)·λᵏ, with λ = 1 − recover − fall.
+        let lambda = 1.0 - recover - fall;
+        let mut sorted = distances.to_vec();
+        sorted.sort_unstable();
+        let mut at = 0;
+        let mut chance = p;
+        for distance in sorted {
+            let steps = distance.saturating_sub(at) as i32;
+            chance *= (p + (1.0 - p) * lambda.powi(steps)).clamp(0.0, 1.0);
+            at = distance;
+        }
+        chance
+    }
+
+    /// The copies to send, given those sent now. The current set stays while it does about
+    /// as well as the goal asks (each change of set may change the receiver's delay); a set
+    /// that reaches less far back, or as far with fewer copies, replaces it only when that set
+    /// is well inside the goal.
+    pub fn copies_to_send_after(&self, current: &[u32]) -> &'static [u32] {
+        let best = self.copies_to_send();
+        let Some(current) = CANDIDATES.iter().copied().find(|set| *set == current) else {
+            return best;
+        };
+        let keep = self.residual(current) < RESIDUAL_LOSS_GOAL * HYSTERESIS;
+        let cheaper = cost(best) < cost(current) && self.residual(best) < RESIDUAL_LOSS_GOAL / HYSTERESIS;
+        if keep && !cheaper {
+            current
+        } else {
+            best
+        }
+    }
+
+    /// The copies to send: the set reaching least far back (then with fewest copies) that
+    /// brings the residual loss under the goal; if none does, the most protective set.
+    pub fn copies_to_send(&self) -> &'static [u32] {
+        CANDIDATES.iter().copied().find(|set| self.residual(set) < RESIDUAL_LOSS_GOAL).unwrap_or_else(|| {
+            CANDIDATES
+                .iter()
+                .copied()
+                .min_by(|a, b| self.residual(a).total_cmp(&self.residual(b)))
+                .unwrap_or(&[])
+        })
+    }
+
+    /// How many frames the receiver waits for copies of a missing one, given the distances
+    /// the sender's packets carry: up to the nearest copy after which the residual loss is
+    /// under the goal, else up to the farthest.
+    pub fn frames_worth_waiting(&self, distances: &[u32]) -> u32 {
+        let mut sorted = distances.to_vec();
+        sorted.sort_unstable();
+        if self.residual(&[]) < RESIDUAL_LOSS_GOAL {
+            return 0;
+        }
+        (1..=sorted.len())
+            .find(|&used| self.residual(&sorted[..used]) < RESIDUAL_LOSS_GOAL)
+            .map_or(sorted.last().copied().unwrap_or(0), |used| sorted[used - 1])
+    }
+}
+
+/// What a copy set costs: its reach (delay), then its copies (bandwidth).
+pub fn cost(set: &[u32]) -> (u32, usize) {
+    (set.iter().copied().max().unwrap_or(0), set.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random loss at rate p: independent packets, whose runs are 1/(1 − p) long.
+    fn random(p: f64) -> PathLoss {
+        PathLoss::new(p, 1.0 / (1.0 - p))
+    }
+
+    #[test]
+    fn random_loss_multiplies() {
+        for p in [0.05f64, 0.1, 0.2] {
+            for distances in [&[1u32][..], &[1, 2], &[2, 5, 8]] {
+                let expected = p.powi(distances.len() as i32 + 1);
+                let got = random(p).residual(distances);
+                assert!((got - expected).abs() < 1e-12, "{p} {distances:?}: {got} against {expected}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_loss_gets_the_frames_just_before() {
+        assert_eq!(random(0.0).copies_to_send(), &[] as &[u32]);
+        assert_eq!(random(0.003).copies_to_send(), &[] as &[u32]);
+        assert_eq!(random(0.02).copies_to_send(), &[1]);
+        assert_eq!(random(0.05).copies_to_send(), &[1]);
+        assert_eq!(random(0.10).copies_to_send(), &[1, 2]);
+        assert_eq!(random(0.20).copies_to_send(), &[1, 2, 3]);
+        assert_eq!(random(0.30).copies_to_send(), &[1, 2, 3, 4]);
+        assert_eq!(random(0.50).copies_to_send().len(), MAX_REDUNDANCY, "the most there is");
+        assert_eq!(random(0.10).frames_worth_waiting(&[1, 2]), 2);
+        assert_eq!(random(0.05).frames_worth_waiting(&[1, 2]), 1, "one copy is enough at 5 %");
+        assert_eq!(random(0.003).frames_worth_waiting(&[1]), 0);
+    }
+
+    #[test]
+    fn bursts_spread_the_copies_beyond_them() {
+        // Mean bursts of three packets: the frame after a lost one is lost two times in three.
+        let bursty = PathLoss::new(0.10, 3.0);
+        assert!((bursty.residual(&[1]) - 0.1 * 2.0 / 3.0).abs() < 1e-9);
+        let copies = bursty.copies_to_send();
+        assert_eq!(copies, &[2, 5, 8]);
+        assert!(bursty.residual(copies) < RESIDUAL_LOSS_GOAL);
+        assert!(bursty.residual(&[1, 2, 3]) > 0.01, "consecutive copies die with the frame");
+        assert_eq!(bursty.frames_worth_waiting(copies), 8);
+        // Beyond what four copies can do: the most protective set, waited for in full.
+        let worse = PathLoss::new(0.20, 4.0);
+        assert_eq!(worse.copies_to_send().len(), MAX_REDUNDANCY);
+        assert_eq!(worse.frames_worth_waiting(worse.copies_to_send()), 8);
+    }
+
+    #[test]
+    fn a_set_that_still_does_stays() {
+        // 20 % random loss measured with runs a little long: three consecutive copies nearly
+        // meet the goal, and are kept rather than changed for a fourth.
+        let path = PathLoss::new(0.2, 1.5);
+        assert_eq!(path.copies_to_send(), &[1, 2, 3, 4]);
+        assert_eq!(path.copies_to_send_after(&[1, 2, 3]), &[1, 2, 3]);
+        // Clearly failing: replaced.
+        assert_eq!(PathLoss::new(0.1, 3.0).copies_to_send_after(&[1, 2, 3]), &[2, 5, 8]);
+        // A shorter reach or fewer copies only once they are well inside the goal.
+        assert_eq!(random(0.06).copies_to_send(), &[1]);
+        assert_eq!(random(0.06).copies_to_send_after(&[1, 2]), &[1, 2], "0.36 % is close to the goal");
+        assert_eq!(random(0.04).copies_to_send_after(&[1, 2]), &[1]);
+        assert_eq!(random(0.0).copies_to_send_after(&[1, 2]), &[] as &[u32]);
+        assert_eq!(random(0.1).copies_to_send_after(&[2, 5, 8]), &[1, 2]);
+        // A set that is not one of the sender's own is replaced.
+        assert_eq!(random(0.1).copies_to_send_after(&[3]), &[1, 2]);
+    }
+
+    #[test]
+    fn a_short_reach_comes_before_few_copies() {
+        // 15 % loss in runs a little longer than random: three copies reaching 60 ms back
+        // rather than two reaching 100 ms.
+        assert_eq!(PathLoss::new(0.15, 1.28).copies_to_send(), &[1, 2, 3]);
+        assert_eq!(PathLoss::new(0.05, 3.0).copies_to_send(), &[1, 3, 6]);
+        for set in CANDIDATES {
+            assert!(set.len() <= MAX_REDUNDANCY && set.iter().all(|&d| (1..=u32::from(MAX_DISTANCE)).contains(&d)), "{set:?}");
+        }
+        assert!(CANDIDATES.windows(2).all(|w| cost(w[0]) <= cost(w[1])), "cheapest first");
+    }
+
+    #[test]
+    fn nonsense_reports_mean_no_loss() {
+        for (loss, burst) in [(f64::NAN, 3.0), (-1.0, 2.0), (f64::INFINITY, 1.0)] {
+            let path = PathLoss::new(loss, burst);
+            assert_eq!(path.copies_to_send(), &[] as &[u32], "{loss} {burst}");
+        }
+        let sure = PathLoss::new(5.0, f64::NAN);
+        assert_eq!(sure.loss, 0.99);
+        assert!(sure.residual(&[1, 2]).is_finite());
+        // Isolated losses so far are not taken as a promise that they stay isolated.
+        assert_eq!(PathLoss::new(0.2, 1.0).copies_to_send(), &[1, 2, 3]);
+    }
+}
