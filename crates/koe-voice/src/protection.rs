@@ -9,8 +9,9 @@
 use crate::payload::{MAX_DISTANCE, MAX_REDUNDANCY};
 
 /// The share of frames that may stay lost after the copies waited for: above it, one more
-/// copy (or a farther one) is worth its bandwidth and delay.
-pub const RESIDUAL_LOSS_GOAL: f64 = 0.005;
+/// copy (or a farther one) is worth its bandwidth and delay. PESQ set it: at 5 % random loss
+/// one copy leaves 0.25 %, about a frame every 20 s, and that cost 0.1–0.2 in 30 s calls.
+pub const RESIDUAL_LOSS_GOAL: f64 = 0.002;
 
 /// How far a current copy set may miss the goal before it is replaced, and how far inside it
 /// a cheaper set must be to replace it.
@@ -104,11 +105,14 @@ impl PathLoss {
     /// brings the residual loss under the goal; if none does, the most protective set.
     pub fn copies_to_send(&self) -> &'static [u32] {
         CANDIDATES.iter().copied().find(|set| self.residual(set) < RESIDUAL_LOSS_GOAL).unwrap_or_else(|| {
-            CANDIDATES
-                .iter()
-                .copied()
-                .min_by(|a, b| self.residual(a).total_cmp(&self.residual(b)))
-                .unwrap_or(&[])
+            // The cheapest of the most protective: a farther set must do clearly better.
+            CANDIDATES.iter().copied().fold(&[][..], |best, set| {
+                if self.residual(set) < self.residual(best) * (1.0 - 1e-9) {
+                    set
+                } else {
+                    best
+                }
+            })
         })
     }
 
@@ -155,16 +159,16 @@ mod tests {
     #[test]
     fn random_loss_gets_the_frames_just_before() {
         assert_eq!(random(0.0).copies_to_send(), &[] as &[u32]);
-        assert_eq!(random(0.003).copies_to_send(), &[] as &[u32]);
+        assert_eq!(random(0.001).copies_to_send(), &[] as &[u32]);
         assert_eq!(random(0.02).copies_to_send(), &[1]);
-        assert_eq!(random(0.05).copies_to_send(), &[1]);
+        assert_eq!(random(0.05).copies_to_send(), &[1, 2], "one copy leaves 0.25 %");
         assert_eq!(random(0.10).copies_to_send(), &[1, 2]);
         assert_eq!(random(0.20).copies_to_send(), &[1, 2, 3]);
         assert_eq!(random(0.30).copies_to_send(), &[1, 2, 3, 4]);
         assert_eq!(random(0.50).copies_to_send().len(), MAX_REDUNDANCY, "the most there is");
         assert_eq!(random(0.10).frames_worth_waiting(&[1, 2]), 2);
-        assert_eq!(random(0.05).frames_worth_waiting(&[1, 2]), 1, "one copy is enough at 5 %");
-        assert_eq!(random(0.003).frames_worth_waiting(&[1]), 0);
+        assert_eq!(random(0.02).frames_worth_waiting(&[1, 2]), 1, "one copy is enough at 2 %");
+        assert_eq!(random(0.001).frames_worth_waiting(&[1]), 0);
     }
 
     #[test]
@@ -172,11 +176,14 @@ mod tests {
         // Mean bursts of three packets: the frame after a lost one is lost two times in three.
         let bursty = PathLoss::new(0.10, 3.0);
         assert!((bursty.residual(&[1]) - 0.1 * 2.0 / 3.0).abs() < 1e-9);
-        let copies = bursty.copies_to_send();
-        assert_eq!(copies, &[2, 5, 8]);
-        assert!(bursty.residual(copies) < RESIDUAL_LOSS_GOAL);
         assert!(bursty.residual(&[1, 2, 3]) > 0.01, "consecutive copies die with the frame");
+        let copies = bursty.copies_to_send();
+        assert_eq!(copies, &[2, 4, 6, 8]);
+        assert!(bursty.residual(copies) < 0.005);
         assert_eq!(bursty.frames_worth_waiting(copies), 8);
+        let milder = PathLoss::new(0.10, 2.0);
+        assert_eq!(milder.copies_to_send(), &[2, 5, 8]);
+        assert!(milder.residual(&[2, 5, 8]) < RESIDUAL_LOSS_GOAL);
         // Beyond what four copies can do: the most protective set, waited for in full.
         let worse = PathLoss::new(0.20, 4.0);
         assert_eq!(worse.copies_to_send().len(), MAX_REDUNDANCY);
@@ -187,15 +194,16 @@ mod tests {
     fn a_set_that_still_does_stays() {
         // 20 % random loss measured with runs a little long: three consecutive copies nearly
         // meet the goal, and are kept rather than changed for a fourth.
-        let path = PathLoss::new(0.2, 1.5);
+        let path = PathLoss::new(0.2, 1.3);
         assert_eq!(path.copies_to_send(), &[1, 2, 3, 4]);
         assert_eq!(path.copies_to_send_after(&[1, 2, 3]), &[1, 2, 3]);
         // Clearly failing: replaced.
-        assert_eq!(PathLoss::new(0.1, 3.0).copies_to_send_after(&[1, 2, 3]), &[2, 5, 8]);
+        assert_eq!(PathLoss::new(0.2, 1.4).copies_to_send_after(&[1, 2, 3]), &[1, 2, 3, 4]);
+        assert_eq!(PathLoss::new(0.1, 3.0).copies_to_send_after(&[1, 2, 3]), &[2, 4, 6, 8]);
         // A shorter reach or fewer copies only once they are well inside the goal.
-        assert_eq!(random(0.06).copies_to_send(), &[1]);
-        assert_eq!(random(0.06).copies_to_send_after(&[1, 2]), &[1, 2], "0.36 % is close to the goal");
-        assert_eq!(random(0.04).copies_to_send_after(&[1, 2]), &[1]);
+        assert_eq!(random(0.04).copies_to_send(), &[1]);
+        assert_eq!(random(0.04).copies_to_send_after(&[1, 2]), &[1, 2], "0.16 % is close to the goal");
+        assert_eq!(random(0.03).copies_to_send_after(&[1, 2]), &[1]);
         assert_eq!(random(0.0).copies_to_send_after(&[1, 2]), &[] as &[u32]);
         assert_eq!(random(0.1).copies_to_send_after(&[2, 5, 8]), &[1, 2]);
         // A set that is not one of the sender's own is replaced.
@@ -207,7 +215,7 @@ mod tests {
         // 15 % loss in runs a little longer than random: three copies reaching 60 ms back
         // rather than two reaching 100 ms.
         assert_eq!(PathLoss::new(0.15, 1.28).copies_to_send(), &[1, 2, 3]);
-        assert_eq!(PathLoss::new(0.05, 3.0).copies_to_send(), &[1, 3, 6]);
+        assert_eq!(PathLoss::new(0.02, 3.0).copies_to_send(), &[1, 3, 6]);
         for set in CANDIDATES {
             assert!(set.len() <= MAX_REDUNDANCY && set.iter().all(|&d| (1..=u32::from(MAX_DISTANCE)).contains(&d)), "{set:?}");
         }

@@ -203,11 +203,11 @@ mod tests {
             sent.push(sender.distances);
         }
         // Reports every 10 frames: calm from the 11th on, and one copy 250 frames later.
-        assert!(sent[..35].iter().all(|d| *d == [2, 5, 8]), "{sent:?}");
+        assert!(sent[..35].iter().all(|d| *d == [2, 4, 6, 8]), "{sent:?}");
         assert!(sent[35..].iter().all(|d| *d == [1]), "{sent:?}");
         // Loss coming back is answered at once; no loss at all, too.
         sender.on_loss_report(bursty);
-        assert_eq!(sender.distances, [2, 5, 8]);
+        assert_eq!(sender.distances, [2, 4, 6, 8]);
         sender.on_loss_report(LossReport::default());
         assert_eq!(sender.distances, [] as [u32; 0]);
         Ok(())
