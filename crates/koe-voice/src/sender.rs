@@ -27,7 +27,10 @@ const CONSECUTIVE: [u32; MAX_REDUNDANCY] = [1, 2, 3, 4];
 pub struct SenderStats {
     pub frames: u64,
     pub payload_bytes: u64,
+    /// Copies of earlier frames in each packet now, and how many frames back the farthest one
+    /// reaches.
     pub redundancy: usize,
+    pub reach: u32,
 }
 
 pub struct VoiceSender {
@@ -127,6 +130,7 @@ impl VoiceSender {
         self.stats.frames += 1;
         self.stats.payload_bytes += payload.len() as u64;
         self.stats.redundancy = self.distances.len();
+        self.stats.reach = self.distances.iter().copied().max().unwrap_or(0);
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }

@@ -967,9 +967,13 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
         jitter.expanded,
         jitter.underruns
     );
+    let reach = match stats.sender.reach {
+        0 => String::new(),
+        frames => format!(", reaching {} ms back", frames * 20),
+    };
     let _ = writeln!(
         out,
-        "sent {:.0} kbit/s of voice with {} copies of earlier frames per packet",
+        "sent {:.0} kbit/s of voice with {} copies of earlier frames per packet{reach}",
         kbit_per_s(stats),
         stats.sender.redundancy
     );
