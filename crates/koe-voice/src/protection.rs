@@ -124,12 +124,16 @@ impl PathLoss {
 
     /// How many frames the receiver waits for copies of a missing one, given the distances
     /// the sender's packets carry: up to the nearest copy after which the residual loss is
-    /// under the goal, else up to the farthest.
+    /// under the goal, else up to the farthest. A sender of no copies still gets one frame:
+    /// the next packet's Opus frame carries the missing one's in-band FEC.
     pub fn frames_worth_waiting(&self, distances: &[u32]) -> u32 {
         let mut sorted = distances.to_vec();
         sorted.sort_unstable();
         if self.residual(&[]) < RESIDUAL_LOSS_GOAL {
             return 0;
+        }
+        if sorted.is_empty() {
+            return 1;
         }
         (1..=sorted.len())
             .find(|&used| self.residual(&sorted[..used]) < RESIDUAL_LOSS_GOAL)
@@ -175,6 +179,7 @@ mod tests {
         assert_eq!(random(0.10).frames_worth_waiting(&[1, 2]), 2);
         assert_eq!(random(0.02).frames_worth_waiting(&[1, 2]), 1, "one copy is enough at 2 %");
         assert_eq!(random(0.001).frames_worth_waiting(&[1]), 0);
+        assert_eq!(random(0.05).frames_worth_waiting(&[]), 1, "for the next packet's in-band FEC");
     }
 
     #[test]
