@@ -9,10 +9,10 @@
 //! later packets carry (20 ms per frame of distance to the farthest copy worth waiting for at
 //! the loss rate and burstiness measured, see [`crate::protection`]). On a clean datagram
 //! path the jitter is a high quantile of recent transit above the minimum, and the target a
-//! few milliseconds. On a byte-stream path (a TCP or TLS relay
-//! leg) nothing is lost but arrivals come in bursts after each retransmission, with every
-//! frame behind it held up: there the target covers the highest delay peak of the last ten
-//! seconds, since one retransmission means more to come.
+//! few milliseconds. On a byte-stream path (a TCP or TLS relay leg) nothing is lost but
+//! arrivals come in bursts after each retransmission, with every frame behind it held up:
+//! there the target covers the highest delay peak of the last ten seconds, since one
+//! retransmission means more to come.
 //!
 //! The buffer keeps playout within a band around its target. Outside it, it adjusts in a
 //! pause if one comes: it inserts a concealed frame (expand) or drops one, quick and unheard.
