@@ -125,25 +125,10 @@ baresip_call() {   # one call A -> B; B's received audio to $work/$CALL.wav (16 
 }
 
 # ---------------------------------------------------------------------------- Koe
-koe() { "$KOE" "$@"; }
 if [[ " $PEERS " == *" koe "* ]]; then
     k=$work/koe
     mkdir -p "$k"
-    koe network init --dir "$k/net" --name koe-bench --auth-listen 10.77.0.1:7400 > "$k/init.log"
-    $IN_R "$KOE" auth serve --no-rate-limits --network "$k/net/network.toml" --secret-dir "$k/net/secret" \
-        --db "sqlite:$k/accounts.db" > "$k/auth.out" 2> "$k/auth.log" &
-    pids+=($!)
-    wait_for 10 "the login server" grep -q "listening on" "$k/auth.out"
-    for i in 1 2; do
-        # Ports 4100 and 4200: each supernode's relay node takes the next two ports.
-        $IN_R "$KOE" --home "$k/node$i" node --network "$k/net/network.toml" --listen "10.77.0.1:4${i}00" \
-            > "$k/node$i.out" 2> "$k/node$i.log" &
-        pids+=($!)
-        wait_for 10 "supernode $i" grep -q /p2p/ "$k/node$i.out"
-        koe network add-bootstrap --network "$k/net/network.toml" "$(head -1 "$k/node$i.out")" >&2
-    done
-    echo "a good password" | $IN_A "$KOE" --home "$k/alice" signup alice --network "$k/net/network.toml" --password-stdin >&2
-    echo "a good password" | $IN_B "$KOE" --home "$k/bob" signup bob --network "$k/net/network.toml" --password-stdin >&2
+    koe_lab_network koe-bench
     # str0m=debug: the "Connected" lines give each side's media start (the time origins); -v:
     # the log on stderr (not koe.log in the profile).
     koe_log=warn,koe=info,koe_media=info,koe_call=info,koe_overlay=info,str0m=debug

@@ -331,20 +331,7 @@ baresip_call() {   # one call A -> B with $SAMPLE; sets status, note; B's audio 
 if has "$PEERS" koe; then
     k=$work/koe
     mkdir -p "$k"
-    "$KOE" network init --dir "$k/net" --name koe-quality --auth-listen 10.77.0.1:7400 > "$k/init.log"
-    $IN_R "$KOE" auth serve --no-rate-limits --network "$k/net/network.toml" --secret-dir "$k/net/secret" \
-        --db "sqlite:$k/accounts.db" > "$k/auth.out" 2> "$k/auth.log" &
-    pids+=($!)
-    wait_for 10 "the login server" grep -q "listening on" "$k/auth.out"
-    for i in 1 2; do
-        $IN_R "$KOE" --home "$k/node$i" node --network "$k/net/network.toml" --listen "10.77.0.1:4${i}00" \
-            > "$k/node$i.out" 2> "$k/node$i.log" &
-        pids+=($!)
-        wait_for 10 "supernode $i" grep -q /p2p/ "$k/node$i.out"
-        "$KOE" network add-bootstrap --network "$k/net/network.toml" "$(grep -m1 /p2p/ "$k/node$i.out")" >&2
-    done
-    echo "a good password" | $IN_A "$KOE" --home "$k/alice" signup alice --network "$k/net/network.toml" --password-stdin >&2
-    echo "a good password" | $IN_B "$KOE" --home "$k/bob" signup bob --network "$k/net/network.toml" --password-stdin >&2
+    koe_lab_network koe-quality
     # Each daemon logs to koe.log in its profile.
     KOE_LOG=$KOE_LOG_FILTER $IN_B "$KOE" --home "$k/bob" up --auto-answer --record "$k/bob-heard.wav" \
         > "$k/bob-up.out" 2>&1 &

@@ -75,6 +75,28 @@ wait_for() {
     try_wait "$limit" "$@" || die "timed out waiting for $what"
 }
 
+# koe_lab_network NAME: a Koe network for the lab in $k (network file, login server and two
+# supernodes in the router namespace at 10.77.0.1:4100 and :4200, each supernode's relay node
+# on the next two ports), and alice and bob signed up from sites A and B. The servers join
+# $pids; needs $KOE, $IN_R, $IN_A, $IN_B.
+koe_lab_network() {
+    "$KOE" network init --dir "$k/net" --name "$1" --auth-listen 10.77.0.1:7400 > "$k/init.log"
+    $IN_R "$KOE" auth serve --no-rate-limits --network "$k/net/network.toml" --secret-dir "$k/net/secret" \
+        --db "sqlite:$k/accounts.db" > "$k/auth.out" 2> "$k/auth.log" &
+    pids+=($!)
+    wait_for 10 "the login server" grep -q "listening on" "$k/auth.out"
+    local i
+    for i in 1 2; do
+        $IN_R "$KOE" --home "$k/node$i" node --network "$k/net/network.toml" --listen "10.77.0.1:4${i}00" \
+            > "$k/node$i.out" 2> "$k/node$i.log" &
+        pids+=($!)
+        wait_for 10 "supernode $i" grep -q /p2p/ "$k/node$i.out"
+        "$KOE" network add-bootstrap --network "$k/net/network.toml" "$(grep -m1 /p2p/ "$k/node$i.out")" >&2
+    done
+    echo "a good password" | $IN_A "$KOE" --home "$k/alice" signup alice --network "$k/net/network.toml" --password-stdin >&2
+    echo "a good password" | $IN_B "$KOE" --home "$k/bob" signup bob --network "$k/net/network.toml" --password-stdin >&2
+}
+
 # impair_start ARGS...: bench/lab/impair.py in the router (with $IMPAIR_ARGS, if set, before
 # ARGS) until impair_stop, which saves its counts to $work/impair-$CALL.json.
 impair_start() {
