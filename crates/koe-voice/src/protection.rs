@@ -6,7 +6,7 @@
 //! loses packets in bursts, neighbouring packets go together, so the copies reach past the
 //! bursts the path shows; on random loss the frames just before are enough and cost least delay.
 
-use crate::payload::{MAX_DISTANCE, MAX_REDUNDANCY};
+use crate::payload::MAX_DISTANCE;
 
 /// The share of frames that may stay lost after the copies waited for: above it, one more
 /// copy (or a farther one) is worth its bandwidth and delay. PESQ set it: at 5 % random loss
@@ -127,17 +127,17 @@ impl PathLoss {
     /// under the goal, else up to the farthest. A sender of no copies still gets one frame:
     /// the next packet's Opus frame carries the missing one's in-band FEC.
     pub fn frames_worth_waiting(&self, distances: &[u32]) -> u32 {
-        let mut sorted = distances.to_vec();
-        sorted.sort_unstable();
         if self.residual(&[]) < RESIDUAL_LOSS_GOAL {
             return 0;
         }
-        if sorted.is_empty() {
+        let mut sorted = distances.to_vec();
+        sorted.sort_unstable();
+        let Some(&farthest) = sorted.last() else {
             return 1;
-        }
+        };
         (1..=sorted.len())
             .find(|&used| self.residual(&sorted[..used]) < RESIDUAL_LOSS_GOAL)
-            .map_or(sorted.last().copied().unwrap_or(0), |used| sorted[used - 1])
+            .map_or(farthest, |used| sorted[used - 1])
     }
 }
 
@@ -149,6 +149,7 @@ pub fn cost(set: &[u32]) -> (u32, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payload::MAX_REDUNDANCY;
 
     /// Random loss at rate p: independent packets, whose runs are 1/(1 − p) long.
     fn random(p: f64) -> PathLoss {
