@@ -969,7 +969,7 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
     );
     let reach = match stats.sender.reach {
         0 => String::new(),
-        frames => format!(", reaching {} ms back", frames * 20),
+        frames => format!(", reaching {} ms back", u64::from(frames) * koe_voice::codec::FRAME_MILLIS),
     };
     let _ = writeln!(
         out,
