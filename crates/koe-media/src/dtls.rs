@@ -4,6 +4,16 @@
 //! and media started late. Here a flight is resent after 150 ms, doubling, up to 10 times,
 //! and the handshake gives up after 10 s (the call's own connect timeout).
 //!
+//! dimpl reads the clock only in `handle_timeout`, and str0m calls that only when dimpl's own
+//! deadline is due. A flight begun on a received packet was timed from whenever the clock was
+//! last read, often a whole resend interval before, so its first resend fell due at once. The
+//! flight went out twice; the peer answered the copy with a resend of its own (the other side
+//! once discarded that as out of order) and, rate-limiting duplicates, ignored the next real
+//! retransmission: media started a second late on a clean TCP relay path. Until the handshake
+//! is done, this wrapper asks to be woken every [`CLOCK_READ_EVERY`], so that str0m hands dimpl
+//! the time before it sends a flight. (The caller's hello waits for ICE to connect, for the
+//! same reason: see `MediaSession::start`.)
+//!
 //! Everything else is dimpl's, delegated unchanged; [`install`] puts this provider in place of
 //! the default one for the whole process.
 
@@ -19,6 +29,9 @@ pub const FLIGHT_FIRST_RESEND: Duration = Duration::from_millis(150);
 const FLIGHT_RESENDS: usize = 10;
 /// The whole handshake at most.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How stale dimpl's clock may be while the handshake runs: a small part of a flight's first
+/// resend.
+const CLOCK_READ_EVERY: Duration = Duration::from_millis(10);
 
 /// Installs the crypto of str0m's enabled backend, with this DTLS, as the process default.
 pub fn install() {
@@ -56,11 +69,17 @@ impl DtlsProvider for QuickDtls {
             DtlsVersion::Auto => dimpl::Dtls::new_auto(config, cert.clone(), now),
             other => return Err(CryptoError::Other(format!("unsupported DTLS version: {other}"))),
         };
-        Ok(Box::new(Quick(dtls)))
+        Ok(Box::new(Quick { dtls, clock: now, connected: false }))
     }
 }
 
-struct Quick(dimpl::Dtls);
+struct Quick {
+    dtls: dimpl::Dtls,
+    /// The time dimpl last read.
+    clock: Instant,
+    /// The handshake is done: dimpl's timers no longer matter.
+    connected: bool,
+}
 
 impl std::fmt::Debug for Quick {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,42 +89,125 @@ impl std::fmt::Debug for Quick {
 
 impl DtlsInstance for Quick {
     fn set_active(&mut self, active: bool) {
-        self.0.set_active(active);
+        self.dtls.set_active(active);
     }
 
     fn handle_packet(&mut self, packet: &[u8]) -> Result<(), DtlsImplError> {
-        self.0.handle_packet(packet)
+        self.dtls.handle_packet(packet)
     }
 
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
-        self.0.poll_output(buf)
+        match self.dtls.poll_output(buf) {
+            DtlsOutput::Connected => {
+                self.connected = true;
+                DtlsOutput::Connected
+            }
+            DtlsOutput::Timeout(due) if !self.connected => DtlsOutput::Timeout(due.min(self.clock + CLOCK_READ_EVERY)),
+            output => output,
+        }
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), DtlsImplError> {
-        self.0.handle_timeout(now)
+        self.clock = self.clock.max(now);
+        self.dtls.handle_timeout(now)
     }
 
     fn send_application_data(&mut self, data: &[u8]) -> Result<usize, DtlsImplError> {
-        self.0.send_application_data(data)
+        self.dtls.send_application_data(data)
     }
 
     fn is_active(&self) -> bool {
-        self.0.is_active()
+        self.dtls.is_active()
     }
 
     fn protocol_version(&self) -> Option<ProtocolVersion> {
-        self.0.protocol_version()
+        self.dtls.protocol_version()
     }
 
     fn is_closing(&self) -> bool {
-        self.0.is_closing()
+        self.dtls.is_closing()
     }
 
     fn is_closed(&self) -> bool {
-        self.0.is_closed()
+        self.dtls.is_closed()
     }
 
     fn close(&mut self) -> Result<(), DtlsImplError> {
-        self.0.close()
+        self.dtls.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One end of a handshake driven as str0m drives it: the clock reaches dimpl only through
+    /// `handle_timeout`, called when the deadline dimpl last named is due.
+    struct End {
+        dtls: Box<dyn DtlsInstance>,
+        due: Instant,
+        connected: bool,
+    }
+
+    impl End {
+        fn new(active: bool, now: Instant) -> Self {
+            let cert = QuickDtls.generate_certificate().unwrap_or_else(|| panic!("a certificate"));
+            let mut dtls = QuickDtls.new_dtls(&cert, now, DtlsVersion::Dtls12, None).unwrap_or_else(|e| panic!("{e}"));
+            dtls.set_active(active);
+            dtls.handle_timeout(now).unwrap_or_else(|e| panic!("{e}"));
+            if active {
+                let _ = dtls.handle_packet(&[]);
+            }
+            Self { dtls, due: now, connected: false }
+        }
+
+        /// What this end sends at `now`, as str0m's poll loop would collect it.
+        fn poll(&mut self, now: Instant) -> Vec<Vec<u8>> {
+            if self.due <= now {
+                self.dtls.handle_timeout(now).unwrap_or_else(|e| panic!("{e}"));
+            }
+            let mut sent = Vec::new();
+            let mut buf = vec![0; 2048];
+            loop {
+                match self.dtls.poll_output(&mut buf) {
+                    DtlsOutput::Packet(packet) => sent.push(packet.to_vec()),
+                    DtlsOutput::Timeout(due) => {
+                        self.due = due;
+                        return sent;
+                    }
+                    DtlsOutput::Connected => self.connected = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_flight_begun_long_after_the_clock_was_last_read_is_not_resent_at_once() {
+        // The server starts DTLS when the call is answered; the client says hello most of a
+        // second later, once ICE has found the path.
+        let start = Instant::now();
+        let mut server = End::new(false, start);
+        assert!(server.poll(start).is_empty());
+        let mut now = start + Duration::from_millis(800);
+        let mut client = End::new(true, now);
+        let mut to_server = client.poll(now);
+        let mut to_client: Vec<Vec<u8>> = Vec::new();
+        let mut from_server = 0;
+        while now < start + Duration::from_millis(800 + 120) {
+            for packet in to_server.drain(..) {
+                server.dtls.handle_packet(&packet).unwrap_or_else(|e| panic!("{e}"));
+            }
+            for packet in to_client.drain(..) {
+                client.dtls.handle_packet(&packet).unwrap_or_else(|e| panic!("{e}"));
+            }
+            to_client = server.poll(now);
+            to_server = client.poll(now);
+            from_server += to_client.len();
+            now += Duration::from_millis(1);
+        }
+        assert!(client.connected && server.connected, "a clean path completes the handshake at once");
+        // The server's hello flight and its last flight, each sent once.
+        assert_eq!(from_server, 2, "a flight was resent before its time");
     }
 }

@@ -40,7 +40,7 @@ use str0m::change::DirectApi;
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::Ssrc;
-use str0m::{Candidate, CandidateKind, Event, Input, Output, Rtc, RtcConfig};
+use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
 /// The one audio stream of a call.
 const MID: &str = "0";
@@ -178,6 +178,8 @@ pub struct MediaSession {
     nat: NatMapping,
     /// This side's part in port guessing, once both descriptions are known ([`punch`]).
     port_guess: Option<PortGuess>,
+    /// This side is the DTLS client and waits for ICE to connect before it says hello.
+    hello_pending: bool,
 }
 
 impl std::fmt::Debug for MediaSession {
@@ -245,6 +247,7 @@ impl MediaSession {
             dropped: Vec::new(),
             nat: NatMapping::Unknown,
             port_guess: None,
+            hello_pending: false,
         })
     }
 
@@ -363,7 +366,8 @@ impl MediaSession {
     }
 
     /// Starts ICE and DTLS towards the other side. The caller controls ICE and is the DTLS
-    /// client.
+    /// client: it says hello once ICE has connected, so that its first flight's resend timer
+    /// (150 ms, see [`dtls`]) does not run out while ICE is still finding the path.
     pub fn start(&mut self, remote: &MediaDescription, caller: bool) -> Result<(), MediaError> {
         let bad = |what: &str, error: String| MediaError::BadDescription(format!("{what}: {error}"));
         let fingerprint = remote
@@ -395,7 +399,16 @@ impl MediaSession {
         api.set_ice_controlling(caller);
         api.expect_stream_rx(Ssrc::from(remote.ssrc), None, mid, None);
         self.remote_ssrc = Some(Ssrc::from(remote.ssrc));
-        api.start_dtls(caller).map_err(|e| MediaError::Engine(e.to_string()))
+        self.hello_pending = caller;
+        if caller {
+            Ok(())
+        } else {
+            self.start_dtls(false)
+        }
+    }
+
+    fn start_dtls(&mut self, client: bool) -> Result<(), MediaError> {
+        self.rtc.direct_api().start_dtls(client).map_err(|e| MediaError::Engine(e.to_string()))
     }
 
     /// A datagram that arrived on the local socket `destination` from `source`.
@@ -527,6 +540,15 @@ impl MediaSession {
                     // From RTCP receiver reports, else from ICE's consent checks on the path.
                     let rtt = stats.rtt.or_else(|| pair.and_then(|pair| pair.current_round_trip_time));
                     return MediaOutput::PathStats { path, rtt };
+                }
+                Output::Event(Event::IceConnectionStateChange(IceConnectionState::Connected | IceConnectionState::Completed))
+                    if self.hello_pending =>
+                {
+                    self.hello_pending = false;
+                    if let Err(error) = self.start_dtls(true) {
+                        self.failed = true;
+                        return MediaOutput::Failed { reason: error.to_string() };
+                    }
                 }
                 // ICE without a usable pair for now (a relay under the call died, candidates were
                 // dropped, and the other side has not nominated the next pair yet) recovers when
