@@ -28,6 +28,7 @@ pub mod driver;
 pub mod dtls;
 pub mod punch;
 pub mod relay;
+pub mod virtual_call;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
