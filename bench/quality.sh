@@ -113,7 +113,7 @@ PROXY=http://10.77.1.1:8888
 # What the daemons log (to koe.log in their profiles): their default, and str0m's "Connected"
 # lines (debug), which give the time origins. (Not plain "info": turn_client_proto then logs
 # every poll, ~10,000 lines per call.)
-KOE_LOG_FILTER=${KOE_LOG_FILTER:-warn,koe=info,koe_auth=info,koe_overlay=info,koe_media=info,koe_call=info,str0m=debug}
+KOE_LOG_FILTER=${KOE_LOG_FILTER:-warn,koe=info,koe_auth=info,koe_overlay=info,koe_media=info,koe_call=info,koe_voice=debug,str0m=debug}
 
 source "$ROOT/bench/lab/harness.sh"
 

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use crate::codec::FRAME_MILLIS;
 use crate::payload::{PayloadError, VoicePayload};
 use crate::protection::PathLoss;
+use tracing::debug;
 pub use crate::stretch::Stretch;
 
 const FRAME_MICROS: i64 = FRAME_MILLIS as i64 * 1000;
@@ -533,9 +534,20 @@ impl JitterBuffer {
             // lab calls at 5 and 10 % then waited 40-60 ms more than needed, and lost PESQ.)
             self.copy_distances.first().copied().unwrap_or(1)
         } else {
-            PathLoss::new(self.stats.loss_before_recovery, self.stats.mean_burst).frames_worth_waiting(&self.copy_distances)
+            let path = PathLoss::new(self.stats.loss_before_recovery, self.stats.mean_burst);
+            if self.loss_measured {
+                path.frames_worth_waiting_after(self.frames_waited, &self.copy_distances)
+            } else {
+                // The first measurement replaces the early guess.
+                path.frames_worth_waiting(&self.copy_distances)
+            }
         };
+        let waited_before = self.frames_waited;
         let frames_waited = self.settle_frames_waited(wanted);
+        if frames_waited != waited_before {
+            let (loss, mean_burst) = (self.stats.loss_before_recovery, self.stats.mean_burst);
+            debug!(from = waited_before, to = frames_waited, loss, mean_burst, copies = ?self.copy_distances, "playout: frames waited for copies");
+        }
         let target = jitter + self.config.margin.as_micros() as i64 + i64::from(frames_waited) * FRAME_MICROS;
         self.target_micros = target.min(self.config.max_delay.as_micros() as i64);
         self.stats.target_delay = Duration::from_micros(self.target_micros.max(0) as u64);
@@ -589,6 +601,7 @@ impl JitterBuffer {
         let ideal = next as i64 * FRAME_MICROS + min_transit + self.target_micros;
         let mut offset = now - ideal;
         if offset < EXPAND_IN_SPEECH_BELOW_MICROS || (offset < EXPAND_IN_PAUSE_BELOW_MICROS && quiet) {
+            debug!(frame = next, ahead_ms = -offset / 1000, target_ms = self.target_micros / 1000, quiet, "playout: a frame inserted");
             self.stats.expanded += 1;
             return Playout::Expand;
         }
@@ -628,6 +641,7 @@ impl JitterBuffer {
         if offset > DROP_IN_SPEECH_ABOVE_MICROS || (offset > DROP_IN_PAUSE_ABOVE_MICROS && quiet) {
             // Drop one frame, the one due now, if something follows it.
             if highest > next {
+                debug!(frame = next, behind_ms = offset / 1000, target_ms = self.target_micros / 1000, quiet, "playout: a frame dropped");
                 self.frames.remove(&next);
                 self.stats.dropped += 1;
                 next += 1;
@@ -673,9 +687,11 @@ impl JitterBuffer {
         let by = |micros: i64| Duration::from_micros(micros.unsigned_abs());
         let middle = (EXPAND_IN_PAUSE_BELOW_MICROS + DROP_IN_PAUSE_ABOVE_MICROS) / 2;
         if ahead && (awaited || offset < LENGTHEN_BELOW_MICROS) {
+            debug!(frame = next, ahead_ms = -offset / 1000, "playout: the voice stretched longer");
             self.stats.stretched_longer += 1;
             Some(StretchBy { way: Stretch::Longer, at_least: by(-offset) })
         } else if behind && (awaited || offset > SHORTEN_ABOVE_MICROS) {
+            debug!(frame = next, behind_ms = offset / 1000, "playout: the voice stretched shorter");
             self.stats.stretched_shorter += 1;
             Some(StretchBy { way: Stretch::Shorter, at_least: by(offset - middle) })
         } else {
