@@ -1,8 +1,9 @@
 //! The DTLS handshake of a call, as str0m's aws-lc-rs backend makes it (dimpl), but quicker to
 //! resend a lost flight: dimpl waits 1 s before its first retransmission and doubles from there,
 //! so at 20 % loss each way a handshake of two round trips took about two seconds on average,
-//! and media started late. Here a flight is resent after 150 ms, doubling, up to 10 times,
-//! and the handshake gives up after 10 s (the call's own connect timeout).
+//! and media started late. Here a flight is first resent after 150 ms (dimpl's own resends then
+//! double, up to 10 times, beside the steady ones below), and the handshake gives up after 10 s
+//! (the call's own connect timeout).
 //!
 //! dimpl reads the clock only in `handle_timeout`, and str0m calls that only when dimpl's own
 //! deadline is due. A flight begun on a received packet was timed from whenever the clock was
