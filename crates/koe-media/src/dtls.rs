@@ -250,6 +250,40 @@ mod tests {
         }
     }
 
+    /// A client and a server wired to each other with no delay.
+    struct Wire {
+        client: End,
+        server: End,
+        to_client: Vec<Vec<u8>>,
+        to_server: Vec<Vec<u8>>,
+    }
+
+    impl Wire {
+        /// Delivers what is on the wire, then takes what each end sends at `now`, unless
+        /// `lost` says the batch is lost; returns how many datagrams the server sent.
+        fn step(&mut self, now: Instant, lost: &mut impl FnMut(&[Vec<u8>]) -> bool) -> usize {
+            for packet in self.to_server.drain(..) {
+                self.server.dtls.handle_packet(&packet).unwrap_or_else(|e| panic!("{e}"));
+            }
+            for packet in self.to_client.drain(..) {
+                self.client.dtls.handle_packet(&packet).unwrap_or_else(|e| panic!("{e}"));
+            }
+            let (from_client, from_server) = (self.client.poll(now), self.server.poll(now));
+            let sent = from_server.len();
+            if !lost(&from_client) {
+                self.to_server = from_client;
+            }
+            if !lost(&from_server) {
+                self.to_client = from_server;
+            }
+            sent
+        }
+
+        fn connected(&self) -> bool {
+            self.client.connected && self.server.connected
+        }
+    }
+
     #[test]
     fn a_flight_begun_long_after_the_clock_was_last_read_is_not_resent_at_once() {
         // The server starts DTLS when the call is answered; the client says hello most of a
@@ -258,23 +292,14 @@ mod tests {
         let mut server = End::new(false, start);
         assert!(server.poll(start).is_empty());
         let mut now = start + Duration::from_millis(800);
-        let mut client = End::new(true, now);
-        let mut to_server = client.poll(now);
-        let mut to_client: Vec<Vec<u8>> = Vec::new();
+        let client = End::new(true, now);
+        let mut wire = Wire { client, server, to_client: Vec::new(), to_server: Vec::new() };
         let mut from_server = 0;
         while now < start + Duration::from_millis(800 + 120) {
-            for packet in to_server.drain(..) {
-                server.dtls.handle_packet(&packet).unwrap_or_else(|e| panic!("{e}"));
-            }
-            for packet in to_client.drain(..) {
-                client.dtls.handle_packet(&packet).unwrap_or_else(|e| panic!("{e}"));
-            }
-            to_client = server.poll(now);
-            to_server = client.poll(now);
-            from_server += to_client.len();
+            from_server += wire.step(now, &mut |_| false);
             now += Duration::from_millis(1);
         }
-        assert!(client.connected && server.connected, "a clean path completes the handshake at once");
+        assert!(wire.connected(), "a clean path completes the handshake at once");
         // The server's hello flight and its last flight, each sent once.
         assert_eq!(from_server, 2, "a flight was resent before its time");
     }
@@ -294,27 +319,16 @@ mod tests {
     /// how long it takes, on a path of no delay.
     fn handshake_losing(lost: u8, times: usize) -> Duration {
         let start = Instant::now();
-        let (mut client, mut server) = (End::new(true, start), End::new(false, start));
+        let mut wire = Wire { client: End::new(true, start), server: End::new(false, start), to_client: Vec::new(), to_server: Vec::new() };
         let mut dropped = 0;
         let mut now = start;
-        let (mut to_server, mut to_client): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
-        while !(client.connected && server.connected) {
+        while !wire.connected() {
             assert!(now < start + Duration::from_secs(10), "flight {lost} lost {times} times: no handshake in 10 s");
-            for packet in to_server.drain(..) {
-                let _ = server.dtls.handle_packet(&packet);
-            }
-            for packet in to_client.drain(..) {
-                let _ = client.dtls.handle_packet(&packet);
-            }
-            let mut deliver = |sent: Vec<Vec<u8>>, to: &mut Vec<Vec<u8>>| {
-                if sent.first().is_some_and(|first| flight(first) == Some(lost)) && dropped < times {
-                    dropped += 1;
-                    return;
-                }
-                to.extend(sent);
-            };
-            deliver(client.poll(now), &mut to_server);
-            deliver(server.poll(now), &mut to_client);
+            wire.step(now, &mut |sent: &[Vec<u8>]| {
+                let lose = sent.first().is_some_and(|first| flight(first) == Some(lost)) && dropped < times;
+                dropped += usize::from(lose);
+                lose
+            });
             now += Duration::from_millis(1);
         }
         now - start
