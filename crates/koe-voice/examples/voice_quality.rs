@@ -4,7 +4,11 @@
 //! Writes the 16 kHz reference and every received signal as WAV files for PESQ
 //! (bench/voice.sh scores them) and prints one JSON line per run.
 //!
-//!   voice_quality --speech FILE.wav --out DIR [--bitrate 32000] [--seed 1]
+//!   voice_quality --speech FILE.wav --out DIR [--bitrate 32000] [--seed 1] [--only CONDITION]
+//!
+//! `--only` runs the conditions whose name contains it. `KOE_LOG_FILTER=koe_voice=debug` prints
+//! every change of the playout delay on stderr (the frame numbers are the timeline, 50 a second,
+//! counted from 2^32: the buffer unwraps the 32-bit numbers of the wire).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = PathBuf::from("voice-bench");
     let mut bitrate = koe_voice::codec::DEFAULT_BITRATE;
     let mut seed = 1;
+    let mut only = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -26,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--out" => out = PathBuf::from(value),
             "--bitrate" => bitrate = value.parse()?,
             "--seed" => seed = value.parse()?,
+            "--only" => only = value,
             _ => return Err(format!("unknown flag {flag}").into()),
         }
     }
@@ -50,7 +56,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Impairment { delay: ms(15), stalls: Some(Stalls { every: ms(2000), hold: ms(140) }), ..Impairment::CLEAN },
         ),
     ];
-    for (index, (name, impairment)) in conditions.iter().enumerate() {
+    if let Ok(filter) = std::env::var("KOE_LOG_FILTER") {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().init();
+    }
+    for (index, (name, impairment)) in conditions.iter().enumerate().filter(|(_, (name, _))| name.contains(&only)) {
         for (engine, fixed_redundancy) in [("koe", None), ("fec-only", Some(0))] {
             // A driver tells the receiver when a leg of the path is a byte stream.
             let transport = if impairment.stalls.is_some() { Transport::Stream } else { Transport::Datagram };
@@ -62,7 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             wav::write_mono(&out.join(&file), &wav::resample(&result.played, 48_000, 16_000)?, 16_000)?;
             let jitter = result.receiver.jitter;
             println!(
-                "{{\"condition\":\"{name}\",\"engine\":\"{engine}\",\"file\":\"{file}\",\"link_loss\":{:.4},\"loss_after_recovery\":{:.4},\"from_copies\":{},\"from_fec\":{},\"concealed\":{},\"late\":{},\"expanded\":{},\"dropped\":{},\"target_delay_ms\":{:.1},\"bitrate\":{:.0},\"copies\":{},\"cpu_seconds\":{:.3},\"speech_seconds\":{:.2}}}",
+                "{{\"condition\":\"{name}\",\"engine\":\"{engine}\",\"file\":\"{file}\",\"link_loss\":{:.4},\"loss_after_recovery\":{:.4},\"from_copies\":{},\"from_fec\":{},\"concealed\":{},\"late\":{},\"expanded\":{},\"dropped\":{},\"stretched_longer_ms\":{},\"stretched_shorter_ms\":{},\"target_delay_ms\":{:.1},\"bitrate\":{:.0},\"copies\":{},\"cpu_seconds\":{:.3},\"speech_seconds\":{:.2}}}",
                 result.link_loss,
                 jitter.loss_after_recovery(),
                 jitter.from_copies,
@@ -71,6 +80,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 jitter.late,
                 jitter.expanded,
                 jitter.dropped,
+                result.receiver.stretched_longer.as_millis(),
+                result.receiver.stretched_shorter.as_millis(),
                 jitter.target_delay.as_secs_f64() * 1000.0,
                 result.bits_per_second,
                 result.sender.redundancy,
