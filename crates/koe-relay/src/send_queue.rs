@@ -44,6 +44,18 @@ pub const STREAM_SEND_BUFFER_BYTES: usize = 8 * 1024;
 /// (~5 voice frames, 100 ms, plus the segment being filled), so on a slow path the backlog
 /// waits here, where the oldest can be dropped, and what the kernel holds is mostly in flight.
 pub const STREAM_NOTSENT_LOWAT_BYTES: u32 = 1024;
+/// The least retransmission timeout of a TURN stream (TCP_RTO_MIN_US, Linux 6.15 and later;
+/// the kernel's default is 200 ms). A voice stream sends a small segment every 20 ms, so a
+/// lost one is often the only one in flight, and Linux then waits for its tail-loss probe
+/// (two round trips plus this minimum) or the timeout: lab calls over a TCP relay leg losing
+/// 1 % of packets stalled 200–250 ms now and then, and their jitter buffers grew to cover it.
+/// On a long path the timeout is the round trip and its variation anyway.
+pub const STREAM_RTO_MIN_MICROS: u32 = 20_000;
+/// The longest delayed acknowledgement on a TURN stream (TCP_DELACK_MAX_US, Linux 6.16 and
+/// later; the kernel waits 40–200 ms). An HTTP proxy that sets no TCP_NODELAY (tinyproxy)
+/// holds each small frame until the one before is acknowledged; the relay node acknowledging
+/// within 8 ms (two jiffies at 250 Hz, the least the kernel takes) lets it go sooner.
+pub const STREAM_DELACK_MAX_MICROS: u32 = 8_000;
 
 /// Whether `frame` carries media (ChannelData, a Data or Send indication), which may be dropped
 /// when the stream falls behind. Anything else, garbage included, counts as control.
@@ -263,14 +275,63 @@ impl SendQueueReceiver {
 
 /// Keeps a TURN stream's backlog out of the kernel: TCP_NODELAY (Nagle would hold small voice
 /// frames back), a small send buffer ([`STREAM_SEND_BUFFER_BYTES`]) and, on Linux, little
-/// unsent data ([`STREAM_NOTSENT_LOWAT_BYTES`]). A socket that refuses an option still works.
+/// unsent data ([`STREAM_NOTSENT_LOWAT_BYTES`]); where the kernel has them, quick
+/// retransmissions ([`STREAM_RTO_MIN_MICROS`]) and acknowledgements
+/// ([`STREAM_DELACK_MAX_MICROS`]). A socket that refuses an option still works; the last two
+/// are left out silently on kernels without them.
 pub fn limit_kernel_send_buffering(socket: &TcpStream) -> io::Result<()> {
     socket.set_nodelay(true)?;
+    #[cfg(target_os = "linux")]
+    {
+        let _ = tcp_timers::set(socket, tcp_timers::RTO_MIN_US, STREAM_RTO_MIN_MICROS);
+        let _ = tcp_timers::set(socket, tcp_timers::DELACK_MAX_US, STREAM_DELACK_MAX_MICROS);
+    }
     let socket = socket2::SockRef::from(socket);
     socket.set_send_buffer_size(STREAM_SEND_BUFFER_BYTES)?;
     #[cfg(any(target_os = "android", target_os = "linux"))]
     socket.set_tcp_notsent_lowat(STREAM_NOTSENT_LOWAT_BYTES)?;
     Ok(())
+}
+
+/// Linux's per-socket TCP timers in microseconds, which neither socket2 nor libc name yet
+/// (include/uapi/linux/tcp.h).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub mod tcp_timers {
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    pub const RTO_MIN_US: libc::c_int = 45;
+    pub const DELACK_MAX_US: libc::c_int = 46;
+
+    /// Sets `option` to `micros` (the kernel rounds it up to whole jiffies).
+    pub fn set(socket: &impl AsRawFd, option: libc::c_int, micros: u32) -> io::Result<()> {
+        let value = libc::c_int::try_from(micros).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the descriptor is an open socket borrowed for the call; the kernel reads one
+        // c_int from a pointer to a live c_int, with its size.
+        let result = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                option,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    }
+
+    /// What `option` is now, in microseconds.
+    pub fn get(socket: &impl AsRawFd, option: libc::c_int) -> io::Result<u32> {
+        let mut value: libc::c_int = 0;
+        let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: as in `set`; the kernel writes at most `length` bytes to a live c_int and
+        // updates `length`, both exclusively borrowed for the call.
+        let result = unsafe {
+            libc::getsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, option, std::ptr::from_mut(&mut value).cast(), &raw mut length)
+        };
+        if result == 0 { u32::try_from(value).map_err(|_| io::Error::from(io::ErrorKind::InvalidData)) } else { Err(io::Error::last_os_error()) }
+    }
 }
 
 #[cfg(test)]
@@ -461,6 +522,26 @@ mod tests {
         assert!(received.contains(&refresh_response(1)));
         assert_eq!(received.last(), Some(&channel_data(29)), "the newest frame is never the one dropped");
         assert_eq!(received.len() as u64 + dropped.load(Ordering::Relaxed), 31);
+    }
+
+    /// A stream to a relay retransmits and acknowledges quickly wherever the kernel lets it:
+    /// the options read back as set, or the kernel has no such option at all.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_turn_stream_retransmits_and_acknowledges_quickly() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        for socket in [&client, &accepted] {
+            limit_kernel_send_buffering(socket).unwrap();
+            assert!(socket.nodelay().unwrap());
+            for (option, wanted) in [(tcp_timers::RTO_MIN_US, STREAM_RTO_MIN_MICROS), (tcp_timers::DELACK_MAX_US, STREAM_DELACK_MAX_MICROS)] {
+                match tcp_timers::get(socket, option) {
+                    Ok(micros) => assert_eq!(micros, wanted, "option {option}"),
+                    Err(error) => assert_eq!(error.raw_os_error(), Some(libc::ENOPROTOOPT), "option {option}: {error}"),
+                }
+            }
+        }
     }
 
     /// A writer waits for frames and for the sender to go at once (as the relay's TCP writer
