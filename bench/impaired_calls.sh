@@ -172,7 +172,7 @@ def connected(path):
     return datetime.fromisoformat(times[-1].replace("Z", "+00:00"))
 print(f"{(connected(sys.argv[1]) - connected(sys.argv[2])).total_seconds() * 1000:.1f}")
 PY
-    sed 's/\x1b\[[0-9;]*m//g' "$work/$CALL-bob.log" | grep -o 'received [0-9]* frames.*copies of earlier frames per packet\(, reaching [0-9]* ms back\)\?' | tail -1 |
+    sed 's/\x1b\[[0-9;]*m//g' "$work/$CALL-bob.log" | grep -o 'received [0-9]* frames.*copies of earlier frames per packet\(, reaching [0-9]* ms back\)\?\(, each packet sent twice\)\?' | tail -1 |
         sed 's/^/Koe bob: /; s/;/,/g' > "$work/$CALL.note" || true
 }
 

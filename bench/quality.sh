@@ -380,7 +380,7 @@ koe_call() {   # one call alice(A) -> bob(B) with $SAMPLE; sets note, path; bob'
     fi
     tail -c "+$b_from" "$k/bob/koe.log" > "$work/$CALL-bob.log"
     sox "$k/bob-heard.wav" -r 16000 -c 1 -b 16 "$work/$CALL.wav"
-    note="media up ~$("$PY" -c "print(f'{$talk_s - float(\"${talked:-nan}\"):.1f}')") s after the answer; Koe bob: $(grep -o 'received [0-9]* frames.*copies of earlier frames per packet\(, reaching [0-9]* ms back\)\?' "$work/$CALL-bob.log" | tail -1 | sed 's/;/,/g')"
+    note="media up ~$("$PY" -c "print(f'{$talk_s - float(\"${talked:-nan}\"):.1f}')") s after the answer; Koe bob: $(grep -o 'received [0-9]* frames.*copies of earlier frames per packet\(, reaching [0-9]* ms back\)\?\(, each packet sent twice\)\?' "$work/$CALL-bob.log" | tail -1 | sed 's/;/,/g')"
     grep -q 'the call moved from' "$out" && note="$note; alice: $(grep 'the call moved from' "$out" | tr '\n' ' ')"
     # Origin: A's speech starts at A's media "Connected", B's recording at B's. And B's clock:
     # the recording should last from B's "Connected" to its summary; a daemon starved of CPU

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use koe_voice::jitter::LossReport;
+use koe_voice::sender::TWIN_AFTER;
 use koe_voice::{Backend, JitterConfig, ReceiverStats, SenderStats, Transport, VoiceReceiver, VoiceSender, FRAME_SAMPLES, SAMPLE_RATE};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UdpSocket;
@@ -460,10 +461,18 @@ pub async fn run(
     let mut tick = tokio::time::interval(FRAME);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut guessing = session.port_guess().map(|guess| PortGuessing::start(guess, local.ip()));
+    // The twin of the last voice packet, and when it is due (the sender sends packets twice
+    // at the start of a call, see `VoiceSender::take_twin`).
+    let mut twin: Option<(Instant, Vec<u8>)> = None;
     tokio::pin!(stop);
     'call: loop {
         if let Some(guessing) = guessing.as_mut() {
             guessing.send_due(&socket).await;
+        }
+        if twin.as_ref().is_some_and(|(due, _)| *due <= Instant::now()) {
+            if let Some((_, payload)) = twin.take() {
+                session.send_voice_twin(Instant::now(), &payload)?;
+            }
         }
         // Carry out everything the session wants now.
         let wake = loop {
@@ -500,6 +509,7 @@ pub async fn run(
             }
         };
         let wake = guessing.as_ref().and_then(PortGuessing::wake).map_or(wake, |guess| guess.min(wake));
+        let wake = twin.as_ref().map_or(wake, |(due, _)| wake.min(*due));
         tokio::select! {
             received = socket.recv_from(&mut buffer) => {
                 if let Ok((n, from)) = received {
@@ -524,6 +534,8 @@ pub async fn run(
                 }
                 let payload = sender.encode(&frame).map_err(|e| MediaError::Engine(e.to_string()))?;
                 session.send_voice(now, &payload)?;
+                // Nothing is lost on a byte stream: a twin would only queue behind its first.
+                twin = if session.on_stream_leg() { None } else { sender.take_twin().map(|payload| (now + TWIN_AFTER, payload)) };
                 frames_sent += 1;
                 receiver.play(now, &mut played).map_err(|e| MediaError::Engine(e.to_string()))?;
                 recording.extend_from_slice(&played);

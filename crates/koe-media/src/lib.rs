@@ -441,9 +441,19 @@ impl MediaSession {
 
     /// Sends one voice payload (20 ms of audio).
     pub fn send_voice(&mut self, now: Instant, payload: &[u8]) -> Result<(), MediaError> {
-        let pt = self.pt.ok_or(MediaError::NoStream)?;
-        let time = MediaTime::new(self.media_time, Frequency::FORTY_EIGHT_KHZ);
         self.media_time += 960;
+        self.write_voice(now, self.media_time - 960, payload)
+    }
+
+    /// Sends the twin of the last voice payload (its second sending, half a frame later), in a
+    /// packet of its own, stamped half a frame after the first.
+    pub fn send_voice_twin(&mut self, now: Instant, payload: &[u8]) -> Result<(), MediaError> {
+        self.write_voice(now, self.media_time.saturating_sub(480), payload)
+    }
+
+    fn write_voice(&mut self, now: Instant, rtp_time: u64, payload: &[u8]) -> Result<(), MediaError> {
+        let pt = self.pt.ok_or(MediaError::NoStream)?;
+        let time = MediaTime::new(rtp_time, Frequency::FORTY_EIGHT_KHZ);
         let writer = self.rtc.writer(self.mid).ok_or(MediaError::NoStream)?;
         writer.write(pt, now, time, payload.to_vec()).map_err(|e| MediaError::Engine(e.to_string()))
     }

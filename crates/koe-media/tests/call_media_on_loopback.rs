@@ -252,5 +252,7 @@ async fn tampered_srtp_packets_are_dropped_and_copies_fill_the_gaps() {
     assert!((a.tampered.saturating_sub(2)..=a.tampered).contains(&rejected), "{rejected} counted as rejected, {} altered", a.tampered);
     assert!(stats.loss_before_recovery > 0.08, "about one packet in seven was dropped: {stats:?}");
     assert!(stats.from_copies > 10, "the copies in the next packets filled the gaps: {stats:?}");
-    assert!(a.sender.stats().redundancy >= 2, "the caller's copies followed the reported loss: {:?}", a.sender.stats());
+    // One packet in seven lost: two copies, or one and each packet twice.
+    let sent = a.sender.stats();
+    assert!(sent.redundancy >= 2 || (sent.redundancy >= 1 && sent.twins), "the caller's copies followed the reported loss: {sent:?}");
 }

@@ -359,6 +359,10 @@ impl JitterBuffer {
                 return Err(error);
             }
         };
+        if payload.twin {
+            self.take_twin(&payload);
+            return Ok(());
+        }
         let arrival = self.micros_since_epoch(now);
         let frame = self.unwrap(payload.frame);
         if let Some(next) = self.next_play {
@@ -425,6 +429,27 @@ impl JitterBuffer {
         }
         self.update_estimates();
         Ok(())
+    }
+
+    /// A twin (the same packet again, half a frame later) fills in the frames still missing,
+    /// its own among them, but is no arrival: the loss and the delay measured are those of the
+    /// first packets, which the copies and the wait for them are chosen for.
+    fn take_twin(&mut self, twin: &VoicePayload) {
+        let newest = self.unwrap(twin.frame);
+        if self.next_play.is_some_and(|next| newest >= next + RESYNC_AHEAD_FRAMES) {
+            return;
+        }
+        // It is news of the stream all the same: its frame is there to be played.
+        self.highest = Some(self.highest.map_or(newest, |h| h.max(newest)));
+        for (number, opus) in std::iter::once((twin.frame, twin.opus)).chain(twin.copies.iter().copied()) {
+            let number = self.unwrap(number);
+            if self.next_play.is_none_or(|next| number >= next) && !self.frames.contains_key(&number) {
+                self.frames.insert(number, Held { opus: opus.to_vec(), source: Source::Copy });
+            }
+        }
+        while self.frames.len() > MAX_HELD_FRAMES {
+            self.frames.pop_first();
+        }
     }
 
     /// Forgets older transits once the recent ones all sit well above them: the path's delay
@@ -722,6 +747,7 @@ mod tests {
         let mut out = Vec::new();
         VoicePayload {
             frame,
+            twin: false,
             opus: &opus,
             copies: copies.iter().zip(&copy_bytes).map(|(c, b)| (*c, &b[..])).collect(),
         }
@@ -825,6 +851,38 @@ mod tests {
         assert_eq!(buffer.loss_report().loss, 0.0, "the sender is not asked for copies");
         assert_eq!(stats.loss_on_the_way(), 0.0);
         assert!(stats.loss_after_recovery() > 0.0, "the listener did miss it: {stats:?}");
+    }
+
+    /// Every fifth frame's first packet is lost; in one buffer its twin comes 10 ms later.
+    /// The twins fill the frames in, yet the loss and the delay measured are the same: the
+    /// copies and the wait are chosen for the first packets.
+    #[test]
+    fn a_twin_fills_in_its_frame_but_is_no_arrival() {
+        let start = Instant::now();
+        let at = |tick: u32, ms: u64| start + Duration::from_millis(u64::from(tick) * 20 + ms);
+        let run = |twins: bool| {
+            let mut buffer = JitterBuffer::new(JitterConfig { wait_for_copies: false, ..JitterConfig::default() });
+            let mut sources = Vec::new();
+            for tick in 0..150u32 {
+                if tick % 5 != 2 {
+                    buffer.push(at(tick, 0), &payload(tick, &[])).unwrap_or_else(|e| panic!("{e}"));
+                } else if twins {
+                    buffer.push(at(tick, 10), &crate::payload::twin_of(&payload(tick, &[]))).unwrap_or_else(|e| panic!("{e}"));
+                }
+                if let Playout::Frame { opus, source, .. } = buffer.pop(at(tick, 13), false) {
+                    sources.push((number(&opus), source));
+                }
+            }
+            (buffer.stats(), buffer.loss_report(), sources)
+        };
+        let ((with, with_report, played), (without, without_report, _)) = (run(true), run(false));
+        assert_eq!(with.loss_before_recovery, without.loss_before_recovery);
+        assert!((with_report.loss - 0.2).abs() < 0.01, "{with_report:?}");
+        assert_eq!(with_report, without_report);
+        assert_eq!(with.target_delay, without.target_delay, "a twin's 10 ms are no jitter");
+        assert_eq!((with.concealed, with.from_fec), (0, 0), "{with:?}");
+        assert!(without.concealed + without.from_fec >= 25, "{without:?}");
+        assert!(played.iter().filter(|(n, _)| n % 5 == 2).all(|(_, source)| *source == Source::Copy), "{played:?}");
     }
 
     #[test]

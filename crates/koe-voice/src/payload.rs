@@ -3,15 +3,20 @@
 //! one to four earlier blocks), so that a lost packet's frame arrives again in a later one.
 //!
 //! ```text
-//! byte 0      version (high 4 bits, = 1) | number of earlier copies (low 4 bits, ≤ 4)
+//! byte 0      version (high 4 bits, = 1) | twin (bit 3) | number of earlier copies (bits 0–2, ≤ 4)
 //! bytes 1..5  frame number of the newest frame, u32 big-endian (wraps)
 //! per copy    distance back in frames (u8, 1..=8), length (u16 big-endian), Opus bytes
 //! rest        the newest frame's Opus bytes (at least one byte)
 //! ```
+//!
+//! A twin is a packet sent a second time, half a frame after the first, with the twin bit set:
+//! the receiver takes what it carries but does not count it as an arrival (the loss and the
+//! delay it measures are those of the first packets).
 
 use crate::codec::MAX_OPUS_PACKET;
 
 const VERSION: u8 = 1;
+const TWIN: u8 = 0x08;
 pub const MAX_REDUNDANCY: usize = 4;
 /// Copies may reach this far back (the sender keeps the last few frames).
 pub const MAX_DISTANCE: u8 = 8;
@@ -51,6 +56,8 @@ impl PayloadError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VoicePayload<'a> {
     pub frame: u32,
+    /// The second sending of a packet (see the module's top).
+    pub twin: bool,
     pub opus: &'a [u8],
     /// `(frame number, Opus bytes)` of the earlier copies.
     pub copies: Vec<(u32, &'a [u8])>,
@@ -65,7 +72,7 @@ impl<'a> VoicePayload<'a> {
         if first >> 4 != VERSION {
             return Err(PayloadError::Version(first >> 4));
         }
-        let count = first & 0x0f;
+        let (twin, count) = (first & TWIN != 0, first & 0x07);
         if usize::from(count) > MAX_REDUNDANCY {
             return Err(PayloadError::TooManyCopies(count));
         }
@@ -94,7 +101,7 @@ impl<'a> VoicePayload<'a> {
         if rest.len() > MAX_OPUS_PACKET {
             return Err(PayloadError::FrameLength(rest.len()));
         }
-        Ok(Self { frame, opus: rest, copies })
+        Ok(Self { frame, twin, opus: rest, copies })
     }
 
     /// Appends the encoding to `out`.
@@ -102,7 +109,7 @@ impl<'a> VoicePayload<'a> {
         if self.copies.len() > MAX_REDUNDANCY {
             return Err(PayloadError::TooManyCopies(self.copies.len() as u8));
         }
-        out.push(VERSION << 4 | self.copies.len() as u8);
+        out.push(VERSION << 4 | if self.twin { TWIN } else { 0 } | self.copies.len() as u8);
         out.extend_from_slice(&self.frame.to_be_bytes());
         for (number, opus) in &self.copies {
             let distance = self.frame.wrapping_sub(*number);
@@ -124,6 +131,15 @@ impl<'a> VoicePayload<'a> {
     }
 }
 
+/// The twin of an encoded payload: the same bytes with the twin bit set.
+pub fn twin_of(payload: &[u8]) -> Vec<u8> {
+    let mut twin = payload.to_vec();
+    if let Some(first) = twin.first_mut() {
+        *first |= TWIN;
+    }
+    twin
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,10 +147,11 @@ mod tests {
 
     #[test]
     fn round_trips_with_copies() -> Result<(), PayloadError> {
-        let payload = VoicePayload { frame: 1, opus: &[7, 7, 7], copies: vec![(u32::MAX, &[1][..]), (0, &[2, 2][..])] };
+        let payload = VoicePayload { frame: 1, twin: false, opus: &[7, 7, 7], copies: vec![(u32::MAX, &[1][..]), (0, &[2, 2][..])] };
         let mut bytes = Vec::new();
         payload.write(&mut bytes)?;
         assert_eq!(VoicePayload::parse(&bytes)?, payload, "frame numbers wrap around");
+        assert_eq!(VoicePayload::parse(&twin_of(&bytes))?, VoicePayload { twin: true, ..payload }, "a twin differs only by its bit");
         Ok(())
     }
 

@@ -5,6 +5,13 @@
 //! when its own packet and every packet carrying one of its copies are lost. On a path that
 //! loses packets in bursts, neighbouring packets go together, so the copies reach past the
 //! bursts the path shows; on random loss the frames just before are enough and cost least delay.
+//!
+//! On random loss a sender may also send each packet twice, the twin half a frame after the
+//! first ([`Protection::twins`]): a frame and each copy but the farthest then travel in two
+//! packets by the time the receiver plays it, so fewer copies, reaching less far back, leave
+//! as little lost, for less delay (at 20 % loss, copies of the two frames before and twins
+//! leave 0.03 % lost after 40 ms; three copies alone 0.16 % after 60 ms). A twin so close
+//! after its first shares a burst with it, so on bursty paths twins count for nothing.
 
 use crate::payload::MAX_DISTANCE;
 
@@ -24,20 +31,50 @@ const HYSTERESIS: f64 = 1.5;
 /// Reach comes first: the receiver waits as many frames as the farthest copy it counts on,
 /// and delay is what a caller hears, while a copy costs only bandwidth. Consecutive sets suit
 /// random loss; spread ones outlast bursts.
-const CANDIDATES: &[&[u32]] = &[
-    &[],
-    &[1],
-    &[2],
-    &[1, 2],
-    &[1, 3],
-    &[1, 2, 3],
-    &[1, 2, 3, 4],
-    &[2, 5],
-    &[1, 3, 6],
-    &[2, 5, 8],
-    &[1, 3, 5, 8],
-    &[2, 4, 6, 8],
+const CANDIDATES: &[Protection] = &[
+    Protection::copies(&[]),
+    Protection::copies(&[1]),
+    Protection::twins(&[1]),
+    Protection::copies(&[2]),
+    Protection::copies(&[1, 2]),
+    Protection::twins(&[1, 2]),
+    Protection::copies(&[1, 3]),
+    Protection::copies(&[1, 2, 3]),
+    Protection::twins(&[1, 2, 3]),
+    Protection::copies(&[1, 2, 3, 4]),
+    Protection::copies(&[2, 5]),
+    Protection::copies(&[1, 3, 6]),
+    Protection::copies(&[2, 5, 8]),
+    Protection::copies(&[1, 3, 5, 8]),
+    Protection::copies(&[2, 4, 6, 8]),
 ];
+
+/// How a sender protects its frames: the earlier frames each packet repeats (their distances
+/// back), and whether each packet is sent twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protection {
+    pub distances: &'static [u32],
+    pub twins: bool,
+}
+
+impl Protection {
+    pub const NONE: Self = Self::copies(&[]);
+
+    pub const fn copies(distances: &'static [u32]) -> Self {
+        Self { distances, twins: false }
+    }
+
+    pub const fn twins(distances: &'static [u32]) -> Self {
+        Self { distances, twins: true }
+    }
+
+    /// What it costs: its reach (the receiver's delay), then the frames sent per frame
+    /// (bandwidth; a twin sends them all again).
+    pub fn cost(&self) -> (u32, usize) {
+        let (reach, copies) = cost(self.distances);
+        (reach, (copies + 1) * if self.twins { 2 } else { 1 })
+    }
+}
 
 const _: () = assert!(MAX_DISTANCE == 8, "CANDIDATES reach at most MAX_DISTANCE back");
 
@@ -62,6 +99,23 @@ impl PathLoss {
         let bursty = mean_burst.is_finite() && mean_burst >= independent * BURSTY_RUNS;
         let mean_burst = if bursty { mean_burst } else { independent };
         Self { loss, mean_burst }
+    }
+
+    /// Whether the path loses packets in runs clearly longer than independent loss would.
+    pub fn is_bursty(&self) -> bool {
+        self.loss > 0.0 && self.mean_burst > 1.0 / (1.0 - self.loss) * (1.0 + 1e-9)
+    }
+
+    /// The share of frames still lost under `protection`, the receiver waiting for its
+    /// farthest copy: with twins on random loss, each twin but the farthest copy's (which comes
+    /// after that wait) is one more independent chance.
+    pub fn residual_with(&self, protection: Protection) -> f64 {
+        let copies = self.residual(protection.distances);
+        if protection.twins && !self.is_bursty() {
+            copies * self.loss.powi(protection.distances.len() as i32)
+        } else {
+            copies
+        }
     }
 
     /// The share of frames still lost when the receiver can use copies at `distances`
@@ -89,17 +143,17 @@ impl PathLoss {
         chance
     }
 
-    /// The copies to send, given those sent now. The current set stays while it does about
-    /// as well as the goal asks (each change of set may change the receiver's delay); a set
-    /// that reaches less far back, or as far with fewer copies, replaces it only when that set
-    /// is well inside the goal.
-    pub fn copies_to_send_after(&self, current: &[u32]) -> &'static [u32] {
-        let best = self.copies_to_send();
-        let Some(current) = CANDIDATES.iter().copied().find(|set| *set == current) else {
+    /// The protection to send, given the one sent now. The current one stays while it does
+    /// about as well as the goal asks (each change may change the receiver's delay); one that
+    /// reaches less far back, or as far for less bandwidth, replaces it only when that one is
+    /// well inside the goal.
+    pub fn protection_after(&self, current: Protection) -> Protection {
+        let best = self.protection();
+        if !CANDIDATES.contains(&current) {
             return best;
-        };
-        let keep = self.residual(current) < RESIDUAL_LOSS_GOAL * HYSTERESIS;
-        let cheaper = cost(best) < cost(current) && self.residual(best) < RESIDUAL_LOSS_GOAL / HYSTERESIS;
+        }
+        let keep = self.residual_with(current) < RESIDUAL_LOSS_GOAL * HYSTERESIS;
+        let cheaper = best.cost() < current.cost() && self.residual_with(best) < RESIDUAL_LOSS_GOAL / HYSTERESIS;
         if keep && !cheaper {
             current
         } else {
@@ -107,14 +161,15 @@ impl PathLoss {
         }
     }
 
-    /// The copies to send: the set reaching least far back (then with fewest copies) that
-    /// brings the residual loss under the goal; if none does, the most protective set.
-    pub fn copies_to_send(&self) -> &'static [u32] {
-        CANDIDATES.iter().copied().find(|set| self.residual(set) < RESIDUAL_LOSS_GOAL).unwrap_or_else(|| {
-            // The cheapest of the most protective: a farther set must do clearly better.
-            CANDIDATES.iter().copied().fold(&[][..], |best, set| {
-                if self.residual(set) < self.residual(best) * (1.0 - 1e-9) {
-                    set
+    /// The protection to send: the one reaching least far back (then costing least
+    /// bandwidth) that brings the residual loss under the goal; if none does, the most
+    /// protective.
+    pub fn protection(&self) -> Protection {
+        CANDIDATES.iter().copied().find(|&candidate| self.residual_with(candidate) < RESIDUAL_LOSS_GOAL).unwrap_or_else(|| {
+            // The cheapest of the most protective: a farther one must do clearly better.
+            CANDIDATES.iter().copied().fold(Protection::NONE, |best, candidate| {
+                if self.residual_with(candidate) < self.residual_with(best) * (1.0 - 1e-9) {
+                    candidate
                 } else {
                     best
                 }
@@ -193,14 +248,16 @@ mod tests {
 
     #[test]
     fn random_loss_gets_the_frames_just_before() {
-        assert_eq!(random(0.0).copies_to_send(), &[] as &[u32]);
-        assert_eq!(random(0.001).copies_to_send(), &[] as &[u32]);
-        assert_eq!(random(0.02).copies_to_send(), &[1]);
-        assert_eq!(random(0.05).copies_to_send(), &[1, 2], "one copy leaves 0.25 %");
-        assert_eq!(random(0.10).copies_to_send(), &[1, 2]);
-        assert_eq!(random(0.20).copies_to_send(), &[1, 2, 3]);
-        assert_eq!(random(0.30).copies_to_send(), &[1, 2, 3, 4]);
-        assert_eq!(random(0.50).copies_to_send().len(), MAX_REDUNDANCY, "the most there is");
+        assert_eq!(random(0.0).protection(), Protection::NONE);
+        assert_eq!(random(0.001).protection(), Protection::NONE);
+        assert_eq!(random(0.02).protection(), Protection::copies(&[1]));
+        assert_eq!(random(0.04).protection(), Protection::copies(&[1]));
+        assert_eq!(random(0.05).protection(), Protection::twins(&[1]), "one copy leaves 0.25 %, twins 0.01 %");
+        assert_eq!(random(0.10).protection(), Protection::twins(&[1]));
+        assert_eq!(random(0.20).protection(), Protection::twins(&[1, 2]), "0.03 % after 40 ms");
+        assert_eq!(random(0.30).protection(), Protection::twins(&[1, 2, 3]));
+        assert_eq!(random(0.50).protection(), Protection::twins(&[1, 2, 3]), "the most there is");
+        assert!((random(0.20).residual_with(Protection::twins(&[1, 2])) - 0.2f64.powi(5)).abs() < 1e-12);
         assert_eq!(random(0.10).frames_worth_waiting(&[1, 2]), 2);
         assert_eq!(random(0.02).frames_worth_waiting(&[1, 2]), 1, "one copy is enough at 2 %");
         assert_eq!(random(0.001).frames_worth_waiting(&[1]), 0);
@@ -213,17 +270,19 @@ mod tests {
         let bursty = PathLoss::new(0.10, 3.0);
         assert!((bursty.residual(&[1]) - 0.1 * 2.0 / 3.0).abs() < 1e-9);
         assert!(bursty.residual(&[1, 2, 3]) > 0.01, "consecutive copies die with the frame");
-        let copies = bursty.copies_to_send();
+        let copies = bursty.protection().distances;
         assert_eq!(copies, &[2, 4, 6, 8]);
+        assert_eq!(bursty.residual_with(Protection::twins(&[1, 2])), bursty.residual(&[1, 2]), "a twin shares its first's burst");
         assert!(bursty.residual(copies) < 0.005);
         assert_eq!(bursty.frames_worth_waiting(copies), 8);
         let milder = PathLoss::new(0.10, 2.0);
-        assert_eq!(milder.copies_to_send(), &[2, 5, 8]);
+        assert_eq!(milder.protection(), Protection::copies(&[2, 5, 8]));
         assert!(milder.residual(&[2, 5, 8]) < RESIDUAL_LOSS_GOAL);
         // Beyond what four copies can do: the most protective set, waited for in full.
         let worse = PathLoss::new(0.20, 4.0);
-        assert_eq!(worse.copies_to_send().len(), MAX_REDUNDANCY);
-        assert_eq!(worse.frames_worth_waiting(worse.copies_to_send()), 8);
+        assert_eq!(worse.protection().distances.len(), MAX_REDUNDANCY);
+        assert!(!worse.protection().twins);
+        assert_eq!(worse.frames_worth_waiting(worse.protection().distances), 8);
     }
 
     #[test]
@@ -231,19 +290,21 @@ mod tests {
         // Runs twice as long as random: three copies spread to 120 ms nearly meet the goal,
         // and are kept rather than changed for a set reaching 160 ms back.
         let path = PathLoss::new(0.1, 2.0);
-        assert_eq!(path.copies_to_send(), &[2, 5, 8]);
-        assert_eq!(path.copies_to_send_after(&[1, 3, 6]), &[1, 3, 6]);
+        let copies = Protection::copies;
+        assert_eq!(path.protection(), copies(&[2, 5, 8]));
+        assert_eq!(path.protection_after(copies(&[1, 3, 6])), copies(&[1, 3, 6]));
         // Clearly failing: replaced.
-        assert_eq!(path.copies_to_send_after(&[1, 2, 3]), &[2, 5, 8]);
-        assert_eq!(PathLoss::new(0.1, 3.0).copies_to_send_after(&[1, 2, 3]), &[2, 4, 6, 8]);
+        assert_eq!(path.protection_after(copies(&[1, 2, 3])), copies(&[2, 5, 8]));
+        assert_eq!(PathLoss::new(0.1, 3.0).protection_after(Protection::twins(&[1, 2, 3])), copies(&[2, 4, 6, 8]));
         // A shorter reach or fewer copies only once they are well inside the goal.
-        assert_eq!(random(0.04).copies_to_send(), &[1]);
-        assert_eq!(random(0.04).copies_to_send_after(&[1, 2]), &[1, 2], "0.16 % is close to the goal");
-        assert_eq!(random(0.03).copies_to_send_after(&[1, 2]), &[1]);
-        assert_eq!(random(0.0).copies_to_send_after(&[1, 2]), &[] as &[u32]);
-        assert_eq!(random(0.1).copies_to_send_after(&[2, 5, 8]), &[1, 2]);
+        assert_eq!(random(0.04).protection(), copies(&[1]));
+        assert_eq!(random(0.04).protection_after(copies(&[1, 2])), copies(&[1, 2]), "0.16 % is close to the goal");
+        assert_eq!(random(0.03).protection_after(copies(&[1, 2])), copies(&[1]));
+        assert_eq!(random(0.0).protection_after(copies(&[1, 2])), Protection::NONE);
+        assert_eq!(random(0.1).protection_after(copies(&[2, 5, 8])), Protection::twins(&[1]));
+        assert_eq!(random(0.04).protection_after(Protection::twins(&[1])), Protection::twins(&[1]), "twins stay as copies do");
         // A set that is not one of the sender's own is replaced.
-        assert_eq!(random(0.1).copies_to_send_after(&[3]), &[1, 2]);
+        assert_eq!(random(0.1).protection_after(copies(&[3])), Protection::twins(&[1]));
     }
 
     #[test]
@@ -265,28 +326,30 @@ mod tests {
     fn a_short_reach_comes_before_few_copies() {
         // 3 % loss in runs of two: four copies reaching 80 ms back rather than two reaching
         // 100 ms; random loss, the frames just before.
-        assert_eq!(PathLoss::new(0.03, 2.0).copies_to_send(), &[1, 2, 3, 4]);
-        assert_eq!(random(0.15).copies_to_send(), &[1, 2, 3]);
-        assert_eq!(PathLoss::new(0.02, 3.0).copies_to_send(), &[1, 3, 6]);
-        for set in CANDIDATES {
+        assert_eq!(PathLoss::new(0.03, 2.0).protection(), Protection::copies(&[1, 2, 3, 4]));
+        assert_eq!(random(0.15).protection(), Protection::twins(&[1, 2]), "twins rather than a third copy");
+        assert_eq!(PathLoss::new(0.02, 3.0).protection(), Protection::copies(&[1, 3, 6]));
+        for candidate in CANDIDATES {
+            let set = candidate.distances;
             assert!(set.len() <= MAX_REDUNDANCY && set.iter().all(|&d| (1..=u32::from(MAX_DISTANCE)).contains(&d)), "{set:?}");
+            assert!(!candidate.twins || !set.is_empty(), "a twin is only waited for with a copy");
         }
-        assert!(CANDIDATES.windows(2).all(|w| cost(w[0]) <= cost(w[1])), "cheapest first");
+        assert!(CANDIDATES.windows(2).all(|w| w[0].cost() <= w[1].cost()), "cheapest first");
     }
 
     #[test]
     fn nonsense_reports_mean_no_loss() {
         for (loss, burst) in [(f64::NAN, 3.0), (-1.0, 2.0), (f64::INFINITY, 1.0)] {
             let path = PathLoss::new(loss, burst);
-            assert_eq!(path.copies_to_send(), &[] as &[u32], "{loss} {burst}");
+            assert_eq!(path.protection(), Protection::NONE, "{loss} {burst}");
         }
         let sure = PathLoss::new(5.0, f64::NAN);
         assert_eq!(sure.loss, 0.99);
         assert!(sure.residual(&[1, 2]).is_finite());
         // Isolated losses so far are not taken as a promise that they stay isolated, nor are
         // runs a little longer than random taken for bursts.
-        assert_eq!(PathLoss::new(0.2, 1.0).copies_to_send(), &[1, 2, 3]);
+        assert_eq!(PathLoss::new(0.2, 1.0).protection(), Protection::twins(&[1, 2]));
         assert_eq!(PathLoss::new(0.2, 1.4), random(0.2));
-        assert_eq!(PathLoss::new(0.2, 1.4).copies_to_send(), &[1, 2, 3]);
+        assert_eq!(PathLoss::new(0.2, 1.4).protection(), Protection::twins(&[1, 2]));
     }
 }

@@ -9,7 +9,7 @@ use crate::codec::{Backend, CodecError, FRAME_MILLIS, FRAME_SAMPLES, SAMPLE_RATE
 use crate::impairment::{ImpairedLink, Impairment};
 use crate::jitter::{JitterConfig, Transport};
 use crate::receiver::{ReceiverStats, VoiceReceiver};
-use crate::sender::{SenderStats, VoiceSender};
+use crate::sender::{SenderStats, VoiceSender, TWIN_AFTER};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CallSimulation {
@@ -88,6 +88,10 @@ impl CallSimulation {
                 input.fill(0.0);
                 input[..available.len()].copy_from_slice(available);
                 link.send(sent_at, sender.encode(&input)?);
+                // As the driver does: no twins into a byte stream, which loses nothing.
+                if let Some(twin) = sender.take_twin().filter(|_| self.transport == Transport::Datagram) {
+                    link.send(sent_at + TWIN_AFTER, twin);
+                }
             }
             // The playout clock ticks a little later; whatever arrived by then is in.
             let play_at = sent_at + self.playout_phase;

@@ -13,7 +13,7 @@ use koe_voice::{JitterBuffer, JitterConfig, Playout, VoicePayload};
 fn payload(frame: u32) -> Vec<u8> {
     let opus = frame.to_be_bytes();
     let mut out = Vec::new();
-    VoicePayload { frame, opus: &opus, copies: Vec::new() }.write(&mut out).unwrap();
+    VoicePayload { frame, twin: false, opus: &opus, copies: Vec::new() }.write(&mut out).unwrap();
     out
 }
 

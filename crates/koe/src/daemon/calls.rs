@@ -971,9 +971,10 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
         0 => String::new(),
         frames => format!(", reaching {} ms back", u64::from(frames) * koe_voice::codec::FRAME_MILLIS),
     };
+    let twice = if stats.sender.twins { ", each packet sent twice" } else { "" };
     let _ = writeln!(
         out,
-        "sent {:.0} kbit/s of voice with {} copies of earlier frames per packet{reach}",
+        "sent {:.0} kbit/s of voice with {} copies of earlier frames per packet{reach}{twice}",
         kbit_per_s(stats),
         stats.sender.redundancy
     );
