@@ -28,6 +28,10 @@
 //! missing frame is rebuilt from a copy in a later packet, else from the in-band FEC of the
 //! next frame's Opus packet, else concealed. Each outcome is counted, and a primary that turns up after its frame was rebuilt or
 //! concealed moves that frame from "lost" to "late": late is not lost.
+//!
+//! A twin (a packet sent again half a frame after the first, see [`crate::protection`]) fills
+//! in frames still missing but counts as no arrival: the loss and the delay measured are those
+//! of the first packets.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -418,15 +422,7 @@ impl JitterBuffer {
             distances.sort_unstable();
             self.copy_distances = distances;
         }
-        for (number, opus) in payload.copies {
-            let number = self.unwrap(number);
-            if playable(number, self.next_play) && !self.frames.contains_key(&number) {
-                self.frames.insert(number, Held { opus: opus.to_vec(), source: Source::Copy });
-            }
-        }
-        while self.frames.len() > MAX_HELD_FRAMES {
-            self.frames.pop_first();
-        }
+        self.hold_copies(payload.copies.iter().copied());
         self.update_estimates();
         Ok(())
     }
@@ -441,7 +437,12 @@ impl JitterBuffer {
         }
         // It is news of the stream all the same: its frame is there to be played.
         self.highest = Some(self.highest.map_or(newest, |h| h.max(newest)));
-        for (number, opus) in std::iter::once((twin.frame, twin.opus)).chain(twin.copies.iter().copied()) {
+        self.hold_copies(std::iter::once((twin.frame, twin.opus)).chain(twin.copies.iter().copied()));
+    }
+
+    /// Keeps copies of frames still to be played that are missing, within the bound.
+    fn hold_copies<'a>(&mut self, copies: impl Iterator<Item = (u32, &'a [u8])>) {
+        for (number, opus) in copies {
             let number = self.unwrap(number);
             if self.next_play.is_none_or(|next| number >= next) && !self.frames.contains_key(&number) {
                 self.frames.insert(number, Held { opus: opus.to_vec(), source: Source::Copy });

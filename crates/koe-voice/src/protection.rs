@@ -27,10 +27,10 @@ const BURSTY_RUNS: f64 = 1.5;
 /// and how far inside it a cheaper set (or shorter wait) must be to replace it.
 const HYSTERESIS: f64 = 1.5;
 
-/// The copy sets a sender chooses from, by how far back they reach, then by number of copies.
-/// Reach comes first: the receiver waits as many frames as the farthest copy it counts on,
-/// and delay is what a caller hears, while a copy costs only bandwidth. Consecutive sets suit
-/// random loss; spread ones outlast bursts.
+/// What a sender chooses from, by how far back the copies reach, then by the frames sent per
+/// frame. Reach comes first: the receiver waits as many frames as the farthest copy it counts
+/// on, and delay is what a caller hears, while a copy or a twin costs only bandwidth.
+/// Consecutive sets suit random loss, with twins when it is heavy; spread ones outlast bursts.
 const CANDIDATES: &[Protection] = &[
     Protection::copies(&[]),
     Protection::copies(&[1]),
@@ -71,8 +71,8 @@ impl Protection {
     /// What it costs: its reach (the receiver's delay), then the frames sent per frame
     /// (bandwidth; a twin sends them all again).
     pub fn cost(&self) -> (u32, usize) {
-        let (reach, copies) = cost(self.distances);
-        (reach, (copies + 1) * if self.twins { 2 } else { 1 })
+        let reach = self.distances.iter().copied().max().unwrap_or(0);
+        (reach, (self.distances.len() + 1) * if self.twins { 2 } else { 1 })
     }
 }
 
@@ -202,8 +202,12 @@ impl PathLoss {
     /// waits longer only when that clearly misses the goal, and less only when the shorter
     /// wait is well inside it. Each change of the wait is a change of delay the caller hears,
     /// and a loss estimate that wavers around a threshold (10 % random loss measures 8–14 %
-    /// over 5 s) made lab calls drop a frame and insert one back a second later.
+    /// over 5 s) made lab calls drop a frame and insert one back a second later. A wait beyond
+    /// the farthest copy (or the next packet's FEC) buys nothing, whatever the loss: a sender
+    /// that went from three copies to two and twins kept lab calls at 20 % loss waiting 20 ms
+    /// for nothing.
     pub fn frames_worth_waiting_after(&self, current: u32, distances: &[u32]) -> u32 {
+        let current = current.min(distances.iter().copied().max().unwrap_or(1));
         let wanted = self.frames_worth_waiting(distances);
         let residual_waiting = |frames: u32| {
             if frames >= 1 && distances.is_empty() {
@@ -221,11 +225,6 @@ impl PathLoss {
             current
         }
     }
-}
-
-/// What a copy set costs: its reach (delay), then its copies (bandwidth).
-pub fn cost(set: &[u32]) -> (u32, usize) {
-    (set.iter().copied().max().unwrap_or(0), set.len())
 }
 
 #[cfg(test)]
@@ -327,6 +326,9 @@ mod tests {
         assert_eq!(random(0.0).frames_worth_waiting_after(3, &copies), 0, "a clean path waits for nothing");
         // A sender of no copies: one frame, for the next packet's in-band FEC.
         assert_eq!(random(0.10).frames_worth_waiting_after(0, &[]), 1);
+        assert_eq!(random(0.10).frames_worth_waiting_after(3, &[]), 1, "no longer than the FEC");
+        // Never longer than the farthest copy, even where the copies fall short of the goal.
+        assert_eq!(random(0.20).frames_worth_waiting_after(3, &[1, 2]), 2);
     }
 
     #[test]

@@ -88,9 +88,12 @@ impl CallSimulation {
                 input.fill(0.0);
                 input[..available.len()].copy_from_slice(available);
                 link.send(sent_at, sender.encode(&input)?);
-                // As the driver does: no twins into a byte stream, which loses nothing.
-                if let Some(twin) = sender.take_twin().filter(|_| self.transport == Transport::Datagram) {
-                    link.send(sent_at + TWIN_AFTER, twin);
+                // As the driver does: no twins into a byte stream, which loses nothing (a twin
+                // taken counts as sent).
+                if self.transport == Transport::Datagram {
+                    if let Some(twin) = sender.take_twin() {
+                        link.send(sent_at + TWIN_AFTER, twin);
+                    }
                 }
             }
             // The playout clock ticks a little later; whatever arrived by then is in.
