@@ -155,6 +155,9 @@ pub struct MediaStats {
     /// Packets of the other side's stream that failed SRTP authentication (or were replayed
     /// or malformed) and were dropped.
     pub rejected_packets: u64,
+    /// Frames this side dropped before they went into a relay stream that fell behind (the
+    /// oldest voice first).
+    pub stream_frames_dropped: u64,
 }
 
 /// The call's media moved from one path to another, this far into the call.
@@ -462,7 +465,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut guessing = session.port_guess().map(|guess| PortGuessing::start(guess, local.ip()));
     // The twin of the last voice packet, and when it is due (the sender sends packets twice
-    // at the start of a call, see `VoiceSender::take_twin`).
+    // at the start of a call and on heavy random loss, see `VoiceSender::take_twin`).
     let mut twin: Option<(Instant, Vec<u8>)> = None;
     tokio::pin!(stop);
     'call: loop {
@@ -547,6 +550,7 @@ pub async fn run(
                     if let Ok(mut live) = controls.live.lock() {
                         *live = stats(&session, &sender, &receiver, started, connected, path, rtt);
                         live.path_moves.clone_from(&path_moves);
+                        live.stream_frames_dropped = streams.frames_dropped();
                     }
                 }
             }
@@ -557,6 +561,7 @@ pub async fn run(
     release_relays(&mut session, &socket);
     let mut stats = stats(&session, &sender, &receiver, started, connected, path, rtt);
     stats.path_moves = path_moves;
+    stats.stream_frames_dropped = streams.frames_dropped();
     if let Ok(mut live) = controls.live.lock() {
         *live = stats.clone();
     }
@@ -581,5 +586,7 @@ fn stats(
         sender: sender.stats(),
         receiver: receiver.stats(),
         rejected_packets: session.rejected_packets(),
+        // What the streams dropped: the caller adds it, as the path's moves.
+        stream_frames_dropped: 0,
     }
 }

@@ -176,12 +176,13 @@ pub fn describe(relay: &RelayHandle) -> String {
 
 pub fn summary(stats: &RelayStats) -> String {
     format!(
-        "relay: {} allocations, {} packets relayed ({:.1} MB); dropped {} over bandwidth, {} to forbidden peers; refused {} over quota, {} over capacity, {} expired credentials; {} streams closed for not speaking TURN",
+        "relay: {} allocations, {} packets relayed ({:.1} MB); dropped {} over bandwidth, {} to forbidden peers, {} for TCP/TLS clients whose stream fell behind (the oldest voice first); refused {} over quota, {} over capacity, {} expired credentials; {} streams closed for not speaking TURN",
         stats.allocations,
         stats.packets_relayed,
         stats.bytes_relayed as f64 / 1e6,
         stats.packets_dropped_bandwidth,
         stats.packets_dropped_forbidden_peer,
+        stats.stream_frames_dropped,
         stats.allocations_refused_quota,
         stats.allocations_refused_capacity,
         stats.requests_refused_expired,
@@ -196,6 +197,13 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    /// An operator sees voice dropped for clients whose TCP or TLS stream fell behind.
+    #[test]
+    fn the_summary_counts_voice_dropped_for_slow_streams() {
+        let line = summary(&RelayStats { stream_frames_dropped: 7, packets_dropped_bandwidth: 2, ..RelayStats::default() });
+        assert!(line.contains("dropped 2 over bandwidth, 0 to forbidden peers, 7 for TCP/TLS clients whose stream fell behind"), "{line}");
+    }
 
     #[test]
     fn the_relay_keeps_its_tls_certificate_and_refuses_a_damaged_one() {

@@ -978,6 +978,9 @@ fn summary_text(summary: &CallSummary, record: Option<&Path>) -> String {
         kbit_per_s(stats),
         stats.sender.redundancy
     );
+    if stats.stream_frames_dropped > 0 {
+        let _ = writeln!(out, "{} voice frames dropped before a relay stream that fell behind (the oldest first)", stats.stream_frames_dropped);
+    }
     if stats.rejected_packets > 0 {
         let _ = writeln!(out, "{} packets failed SRTP authentication (or were replayed) and were dropped", stats.rejected_packets);
     }
