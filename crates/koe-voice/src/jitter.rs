@@ -405,8 +405,7 @@ impl JitterBuffer {
         while self.received.front().is_some_and(|&f| f + LOSS_WINDOW <= frame) {
             self.received.pop_front();
         }
-        let playable = |f: u64, next: Option<u64>| next.is_none_or(|n| f >= n);
-        if !playable(frame, self.next_play) {
+        if !self.playable(frame) {
             self.stats.late += 1;
             self.reclassify_late(frame);
         } else {
@@ -440,11 +439,16 @@ impl JitterBuffer {
         self.hold_copies(std::iter::once((twin.frame, twin.opus)).chain(twin.copies.iter().copied()));
     }
 
+    /// Whether `frame` is still to be played (none is being played yet, or it is not past).
+    fn playable(&self, frame: u64) -> bool {
+        self.next_play.is_none_or(|next| frame >= next)
+    }
+
     /// Keeps copies of frames still to be played that are missing, within the bound.
     fn hold_copies<'a>(&mut self, copies: impl Iterator<Item = (u32, &'a [u8])>) {
         for (number, opus) in copies {
             let number = self.unwrap(number);
-            if self.next_play.is_none_or(|next| number >= next) && !self.frames.contains_key(&number) {
+            if self.playable(number) && !self.frames.contains_key(&number) {
                 self.frames.insert(number, Held { opus: opus.to_vec(), source: Source::Copy });
             }
         }

@@ -71,8 +71,12 @@ impl Protection {
     /// What it costs: its reach (the receiver's delay), then the frames sent per frame
     /// (bandwidth; a twin sends them all again).
     pub fn cost(&self) -> (u32, usize) {
-        let reach = self.distances.iter().copied().max().unwrap_or(0);
-        (reach, (self.distances.len() + 1) * if self.twins { 2 } else { 1 })
+        (self.reach(), (self.distances.len() + 1) * if self.twins { 2 } else { 1 })
+    }
+
+    /// How many frames back the farthest copy reaches: what the receiver waits for.
+    pub fn reach(&self) -> u32 {
+        self.distances.iter().copied().max().unwrap_or(0)
     }
 }
 
@@ -156,7 +160,7 @@ impl PathLoss {
         }
         let keep = self.residual_with(current) < RESIDUAL_LOSS_GOAL * HYSTERESIS;
         let cheaper = best.cost() < current.cost() && self.residual_with(best) < RESIDUAL_LOSS_GOAL / HYSTERESIS;
-        let better_as_near = best.cost().0 <= current.cost().0 && self.residual_with(best) < self.residual_with(current);
+        let better_as_near = best.reach() <= current.reach() && self.residual_with(best) < self.residual_with(current);
         if keep && !cheaper && !better_as_near {
             current
         } else {

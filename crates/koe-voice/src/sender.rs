@@ -146,7 +146,7 @@ impl VoiceSender {
         self.stats.frames += 1;
         self.stats.payload_bytes += payload.len() as u64;
         self.stats.redundancy = self.protection.distances.len();
-        self.stats.reach = self.protection.distances.iter().copied().max().unwrap_or(0);
+        self.stats.reach = self.protection.reach();
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
