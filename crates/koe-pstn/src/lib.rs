@@ -10,11 +10,13 @@
 //! - [`g711`] and [`dtmf`]: the telephone network's codec and its RFC 4733 key presses.
 //!
 //! [`ledger`] keeps the money: a double-entry prepaid ledger with a SQLite and a PostgreSQL
-//! store behind one trait.
+//! store behind one trait; [`billing`] carries a meter's requests out on it.
 
+pub mod billing;
 pub mod dtmf;
 pub mod g711;
 pub mod ledger;
 pub mod meter;
 pub mod money;
+pub mod number;
 pub mod rates;

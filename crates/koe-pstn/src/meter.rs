@@ -83,6 +83,8 @@ pub enum LedgerReply {
     Held { chunk: u32, granted: Amount },
     /// Less than `at_least` was available; nothing was held.
     Insufficient { chunk: u32, available: Amount },
+    /// The user already has as many PSTN calls open as allowed; nothing was held.
+    TooManyCalls { chunk: u32, open: u32 },
     /// The ledger could not be written (locked, read-only, unreachable).
     HoldFailed { chunk: u32, reason: String },
     Settled,
@@ -111,6 +113,8 @@ pub enum Refusal {
     LedgerUnavailable { reason: String },
     /// The per-call cost limit is below one increment.
     OverCostLimit { limit: Amount, first_increment: Amount },
+    /// The user already has this many PSTN calls open, the most allowed.
+    TooManyCalls { open: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,6 +263,12 @@ impl CallMeter {
                 } else {
                     self.handle_timeout(now);
                 }
+            }
+            LedgerReply::TooManyCalls { chunk, open } if self.is_in_flight(chunk) => {
+                // Only admission counts open calls.
+                self.hold_in_flight = None;
+                self.phase = Phase::Done;
+                self.event(MeterEvent::Refused(Refusal::TooManyCalls { open }));
             }
             LedgerReply::HoldFailed { chunk, reason } if self.is_in_flight(chunk) => {
                 self.hold_in_flight = None;

@@ -7,6 +7,8 @@
 //! `KOE_TEST_POSTGRES_URL` (CI sets it, with `KOE_REQUIRE_POSTGRES=1` so they cannot skip) and
 //! each runs in a schema of its own.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
