@@ -41,7 +41,7 @@ pub fn sleep_until(renew_at: UnixTime, now: UnixTime) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use koe_types::{CertificateBody, DeviceKey, NetworkName, NetworkSigningKey, Username};
+    use koe_types::{CertificateBody, DeviceKey, NetworkName, NetworkSigningKey, Role, Username};
 
     fn certificate(not_before: u64, not_after: u64) -> Certificate {
         CertificateBody {
@@ -51,6 +51,7 @@ mod tests {
             not_before: UnixTime(not_before),
             not_after: UnixTime(not_after),
             serial: 1,
+            role: Role::User,
         }
         .sign(&NetworkSigningKey::generate())
     }

@@ -1,8 +1,8 @@
 //! The login server: HTTPS (rustls, HTTP/1.1) serving the JSON API in [`crate::api`].
 //!
 //! It signs a username up, checks a password and signs a certificate binding the username to
-//! a device key, renews certificates for devices that prove they hold the key, changes
-//! passwords and deletes accounts. Password guessing is slowed per source address and locked
+//! a device key, with the account's role (sign-up only ever makes users), renews certificates
+//! for devices that prove they hold the key, changes passwords and deletes accounts. Password guessing is slowed per source address and locked
 //! per account; request bodies are capped; passwords and addresses never reach the logs.
 //! [`LoginServer::run`] serves until its shutdown future completes, then stops accepting and
 //! lets requests in flight finish.
@@ -24,7 +24,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use koe_types::certificate::CLOCK_SKEW_ALLOWANCE;
 use koe_types::{
     Certificate, CertificateBody, CertificateError, DevicePublicKey, NetworkName,
-    NetworkSigningKey, Pii, UnixTime, Username,
+    NetworkSigningKey, Pii, Role, UnixTime, Username,
 };
 use koe_wire::Codec;
 use serde::de::DeserializeOwned;
@@ -516,7 +516,8 @@ impl ServerState {
             .lifetime_secs
             .map(Duration::from_secs)
             .unwrap_or(self.config.certificate_lifetime);
-        self.issue(account.username, device_key, lifetime).await
+        self.issue(account.username, account.role, device_key, lifetime)
+            .await
     }
 
     async fn renew(&self, request: RenewRequest) -> Result<CertificateResponse, ApiError> {
@@ -566,13 +567,17 @@ impl ServerState {
         if issued.username != body.username || issued.device_key != body.device_key {
             return Err(revoked());
         }
+        // The account's role now, not the old certificate's: the account is the authority.
+        let account = self.store.find_account(&body.username).await?.ok_or_else(revoked)?;
         let lifetime = body.not_before.until(body.not_after);
-        self.issue(body.username.clone(), body.device_key, lifetime).await
+        self.issue(account.username, account.role, body.device_key, lifetime)
+            .await
     }
 
     async fn issue(
         &self,
         username: Username,
+        role: Role,
         device_key: DevicePublicKey,
         lifetime: Duration,
     ) -> Result<CertificateResponse, ApiError> {
@@ -585,6 +590,7 @@ impl ServerState {
             not_before: now,
             not_after: now.saturating_add(lifetime),
             serial: new_serial(),
+            role,
         };
         self.store
             .record_certificate(
@@ -600,6 +606,7 @@ impl ServerState {
         let certificate = body.sign(&self.config.signing_key);
         info!(
             username = %certificate.username(),
+            role = %certificate.role(),
             device = %device_key.fingerprint(),
             serial = certificate.body().serial,
             not_after = %certificate.not_after(),

@@ -12,7 +12,7 @@ use koe_auth::api::ErrorCode;
 use koe_auth::rate_limit::RateLimit;
 use koe_auth::server::RateLimits;
 use koe_auth::LoginClientError;
-use koe_types::{CertificateBody, DeviceKey, NetworkSigningKey, UnixTime, Username};
+use koe_types::{CertificateBody, DeviceKey, NetworkSigningKey, Role, UnixTime, Username};
 
 fn code(result: Result<impl std::fmt::Debug, LoginClientError>) -> ErrorCode {
     match result {
@@ -308,6 +308,7 @@ async fn renewal_needs_the_device_key_and_a_live_certificate_from_this_network()
         not_before: UnixTime(not_before),
         not_after: UnixTime(not_after),
         serial: certificate.body().serial,
+        role: Role::User,
     };
     let now = UnixTime::now().as_secs();
     let foreign = body(now, now + 3600).sign(&NetworkSigningKey::generate());

@@ -5,7 +5,8 @@
 //! Each behaviour is one generic function in `contract`; `contract_tests!` turns it into
 //! `sqlite::<behaviour>` and `postgres::<behaviour>`. SQLite tests use a temporary directory.
 //! PostgreSQL tests need `KOE_TEST_POSTGRES_URL` (see `postgres_url`) and each run in a fresh
-//! schema, so they can run in parallel against one database.
+//! schema, so they can run in parallel against one database. `from_version_1` upgrades a
+//! database written before accounts had roles.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use koe_auth::store::{
     new_serial, AccountStore, IssuedCertificate, PostgresStore, SqliteStore, StoreError,
 };
-use koe_types::{DeviceKey, UnixTime, Username};
+use koe_types::{DeviceKey, Role, UnixTime, Username};
 
 /// Generous, so a loaded CI machine never turns the racing test into a `Busy` failure.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,6 +28,9 @@ const RACING_SIGNUPS: usize = 16;
 /// schema migration, as a restarted (or second) login server would.
 trait TestDatabase {
     async fn open(&self) -> Result<Arc<dyn AccountStore>>;
+
+    /// Runs SQL straight on the database, beside the store.
+    async fn execute_batch(&self, sql: &str) -> Result<()>;
 }
 
 struct SqliteDatabase {
@@ -48,6 +52,12 @@ impl TestDatabase for SqliteDatabase {
             .await
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(Arc::new(store))
+    }
+
+    async fn execute_batch(&self, sql: &str) -> Result<()> {
+        let connection = rusqlite::Connection::open(self.dir.path().join("accounts.db"))?;
+        connection.execute_batch(sql)?;
+        Ok(())
     }
 }
 
@@ -86,24 +96,10 @@ struct PostgresDatabase {
 impl PostgresDatabase {
     /// `None` when the test should skip (see [`postgres_url`]).
     async fn create(test: &str) -> Result<Option<Self>> {
-        let Some(url) = postgres_url(test) else {
+        let Some(database) = Self::create_empty(test).await? else {
             return Ok(None);
         };
-        let schema = format!("koe_test_{:016x}", new_serial());
-        let admin = admin_client(&url).await?;
-        admin
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .await
-            .with_context(|| format!("creating schema {schema}"))?;
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .context("KOE_TEST_POSTGRES_URL is not a PostgreSQL URL")?;
-        config.options(format!("-csearch_path={schema}"));
-        let database = Self {
-            url,
-            schema,
-            config,
-        };
+        let admin = admin_client(&database.url).await?;
         database.open().await?;
         // Without this check a search_path that did not take effect would put every test's
         // tables in `public`, and the tests would see each other's accounts.
@@ -122,6 +118,28 @@ impl PostgresDatabase {
         );
         Ok(Some(database))
     }
+
+    /// A schema with nothing in it yet; the store has not migrated it.
+    async fn create_empty(test: &str) -> Result<Option<Self>> {
+        let Some(url) = postgres_url(test) else {
+            return Ok(None);
+        };
+        let schema = format!("koe_test_{:016x}", new_serial());
+        admin_client(&url)
+            .await?
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .with_context(|| format!("creating schema {schema}"))?;
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .context("KOE_TEST_POSTGRES_URL is not a PostgreSQL URL")?;
+        config.options(format!("-csearch_path={schema}"));
+        Ok(Some(Self {
+            url,
+            schema,
+            config,
+        }))
+    }
 }
 
 async fn admin_client(url: &str) -> Result<tokio_postgres::Client> {
@@ -138,6 +156,14 @@ impl TestDatabase for PostgresDatabase {
             .await
             .with_context(|| format!("connecting to schema {}", self.schema))?;
         Ok(Arc::new(store))
+    }
+
+    async fn execute_batch(&self, sql: &str) -> Result<()> {
+        admin_client(&self.url)
+            .await?
+            .batch_execute(&format!("SET search_path = {}; {sql}", self.schema))
+            .await
+            .with_context(|| format!("running SQL in schema {}", self.schema))
     }
 }
 
@@ -167,6 +193,11 @@ impl Drop for PostgresDatabase {
 
 fn username(name: &str) -> Result<Username> {
     Ok(Username::parse(name)?)
+}
+
+/// A name only the operator can give out, as `koe auth add-service-account` does.
+fn service_name(name: &str) -> Result<Username> {
+    Ok(Username::parse_existing(name)?)
 }
 
 fn certificate(serial: u64, username: &Username, not_after: u64) -> IssuedCertificate {
@@ -496,6 +527,164 @@ mod contract {
         assert_eq!(third.find_certificate(issued.serial).await?, Some(issued));
         Ok(())
     }
+
+    /// Sign-ups are users; the operator's service accounts keep the role they were created
+    /// with through password changes, certificates and restarts.
+    pub async fn account_roles_round_trip(db: &impl TestDatabase) -> Result<()> {
+        let store = db.open().await?;
+        let (alice, echo, pstn) = (
+            username("alice")?,
+            service_name("echo123")?,
+            service_name("pstn")?,
+        );
+        store
+            .create_account(&alice, "$argon2id$alice", UnixTime(1_000))
+            .await?;
+        store
+            .create_account_with_role(&echo, "$argon2id$echo", Role::User, UnixTime(1_000))
+            .await?;
+        store
+            .create_account_with_role(&pstn, "$argon2id$pstn", Role::Gateway, UnixTime(1_000))
+            .await?;
+        let role = |name: &Username| {
+            let (store, name) = (Arc::clone(&store), name.clone());
+            async move {
+                let account = store.find_account(&name).await?;
+                Ok::<_, anyhow::Error>(account.context("account not found")?.role)
+            }
+        };
+        assert_eq!(role(&alice).await?, Role::User);
+        assert_eq!(role(&echo).await?, Role::User);
+        assert_eq!(role(&pstn).await?, Role::Gateway);
+
+        assert_eq!(
+            store
+                .create_account_with_role(&alice, "$argon2id$other", Role::Gateway, UnixTime(2_000))
+                .await,
+            Err(StoreError::UsernameTaken),
+            "a taken name cannot be claimed again with a role"
+        );
+        assert_eq!(role(&alice).await?, Role::User);
+
+        let issued = certificate(new_serial(), &pstn, 50_000);
+        store.record_certificate(&issued, UnixTime(1_500)).await?;
+        store
+            .set_password(&pstn, "$argon2id$pstn-2", UnixTime(2_000))
+            .await?;
+        assert_eq!(role(&pstn).await?, Role::Gateway);
+
+        drop(store);
+        let reopened = db.open().await?;
+        let found = reopened
+            .find_account(&pstn)
+            .await?
+            .context("pstn not found")?;
+        assert_eq!(found.role, Role::Gateway);
+        assert_eq!(found.password_hash, "$argon2id$pstn-2");
+        Ok(())
+    }
+
+    /// A role name this Koe does not know (written by a newer one) is refused as corrupt
+    /// rather than read as a user or a gateway.
+    pub async fn unknown_stored_role_is_refused_as_corrupt(db: &impl TestDatabase) -> Result<()> {
+        let store = db.open().await?;
+        let alice = username("alice")?;
+        store
+            .create_account(&alice, "$argon2id$alice", UnixTime(1_000))
+            .await?;
+        db.execute_batch("UPDATE accounts SET role = 'overlord' WHERE username = 'alice'")
+            .await?;
+        match store.find_account(&alice).await {
+            Err(StoreError::Corrupt(message)) => {
+                assert!(message.contains("overlord"), "{message}")
+            }
+            other => panic!("expected a corrupt-store error, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    /// A database written before accounts had roles: opening it migrates, and every account
+    /// already there is a user.
+    pub async fn accounts_from_before_roles_are_users(
+        db: &impl TestDatabase,
+        version_1: &str,
+    ) -> Result<()> {
+        db.execute_batch(version_1).await?;
+        db.execute_batch("INSERT INTO accounts VALUES ('alice', '$argon2id$alice', 1000, 1500)")
+            .await?;
+        let store = db.open().await?;
+        let alice = username("alice")?;
+        let found = store
+            .find_account(&alice)
+            .await?
+            .context("alice lost in the upgrade")?;
+        assert_eq!(found.role, Role::User);
+        assert_eq!(found.password_hash, "$argon2id$alice");
+        assert_eq!(found.password_changed_at, UnixTime(1_500));
+
+        let pstn = service_name("pstn")?;
+        store
+            .create_account_with_role(&pstn, "$argon2id$pstn", Role::Gateway, UnixTime(2_000))
+            .await?;
+        let reopened = db.open().await?;
+        assert_eq!(
+            reopened.find_account(&pstn).await?.map(|a| a.role),
+            Some(Role::Gateway)
+        );
+        assert_eq!(reopened.find_account(&alice).await?, Some(found));
+        Ok(())
+    }
+}
+
+/// The schema version 1 files as Koe shipped them, before accounts had roles.
+mod from_version_1 {
+    use super::*;
+
+    const SQLITE: &str = "CREATE TABLE accounts (
+        username TEXT PRIMARY KEY NOT NULL,
+        password_hash TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        password_changed_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE issued_certificates (
+        serial INTEGER PRIMARY KEY NOT NULL,
+        username TEXT NOT NULL REFERENCES accounts(username) ON DELETE CASCADE,
+        device_key BLOB NOT NULL,
+        not_after INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX issued_certificates_by_username ON issued_certificates(username);
+    CREATE INDEX issued_certificates_by_expiry ON issued_certificates(not_after);
+    PRAGMA user_version = 1;";
+
+    const POSTGRES: &str = "CREATE TABLE accounts (
+        username TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        password_changed_at BIGINT NOT NULL
+    );
+    CREATE TABLE issued_certificates (
+        serial BIGINT PRIMARY KEY,
+        username TEXT NOT NULL REFERENCES accounts(username) ON DELETE CASCADE,
+        device_key BYTEA NOT NULL,
+        not_after BIGINT NOT NULL
+    );
+    CREATE INDEX issued_certificates_by_username ON issued_certificates(username);
+    CREATE INDEX issued_certificates_by_expiry ON issued_certificates(not_after);
+    CREATE TABLE koe_schema_version (version INTEGER NOT NULL);
+    INSERT INTO koe_schema_version VALUES (1);";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite() -> Result<()> {
+        contract::accounts_from_before_roles_are_users(&SqliteDatabase::new()?, SQLITE).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() -> Result<()> {
+        let Some(db) = PostgresDatabase::create_empty("from_version_1").await? else {
+            return Ok(());
+        };
+        contract::accounts_from_before_roles_are_users(&db, POSTGRES).await
+    }
 }
 
 macro_rules! contract_tests {
@@ -536,4 +725,6 @@ contract_tests!(
     recorded_certificate_round_trips,
     recording_prunes_expired_certificates,
     reopening_migrates_idempotently_and_keeps_data,
+    account_roles_round_trip,
+    unknown_stored_role_is_refused_as_corrupt,
 );

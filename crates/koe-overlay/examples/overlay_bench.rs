@@ -20,7 +20,7 @@ use koe_overlay::client::{ClientConfig, ClientEvent, ClientHandle, ClientNode, S
 use koe_overlay::host_cache::HostCache;
 use koe_overlay::{Multiaddr, PresenceStatus};
 use koe_types::network::{LoginUrl, TlsFingerprint};
-use koe_types::{CertificateBody, DeviceKey, NetworkFile, NetworkName, NetworkSigningKey, UnixTime, Username};
+use koe_types::{CertificateBody, DeviceKey, NetworkFile, NetworkName, NetworkSigningKey, Role, UnixTime, Username};
 use rand_core::{OsRng, RngCore};
 use tokio::sync::watch;
 
@@ -293,6 +293,7 @@ fn start_user(network: &Network, index: usize, device: DeviceKey, supernodes: &[
         not_before: now,
         not_after: now.saturating_add(Duration::from_secs(7200)),
         serial: OsRng.next_u64() >> 1,
+        role: Role::User,
     }
     .sign(&network.key);
     let mut host_cache = HostCache::default();

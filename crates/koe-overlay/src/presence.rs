@@ -285,7 +285,7 @@ impl Codec for PresenceRecord {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use koe_types::{CertificateBody, NetworkSigningKey};
+    use koe_types::{CertificateBody, NetworkSigningKey, Role};
 
     pub const NOW: UnixTime = UnixTime(1_800_000_000);
 
@@ -310,6 +310,7 @@ pub(crate) mod tests {
                 not_before: NOW.saturating_sub(Duration::from_secs(60)),
                 not_after: NOW.saturating_add(Duration::from_secs(86_400)),
                 serial: 1,
+                role: Role::User,
             }
             .sign(&self.key)
         }

@@ -355,7 +355,8 @@ pub enum AuthCommand {
     /// Serve the login server's HTTPS API until interrupted (Ctrl-C or SIGTERM)
     Serve(AuthServeArgs),
     /// Create an account for a service the operator runs, under a name users cannot sign up
-    /// with (e.g. echo123 for `koe echo-bot`); works beside a running login server
+    /// with (e.g. echo123 for `koe echo-bot`), optionally with a role such as a PSTN gateway's;
+    /// works beside a running login server
     AddServiceAccount(AddServiceAccountArgs),
 }
 
@@ -369,8 +370,28 @@ pub struct AddServiceAccountArgs {
     /// Account database, as for `koe auth serve` [default: sqlite:SECRET_DIR/accounts.db]
     #[arg(long, value_name = "URL")]
     pub db: Option<String>,
+    /// What the network trusts the account with; its certificates say so
+    #[arg(long, value_enum, default_value_t = AccountRole::User)]
+    pub role: AccountRole,
     #[command(flatten)]
     pub password: PasswordArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccountRole {
+    /// Trusted like anyone else (e.g. echo123)
+    User,
+    /// A PSTN gateway: clients accept its prices, balances and bills
+    Gateway,
+}
+
+impl From<AccountRole> for koe_types::Role {
+    fn from(role: AccountRole) -> Self {
+        match role {
+            AccountRole::User => Self::User,
+            AccountRole::Gateway => Self::Gateway,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

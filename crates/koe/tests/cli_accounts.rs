@@ -186,6 +186,44 @@ fn whoami_renews_a_certificate_in_its_renewal_window() {
     assert_ne!(renewed.body().serial, current.body().serial);
 }
 
+/// `koe auth add-service-account --role gateway`: the operator's gateway logs in like any
+/// device and its certificate, and `whoami`, say it is the gateway; without `--role` a service
+/// account is a user, as echo123 always was.
+#[test]
+fn a_service_account_created_as_a_gateway_logs_in_with_the_gateway_role() {
+    let network = TestNetwork::init();
+    let _server = network.serve();
+    let net = network.network_file();
+    let (secrets, db) = (network.secret_dir(), format!("sqlite:{}", network.database().display()));
+    let add = |name: &str, role: &[&str]| {
+        let args = [&["auth", "add-service-account", name, "--password-stdin", "--secret-dir", secrets.to_str().unwrap(), "--db", &db][..], role].concat();
+        ok(run(&network.home("operator"), &args, "a good password\n"))
+    };
+    let out = add("pstn", &["--role", "gateway"]);
+    assert!(out.contains("Created the service account pstn with the role gateway"), "{out}");
+    let out = add("echo123", &[]);
+    assert!(out.contains("Created the service account echo123 with the role user"), "{out}");
+    let error = fails(run(&network.home("operator"), &["auth", "add-service-account", "billing", "--role", "admin", "--secret-dir", secrets.to_str().unwrap()], ""));
+    assert!(error.contains("gateway"), "the possible roles are named: {error}");
+
+    let gateway = network.home("pstn");
+    let out = ok(run(&gateway, &["login", "pstn", "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+    assert!(out.contains("Logged in as pstn (role: gateway)"), "{out}");
+    let who = ok(run(&gateway, &["whoami"], ""));
+    assert!(who.contains("role:         gateway"), "{who}");
+    assert!(who.contains("valid, signed by the network's key"), "{who}");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let saved = std::fs::read_to_string(gateway.join("certificate")).unwrap();
+    let certificate = Certificate::from_bytes(&b64.decode(saved.trim()).unwrap()).unwrap();
+    assert_eq!(certificate.role(), koe_types::Role::Gateway);
+
+    let echo = network.home("echo123");
+    let out = ok(run(&echo, &["login", "echo123", "--network", net.to_str().unwrap(), "--password-stdin"], "a good password\n"));
+    assert!(!out.contains("role"), "a user's login says nothing of roles: {out}");
+    let who = ok(run(&echo, &["whoami"], ""));
+    assert!(!who.contains("role:"), "{who}");
+}
+
 #[test]
 fn network_init_never_overwrites_a_network() {
     let network = TestNetwork::init();

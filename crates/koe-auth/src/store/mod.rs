@@ -4,7 +4,8 @@
 //!
 //! Every write is a single atomic statement or transaction, so a crash leaves an account
 //! whole or absent. Issued certificates are recorded so that renewal can be refused after a
-//! password change or account deletion.
+//! password change or account deletion. Each account has a [`Role`] (a user unless the
+//! operator created it as something else), which its certificates carry.
 
 mod postgres;
 mod sqlite;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use koe_types::{DevicePublicKey, UnixTime, Username};
+use koe_types::{DevicePublicKey, Role, UnixTime, Username};
 use thiserror::Error;
 
 pub use postgres::PostgresStore;
@@ -26,6 +27,8 @@ pub struct Account {
     pub password_hash: String,
     pub created_at: UnixTime,
     pub password_changed_at: UnixTime,
+    /// What its certificates say the network trusts it with.
+    pub role: Role,
 }
 
 /// A certificate the login server issued and may renew.
@@ -55,12 +58,25 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait AccountStore: Send + Sync + std::fmt::Debug + 'static {
-    /// Creates an account; [`StoreError::UsernameTaken`] if the name exists, even when two
-    /// sign-ups race.
+    /// Creates a user's account; [`StoreError::UsernameTaken`] if the name exists, even when
+    /// two sign-ups race.
     async fn create_account(
         &self,
         username: &Username,
         password_hash: &str,
+        now: UnixTime,
+    ) -> Result<(), StoreError> {
+        self.create_account_with_role(username, password_hash, Role::User, now)
+            .await
+    }
+
+    /// Creates an account with `role` (the operator's service accounts); otherwise as
+    /// [`AccountStore::create_account`].
+    async fn create_account_with_role(
+        &self,
+        username: &Username,
+        password_hash: &str,
+        role: Role,
         now: UnixTime,
     ) -> Result<(), StoreError>;
 
@@ -132,6 +148,12 @@ fn time_from_sql(value: i64) -> UnixTime {
 fn username_from_sql(value: &str) -> Result<Username, StoreError> {
     Username::parse_existing(value)
         .map_err(|e| StoreError::Corrupt(format!("stored username {value:?}: {e}")))
+}
+
+fn role_from_sql(value: &str) -> Result<Role, StoreError> {
+    Role::from_name(value).ok_or_else(|| {
+        StoreError::Corrupt(format!("stored role {value:?} is not one this Koe knows"))
+    })
 }
 
 fn device_key_from_sql(bytes: &[u8]) -> Result<DevicePublicKey, StoreError> {

@@ -7,18 +7,19 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use koe_types::{UnixTime, Username};
+use koe_types::{Role, UnixTime, Username};
 use tokio::sync::Mutex;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::{
-    device_key_from_sql, serial_to_sql, time_from_sql, time_to_sql, username_from_sql, Account,
-    AccountStore, IssuedCertificate, StoreError,
+    device_key_from_sql, role_from_sql, serial_to_sql, time_from_sql, time_to_sql,
+    username_from_sql, Account, AccountStore, IssuedCertificate, StoreError,
 };
 
 /// Each entry upgrades the schema by one version; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &["CREATE TABLE accounts (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE accounts (
         username TEXT PRIMARY KEY,
         password_hash TEXT NOT NULL,
         created_at BIGINT NOT NULL,
@@ -31,7 +32,11 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE accounts (
         not_after BIGINT NOT NULL
     );
     CREATE INDEX issued_certificates_by_username ON issued_certificates(username);
-    CREATE INDEX issued_certificates_by_expiry ON issued_certificates(not_after);"];
+    CREATE INDEX issued_certificates_by_expiry ON issued_certificates(not_after);",
+    // Accounts from before roles are users. No CHECK on the names: a newer role should not
+    // need a schema change, and reading an unknown one is refused as corrupt.
+    "ALTER TABLE accounts ADD COLUMN role TEXT NOT NULL DEFAULT 'user';",
+];
 
 /// Any constant works; it only has to be the same for every Koe login server.
 const MIGRATION_LOCK_ID: i64 = 0x6b6f_655f_6175_7468; // "koe_auth"
@@ -133,18 +138,25 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
 
 #[async_trait]
 impl AccountStore for PostgresStore {
-    async fn create_account(
+    async fn create_account_with_role(
         &self,
         username: &Username,
         password_hash: &str,
+        role: Role,
         now: UnixTime,
     ) -> Result<(), StoreError> {
         self.client()
             .await?
             .execute(
-                "INSERT INTO accounts (username, password_hash, created_at, password_changed_at)
-                 VALUES ($1, $2, $3, $3)",
-                &[&username.as_str(), &password_hash, &time_to_sql(now)],
+                "INSERT INTO accounts
+                     (username, password_hash, created_at, password_changed_at, role)
+                 VALUES ($1, $2, $3, $3, $4)",
+                &[
+                    &username.as_str(),
+                    &password_hash,
+                    &time_to_sql(now),
+                    &role.as_str(),
+                ],
             )
             .await
             .map(drop)
@@ -156,7 +168,7 @@ impl AccountStore for PostgresStore {
             .client()
             .await?
             .query_opt(
-                "SELECT username, password_hash, created_at, password_changed_at
+                "SELECT username, password_hash, created_at, password_changed_at, role
                  FROM accounts WHERE username = $1",
                 &[&username.as_str()],
             )
@@ -168,6 +180,7 @@ impl AccountStore for PostgresStore {
                 password_hash: row.get(1),
                 created_at: time_from_sql(row.get(2)),
                 password_changed_at: time_from_sql(row.get(3)),
+                role: role_from_sql(row.get(4))?,
             })
         })
         .transpose()

@@ -6,12 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use koe_types::{UnixTime, Username};
+use koe_types::{Role, UnixTime, Username};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::{
-    device_key_from_sql, serial_to_sql, time_from_sql, time_to_sql, username_from_sql, Account,
-    AccountStore, IssuedCertificate, StoreError,
+    device_key_from_sql, role_from_sql, serial_to_sql, time_from_sql, time_to_sql,
+    username_from_sql, Account, AccountStore, IssuedCertificate, StoreError,
 };
 
 /// Each entry upgrades the schema by one version; never edit one that has shipped.
@@ -30,6 +30,9 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX issued_certificates_by_username ON issued_certificates(username);
     CREATE INDEX issued_certificates_by_expiry ON issued_certificates(not_after);",
+    // Accounts from before roles are users. No CHECK on the names: a newer role should not
+    // need a table rebuild, and reading an unknown one is refused as corrupt.
+    "ALTER TABLE accounts ADD COLUMN role TEXT NOT NULL DEFAULT 'user';",
 ];
 
 #[derive(Debug, Clone)]
@@ -144,25 +147,29 @@ fn migrate(connection: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn account_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64, i64)> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+type AccountRow = (String, String, i64, i64, String);
+
+fn account_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AccountRow> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
 }
 
 #[async_trait]
 impl AccountStore for SqliteStore {
-    async fn create_account(
+    async fn create_account_with_role(
         &self,
         username: &Username,
         password_hash: &str,
+        role: Role,
         now: UnixTime,
     ) -> Result<(), StoreError> {
         let (username, hash) = (username.to_string(), password_hash.to_string());
         self.with_connection(move |connection| {
             connection
                 .execute(
-                    "INSERT INTO accounts (username, password_hash, created_at, password_changed_at)
-                     VALUES (?1, ?2, ?3, ?3)",
-                    params![username, hash, time_to_sql(now)],
+                    "INSERT INTO accounts
+                         (username, password_hash, created_at, password_changed_at, role)
+                     VALUES (?1, ?2, ?3, ?3, ?4)",
+                    params![username, hash, time_to_sql(now), role.as_str()],
                 )
                 .map(drop)
                 .map_err(|error| {
@@ -182,7 +189,7 @@ impl AccountStore for SqliteStore {
             .with_connection(move |connection| {
                 connection
                     .query_row(
-                        "SELECT username, password_hash, created_at, password_changed_at
+                        "SELECT username, password_hash, created_at, password_changed_at, role
                          FROM accounts WHERE username = ?1",
                         params![username],
                         account_from_row,
@@ -191,12 +198,13 @@ impl AccountStore for SqliteStore {
                     .map_err(map_error)
             })
             .await?;
-        row.map(|(username, password_hash, created, changed)| {
+        row.map(|(username, password_hash, created, changed, role)| {
             Ok(Account {
                 username: username_from_sql(&username)?,
                 password_hash,
                 created_at: time_from_sql(created),
                 password_changed_at: time_from_sql(changed),
+                role: role_from_sql(&role)?,
             })
         })
         .transpose()

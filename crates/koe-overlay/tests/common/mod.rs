@@ -13,8 +13,8 @@ use koe_overlay::supernode::{Supernode, SupernodeConfig, SupernodeHandle};
 use koe_overlay::{OpenedEnvelope, PresenceStatus};
 use koe_types::network::{LoginUrl, TlsFingerprint};
 use koe_types::{
-    Certificate, CertificateBody, DeviceKey, NetworkFile, NetworkName, NetworkSigningKey, UnixTime,
-    Username,
+    Certificate, CertificateBody, DeviceKey, NetworkFile, NetworkName, NetworkSigningKey, Role,
+    UnixTime, Username,
 };
 use libp2p::Multiaddr;
 use tokio::sync::{oneshot, watch};
@@ -49,6 +49,7 @@ impl TestNetwork {
             not_before: now,
             not_after: now.saturating_add(Duration::from_secs(3600)),
             serial: 1,
+            role: Role::User,
         }
         .sign(&self.key)
     }

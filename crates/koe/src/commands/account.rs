@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use koe_auth::LoginClient;
-use koe_types::{Certificate, UnixTime};
+use koe_types::{Certificate, Role, UnixTime};
 
 use super::PasswordSource;
 use crate::cli::{DeleteAccountArgs, LoginArgs, PasswdArgs, SignupArgs, WhoamiArgs};
@@ -49,8 +49,12 @@ pub async fn login(profile: &Profile, args: LoginArgs) -> Result<()> {
 
 fn print_logged_in(certificate: &Certificate) {
     let body = certificate.body();
+    let role = match body.role {
+        Role::User => String::new(),
+        role => format!(" (role: {role})"),
+    };
     println!(
-        "Logged in as {} on network {:?}: certificate valid until {} ({} from now).",
+        "Logged in as {}{role} on network {:?}: certificate valid until {} ({} from now).",
         body.username,
         body.network.as_str(),
         body.not_after,
@@ -87,6 +91,9 @@ pub async fn whoami(profile: &Profile, args: WhoamiArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     writeln!(out, "username:     {}", body.username)?;
+    if body.role != Role::User {
+        writeln!(out, "role:         {}", body.role)?;
+    }
     writeln!(out, "network:      {}", body.network)?;
     writeln!(out, "device key:   {}", body.device_key.fingerprint())?;
     writeln!(

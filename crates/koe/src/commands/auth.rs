@@ -38,11 +38,13 @@ fn database_url(db: Option<String>, secret_dir: &std::path::Path) -> String {
     db.unwrap_or_else(|| format!("sqlite:{}", secret_dir.join("accounts.db").display()))
 }
 
-/// `koe auth add-service-account`: the operator's way to a reserved name, straight into the
-/// account database (the login server's sign-up refuses reserved names).
+/// `koe auth add-service-account`: the operator's way to a reserved name or a role other than
+/// user, straight into the account database (the login server's sign-up refuses reserved
+/// names and makes only users).
 async fn add_service_account(args: AddServiceAccountArgs) -> Result<()> {
     let username = koe_types::Username::parse_existing(&args.username)
         .with_context(|| format!("cannot create an account named {:?}", args.username))?;
+    let role = koe_types::Role::from(args.role);
     let password = super::PasswordSource::new(args.password.password_stdin)
         .read_new(&format!("New password for {username}: "))?;
     koe_auth::password::check_new_password(&password)?;
@@ -51,10 +53,10 @@ async fn add_service_account(args: AddServiceAccountArgs) -> Result<()> {
         .await
         .context("cannot open the account database")?;
     store
-        .create_account(&username, &hash, koe_types::UnixTime::now())
+        .create_account_with_role(&username, &hash, role, koe_types::UnixTime::now())
         .await
         .with_context(|| format!("cannot create the account {username}"))?;
-    println!("Created the service account {username}: log in to it with `koe login {username}` on the service's machine.");
+    println!("Created the service account {username} with the role {role}: log in to it with `koe login {username}` on the service's machine.");
     Ok(())
 }
 
