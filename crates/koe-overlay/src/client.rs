@@ -169,6 +169,8 @@ impl ClientHandle {
         answer.await.map_err(|_| "the client has stopped".to_string())
     }
 
+    /// The online devices of `username`; of [`gateway_directory`](crate::gateway_directory),
+    /// the online PSTN gateways (each record under the gateway's own name).
     pub async fn lookup(&self, username: Username) -> Result<Vec<PresenceRecord>, String> {
         self.ask(|reply| ClientCommand::Lookup { username, reply }).await?
     }
@@ -237,7 +239,7 @@ struct PendingSend {
 enum Outstanding {
     Attach,
     Publish,
-    Lookup(oneshot::Sender<Result<Vec<PresenceRecord>, String>>),
+    Lookup { username: Username, reply: oneshot::Sender<Result<Vec<PresenceRecord>, String>> },
     SendLookup(u64),
     SendRoute(u64),
     DialBack(oneshot::Sender<Result<bool, String>>),
@@ -745,8 +747,13 @@ impl ClientNode {
                 warn!(?other, ?pause, "presence not published; retrying");
                 self.next_publish = Some(Instant::now() + pause);
             }
-            (Outstanding::Lookup(reply), response) => {
-                let _ = reply.send(self.presence_from(response));
+            (Outstanding::Lookup { username, reply }, response) => {
+                // Only what is listed under the name: a user's own records, or in the gateway
+                // directory gateways' (never a user a parent slipped in).
+                let records = self
+                    .presence_from(response)
+                    .map(|records| records.into_iter().filter(|r| crate::directory::is_listed_under(&username, r)).collect());
+                let _ = reply.send(records);
             }
             (Outstanding::SendLookup(send), response) => {
                 let records = self.presence_from(response);
@@ -846,7 +853,7 @@ impl ClientNode {
                         .behaviour_mut()
                         .overlay
                         .send_request(&parent, OverlayRequest::Lookup { username: username.to_string() });
-                    self.outstanding.insert(id, Outstanding::Lookup(reply));
+                    self.outstanding.insert(id, Outstanding::Lookup { username, reply });
                 }
                 None => {
                     let _ = reply.send(Err("not attached to a supernode yet; try again in a moment".into()));

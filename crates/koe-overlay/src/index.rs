@@ -1,16 +1,22 @@
 //! A supernode's share of the global index: the presence records whose keys fall near it.
 //! Sans-IO; the driver hands in `now`.
 //!
-//! Per user, one record per device (several devices coexist); per device, only the record
-//! with the highest sequence number. Expired records disappear. Bounds on devices per user and
-//! on users keep memory bounded whatever peers send.
+//! Per key, one record per device (several devices coexist); per device, only the record
+//! with the highest sequence number. A key is a username, whose records are its devices', or
+//! the gateway [`directory`](crate::directory), whose records are the gateways' (each also
+//! kept under its own name); what may go under which key is checked here, for every record.
+//! Expired records disappear. Bounds on devices per key and on keys keep memory bounded
+//! whatever peers send.
 
 use std::collections::HashMap;
 
 use koe_types::{DevicePublicKey, UnixTime, Username};
 
+use crate::directory;
 use crate::presence::{PresenceError, PresenceRecord};
 
+/// Devices per key: per user, and in the gateway directory (which is one key) gateway devices
+/// online at once.
 pub const MAX_DEVICES_PER_USER: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +29,7 @@ pub enum StoreOutcome {
 
 #[derive(Debug, Default)]
 pub struct PresenceIndex {
+    /// By key (a username or the gateway directory), the records of its devices.
     users: HashMap<Username, HashMap<DevicePublicKey, PresenceRecord>>,
     records: usize,
     max_records: usize,
@@ -37,15 +44,27 @@ impl PresenceIndex {
         }
     }
 
-    /// Stores an already verified record unless it is older than what is held.
+    /// Stores an already verified record under its username unless it is older than what is
+    /// held.
     pub fn store(
         &mut self,
         record: PresenceRecord,
         now: UnixTime,
     ) -> Result<StoreOutcome, PresenceError> {
-        let username = record.username().clone();
+        self.store_under(record.username().clone(), record, now)
+    }
+
+    /// Stores an already verified record under `key` (its username, or the gateway directory
+    /// for a gateway's; anything else is refused) unless it is older than what is held there.
+    pub fn store_under(
+        &mut self,
+        key: Username,
+        record: PresenceRecord,
+        now: UnixTime,
+    ) -> Result<StoreOutcome, PresenceError> {
+        directory::check_listing(&key, &record)?;
         let device = *record.body().certificate.device_key();
-        if let Some(held) = self.users.get(&username).and_then(|d| d.get(&device)) {
+        if let Some(held) = self.users.get(&key).and_then(|d| d.get(&device)) {
             let live = held.body().expires_at > now;
             if live && held.body().sequence >= record.body().sequence {
                 return Err(PresenceError::Stale {
@@ -57,7 +76,7 @@ impl PresenceIndex {
         if self.records >= self.max_records {
             self.expire(now);
         }
-        let devices = self.users.entry(username).or_default();
+        let devices = self.users.entry(key).or_default();
         if !devices.contains_key(&device) && devices.len() >= MAX_DEVICES_PER_USER {
             // The device whose record runs out first makes room.
             if let Some(oldest) = devices
@@ -80,10 +99,10 @@ impl PresenceIndex {
         }
     }
 
-    /// The live records of `username`'s devices.
-    pub fn lookup(&self, username: &Username, now: UnixTime) -> Vec<PresenceRecord> {
+    /// The live records under `key`: a user's devices, or the gateways in the directory.
+    pub fn lookup(&self, key: &Username, now: UnixTime) -> Vec<PresenceRecord> {
         self.users
-            .get(username)
+            .get(key)
             .map(|devices| {
                 devices
                     .values()
@@ -148,6 +167,50 @@ mod tests {
             Err(PresenceError::Stale { offered: 5, held: 5 })
         );
         assert!(index.store(network.record("alice", &laptop, 4), NOW).is_err());
+    }
+
+    #[test]
+    fn gateways_are_kept_under_the_directory_as_well_and_users_never() {
+        use crate::directory::{gateway_directory, GATEWAY_DIRECTORY};
+        use koe_types::Role;
+        let network = TestNetwork::new();
+        let mut index = PresenceIndex::new(100);
+        let (eu, us) = (DeviceKey::generate(), DeviceKey::generate());
+        let directory = gateway_directory();
+        for (name, device) in [("gw-eu", &eu), ("gw-us", &us)] {
+            let gateway = network.record_with_role(name, device, 1, Role::Gateway);
+            assert_eq!(index.store(gateway.clone(), NOW), Ok(StoreOutcome::Added));
+            assert_eq!(index.store_under(directory.clone(), gateway, NOW), Ok(StoreOutcome::Added));
+        }
+        let alice = network.record("alice", &DeviceKey::generate(), 1);
+        assert_eq!(index.store_under(directory.clone(), alice.clone(), NOW), Err(PresenceError::NotAGateway(Role::User)));
+        let bob = Username::parse("bob").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(index.store_under(bob.clone(), alice, NOW), Err(PresenceError::ForeignKey { .. })));
+        // A user certificate named after the directory cannot get in under its own name.
+        let impostor = network.record_with_role(GATEWAY_DIRECTORY, &DeviceKey::generate(), 1, Role::User);
+        assert_eq!(index.store(impostor, NOW), Err(PresenceError::NotAGateway(Role::User)));
+
+        let listed = index.lookup(&directory, NOW);
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|r| r.body().certificate.role() == Role::Gateway));
+        assert!(index.lookup(&bob, NOW).is_empty());
+        assert_eq!(index.records(), 4, "each gateway under its name and the directory");
+        // A newer record replaces the older under each key on its own.
+        let newer = network.record_with_role("gw-eu", &eu, 2, Role::Gateway);
+        assert_eq!(index.store_under(directory.clone(), newer.clone(), NOW), Ok(StoreOutcome::Updated));
+        assert!(index.store_under(directory.clone(), newer, NOW).is_err());
+    }
+
+    #[test]
+    fn the_directory_holds_at_most_as_many_gateways_as_a_user_has_devices() {
+        use crate::directory::gateway_directory;
+        let network = TestNetwork::new();
+        let mut index = PresenceIndex::new(1000);
+        for n in 0..MAX_DEVICES_PER_USER + 5 {
+            let gateway = network.record_with_role(&format!("gw-{n}"), &DeviceKey::generate(), 1, koe_types::Role::Gateway);
+            index.store_under(gateway_directory(), gateway, NOW).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(index.lookup(&gateway_directory(), NOW).len(), MAX_DEVICES_PER_USER);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Presence records: a device's signed statement "I am online with this status, reachable
 //! through this parent supernode, until this time". Supernodes store them in the global
-//! index under [`index_key`] of the username and validate every one before storing it, so a
+//! index under [`index_key`] of the username (a gateway's also under the gateway
+//! [`directory`](crate::directory)'s) and validate every one before storing it, so a
 //! supernode can drop presence but never forge it.
 //!
 //! Encoding (version 1): `version u8 | certificate | status u8 | envelope key [32] |
@@ -11,10 +12,12 @@
 use std::fmt;
 use std::time::Duration;
 
-use koe_types::{Certificate, CertificateError, DeviceKey, NetworkName, NetworkPublicKey, UnixTime, Username};
+use koe_types::{Certificate, CertificateError, DeviceKey, NetworkName, NetworkPublicKey, Role, UnixTime, Username};
 use koe_wire::{put_short_bytes, put_u64, put_u8, Codec, DecodeError, Reader};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::directory::GATEWAY_DIRECTORY;
 
 pub const PRESENCE_VERSION: u8 = 1;
 /// A record larger than this is refused before it is even decoded.
@@ -112,6 +115,12 @@ pub enum PresenceError {
     TooLongLived(UnixTime),
     #[error("presence record sequence {offered} is not newer than {held}")]
     Stale { offered: u64, held: u64 },
+    /// Under the gateway directory, from a certificate that is not a gateway's.
+    #[error("only gateways are listed under {GATEWAY_DIRECTORY:?}; this presence is a {0}'s")]
+    NotAGateway(Role),
+    /// Under a key that is neither the record's username nor (for a gateway) the directory.
+    #[error("presence of {user} is not kept under {key}")]
+    ForeignKey { user: Username, key: Username },
 }
 
 impl PresenceError {
@@ -125,6 +134,8 @@ impl PresenceError {
             Self::BadSignature => "forged",
             Self::Expired(_) | Self::TooLongLived(_) => "expired",
             Self::Stale { .. } => "replayed",
+            Self::NotAGateway(_) => "not_a_gateway",
+            Self::ForeignKey { .. } => "foreign_key",
         }
     }
 }
@@ -285,7 +296,7 @@ impl Codec for PresenceRecord {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use koe_types::{CertificateBody, NetworkSigningKey, Role};
+    use koe_types::{CertificateBody, NetworkSigningKey};
 
     pub const NOW: UnixTime = UnixTime(1_800_000_000);
 
@@ -303,21 +314,32 @@ pub(crate) mod tests {
         }
 
         pub fn certificate(&self, username: &str, device: &DeviceKey) -> Certificate {
+            Username::parse(username).unwrap_or_else(|e| panic!("{e}"));
+            self.certificate_with_role(username, device, Role::User)
+        }
+
+        /// A certificate as the login server issues it to a service account: reserved names pass.
+        pub fn certificate_with_role(&self, username: &str, device: &DeviceKey, role: Role) -> Certificate {
             CertificateBody {
                 network: self.name.clone(),
-                username: Username::parse(username).unwrap_or_else(|e| panic!("{e}")),
+                username: Username::parse_existing(username).unwrap_or_else(|e| panic!("{e}")),
                 device_key: device.public_key(),
                 not_before: NOW.saturating_sub(Duration::from_secs(60)),
                 not_after: NOW.saturating_add(Duration::from_secs(86_400)),
                 serial: 1,
-                role: Role::User,
+                role,
             }
             .sign(&self.key)
         }
 
         pub fn record(&self, username: &str, device: &DeviceKey, sequence: u64) -> PresenceRecord {
+            Username::parse(username).unwrap_or_else(|e| panic!("{e}"));
+            self.record_with_role(username, device, sequence, Role::User)
+        }
+
+        pub fn record_with_role(&self, username: &str, device: &DeviceKey, sequence: u64, role: Role) -> PresenceRecord {
             PresenceBody {
-                certificate: self.certificate(username, device),
+                certificate: self.certificate_with_role(username, device, role),
                 status: PresenceStatus::Online,
                 envelope_key: [9; 32],
                 parent: ParentSupernode {

@@ -8,7 +8,7 @@
 //! | `Publish` | client → parent (with its withdrawal, for when it goes) | `Published` |
 //! | `Lookup` | client → parent | `Presence` |
 //! | `Route` | client → parent | `Delivered` / `Undelivered` |
-//! | `Store` | supernode → supernode near the index key | `Stored` / `Refused` |
+//! | `Store` | supernode → supernode near the index key (the username's, or for a gateway's record also the gateway directory's) | `Stored` / `Refused` |
 //! | `Fetch` | supernode → supernode near the index key | `Presence` |
 //! | `Forward` | sender's parent → recipient's parent | `Delivered` / `Undelivered` |
 //! | `Deliver` | parent → attached client | `Delivered` / `Undelivered` |
@@ -62,6 +62,13 @@ pub enum OverlayRequest {
     Store {
         #[serde(with = "serde_bytes_vec")]
         record: Vec<u8>,
+        /// The key to keep the record under when it is not the record's own username: only
+        /// ever the gateway [`directory`](crate::directory), for a gateway's record (the
+        /// receiver checks the role itself). Absent, as from peers older than the directory:
+        /// the record's username. Left out when absent, so those messages are unchanged on
+        /// the wire; older peers ignore it and keep the record under its username only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        under: Option<String>,
     },
     Fetch { username: String },
     Forward {
@@ -206,4 +213,57 @@ pub fn peer_id_of(device: &DevicePublicKey) -> PeerId {
     ed25519::PublicKey::try_from_bytes(&device.to_bytes())
         .map(|key| PublicKey::from(key).to_peer_id())
         .unwrap_or_else(|_| unreachable!("a DevicePublicKey is always a valid Ed25519 key"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+    use libp2p::request_response::cbor::codec::Codec as CborCodec;
+    use libp2p::request_response::Codec as _;
+
+    /// `Store` as peers older than the gateway directory have it.
+    mod before_the_directory {
+        use serde::{Deserialize, Serialize};
+
+        #[derive(Debug, Serialize, Deserialize)]
+        pub enum OverlayRequest {
+            Store {
+                #[serde(with = "super::super::serde_bytes_vec")]
+                record: Vec<u8>,
+            },
+        }
+    }
+
+    /// `request` as the overlay's request-response codec writes it.
+    fn encode<In: Serialize + serde::de::DeserializeOwned + Send + 'static>(request: In) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut codec = CborCodec::<In, OverlayResponse>::default();
+        block_on(codec.write_request(&OVERLAY_PROTOCOL, &mut futures::io::Cursor::new(&mut bytes), request))
+            .unwrap_or_else(|e| panic!("{e}"));
+        bytes
+    }
+
+    fn decode<Out: Serialize + serde::de::DeserializeOwned + Send + 'static>(bytes: Vec<u8>) -> Out {
+        let mut codec = CborCodec::<Out, OverlayResponse>::default();
+        block_on(codec.read_request(&OVERLAY_PROTOCOL, &mut futures::io::Cursor::new(bytes))).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn stores_from_peers_older_than_the_directory_still_decode_and_they_read_ours() {
+        let old = encode(before_the_directory::OverlayRequest::Store { record: vec![1, 2, 3] });
+        assert_eq!(old, encode(OverlayRequest::Store { record: vec![1, 2, 3], under: None }), "unchanged on the wire");
+        match decode::<OverlayRequest>(old) {
+            OverlayRequest::Store { record, under } => assert_eq!((record, under), (vec![1, 2, 3], None)),
+            other => panic!("decoded as {other:?}"),
+        }
+        let listed = encode(OverlayRequest::Store { record: vec![4, 5], under: Some("pstn".into()) });
+        match decode::<before_the_directory::OverlayRequest>(listed.clone()) {
+            before_the_directory::OverlayRequest::Store { record } => assert_eq!(record, vec![4, 5]),
+        }
+        match decode::<OverlayRequest>(listed) {
+            OverlayRequest::Store { under, .. } => assert_eq!(under.as_deref(), Some("pstn")),
+            other => panic!("decoded as {other:?}"),
+        }
+    }
 }

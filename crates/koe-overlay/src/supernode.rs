@@ -1,8 +1,9 @@
 //! The supernode (`koe node`): a Kademlia server in the overlay, a holder of part of the
 //! global index, and the parent of the clients attached to it.
 //!
-//! For its clients it publishes presence to the supernodes nearest the user's index key,
-//! looks users up there, and routes sealed envelopes to the recipient's parent. When a
+//! For its clients it publishes presence to the supernodes nearest the user's index key (a
+//! gateway's also to those nearest the gateway [`directory`](crate::directory)'s), looks
+//! users up there, and routes sealed envelopes to the recipient's parent. When a
 //! client's connection closes it publishes the withdrawal the client signed in advance, so
 //! the user shows offline at once. For other supernodes it stores and serves presence
 //! records, validating every one, and delivers forwarded envelopes to its attached clients.
@@ -30,6 +31,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{kad, ping, Multiaddr, PeerId, Swarm};
 use tracing::{debug, info, warn};
 
+use crate::directory;
 use crate::envelope::Envelope;
 use crate::index::PresenceIndex;
 use crate::metrics::SupernodeMetrics;
@@ -111,6 +113,8 @@ struct Lookup {
 #[derive(Debug)]
 struct Publish {
     record: Vec<u8>,
+    /// The key it goes under when not the record's username (the gateway directory).
+    under: Option<String>,
     replicas: u32,
     outstanding: usize,
     /// The client that asked; none for a withdrawal published after the client went.
@@ -593,20 +597,7 @@ impl Supernode {
                 }
             }
             OverlayRequest::Route { envelope } => self.route(peer, envelope, channel),
-            OverlayRequest::Store { record } => match self.validate(&record, now) {
-                Ok(record) => match self.index.store(record, now) {
-                    Ok(_) => {
-                        self.metrics.records_stored.fetch_add(1, Ordering::Relaxed);
-                        self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
-                        self.respond(channel, OverlayResponse::Stored);
-                    }
-                    Err(error) => {
-                        self.metrics.refused("presence", error.reason());
-                        self.refuse(channel, error.to_string());
-                    }
-                },
-                Err(reason) => self.refuse(channel, reason),
-            },
+            OverlayRequest::Store { record, under } => self.store(&record, under.as_deref(), channel, now),
             OverlayRequest::Fetch { username } => {
                 let records = Username::parse_existing(&username)
                     .map(|u| self.index.lookup(&u, now))
@@ -852,7 +843,8 @@ impl Supernode {
         if let Some(client) = self.attached.get_mut(&peer) {
             client.withdrawal = withdrawal;
         }
-        self.spread(record, bytes, Some(channel));
+        self.list_in_directory(&record, &bytes, now);
+        self.spread(record.username().clone(), &record, bytes, Some(channel));
     }
 
     /// Publishes the withdrawal a client signed in advance, now that its connection closed.
@@ -864,22 +856,65 @@ impl Supernode {
         match self.index.store(record.clone(), now) {
             Ok(_) => {
                 debug!(user = %record.username(), "client gone: publishing its withdrawal");
-                self.spread(record, bytes, None);
+                self.list_in_directory(&record, &bytes, now);
+                self.spread(record.username().clone(), &record, bytes, None);
             }
             Err(error) => debug!(%error, "a departed client's withdrawal is out of date"),
         }
     }
 
-    /// Sends a record just stored here to the other supernodes responsible for its key.
-    fn spread(&mut self, record: PresenceRecord, bytes: Vec<u8>, channel: Option<ResponseChannel<OverlayResponse>>) {
-        let username = record.username().clone();
+    /// A gateway's record (or its withdrawal), just stored here under its username, goes
+    /// under the gateway directory too, here and at the supernodes responsible for that key;
+    /// nobody waits for the answers. Any other record is left alone.
+    fn list_in_directory(&mut self, record: &PresenceRecord, bytes: &[u8], now: UnixTime) {
+        let Some(directory) = directory::also_listed_under(record) else {
+            return;
+        };
+        match self.index.store_under(directory.clone(), record.clone(), now) {
+            Ok(_) => self.spread(directory, record, bytes.to_vec(), None),
+            Err(error) => debug!(%error, gateway = %record.username(), "not listed in the gateway directory"),
+        }
+    }
+
+    /// Sends a record just stored here under `key` to the other supernodes responsible for
+    /// that key.
+    fn spread(&mut self, key: Username, record: &PresenceRecord, bytes: Vec<u8>, channel: Option<ResponseChannel<OverlayResponse>>) {
         self.metrics.records_stored.fetch_add(1, Ordering::Relaxed);
         self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
-        self.lookup_cache.remove(&username);
+        self.lookup_cache.remove(&key);
+        let under = (&key != record.username()).then(|| key.to_string());
         let operation = self.new_operation();
-        self.publishes.insert(operation, Publish { record: bytes, replicas: 1, outstanding: 0, channel });
-        if !self.start_closest_query(&username, QueryPurpose::Publish(operation)) {
+        self.publishes.insert(operation, Publish { record: bytes, under, replicas: 1, outstanding: 0, channel });
+        if !self.start_closest_query(&key, QueryPurpose::Publish(operation)) {
             self.publish_to(operation, Vec::new());
+        }
+    }
+
+    /// Takes a record another supernode spread: under its username, or under the key named
+    /// (which only a gateway's may be under: the index checks the role on the certificate).
+    fn store(&mut self, bytes: &[u8], under: Option<&str>, channel: ResponseChannel<OverlayResponse>, now: UnixTime) {
+        let record = match self.validate(bytes, now) {
+            Ok(record) => record,
+            Err(reason) => return self.refuse(channel, reason),
+        };
+        let key = match under.map(Username::parse_existing) {
+            None => record.username().clone(),
+            Some(Ok(key)) => key,
+            Some(Err(error)) => {
+                self.metrics.refused("presence", "malformed");
+                return self.refuse(channel, format!("not an index key: {error}"));
+            }
+        };
+        match self.index.store_under(key, record, now) {
+            Ok(_) => {
+                self.metrics.records_stored.fetch_add(1, Ordering::Relaxed);
+                self.metrics.records_held.store(self.index.records() as u64, Ordering::Relaxed);
+                self.respond(channel, OverlayResponse::Stored);
+            }
+            Err(error) => {
+                self.metrics.refused("presence", error.reason());
+                self.refuse(channel, error.to_string());
+            }
         }
     }
 
@@ -887,12 +922,12 @@ impl Supernode {
         let Some(publish) = self.publishes.get(&operation) else {
             return;
         };
-        let record = publish.record.clone();
+        let (record, under) = (publish.record.clone(), publish.under.clone());
         let mut sent = 0;
         for peer in peers.into_iter().take(REPLICATION) {
             let id = self.swarm.behaviour_mut().overlay.send_request_with_addresses(
                 &peer.peer_id,
-                OverlayRequest::Store { record: record.clone() },
+                OverlayRequest::Store { record: record.clone(), under: under.clone() },
                 peer.addrs,
             );
             self.outstanding.insert(id, Outstanding::Store(operation));
@@ -979,7 +1014,8 @@ impl Supernode {
                 if let Some(lookup) = self.lookups.get_mut(&operation) {
                     lookup.outstanding = lookup.outstanding.saturating_sub(1);
                     for record in verified {
-                        if lookup.username != *record.username() {
+                        // A user's records, or in the gateway directory the gateways'.
+                        if !directory::is_listed_under(&lookup.username, &record) {
                             continue;
                         }
                         let device = *record.body().certificate.device_key();

@@ -7,62 +7,14 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{raw_overlay_swarm, RawBehaviour, RunningSupernode, TestNetwork};
-use futures::StreamExt;
+use common::{MisbehavingPeer, RunningSupernode, TestNetwork};
 use koe_overlay::protocol::{ByteString, OverlayRequest, OverlayResponse};
 use koe_overlay::{ParentSupernode, PresenceBody, PresenceRecord, PresenceStatus};
 use koe_types::{DeviceKey, UnixTime};
 use koe_wire::Codec;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response;
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Swarm};
+use libp2p::PeerId;
 use tokio::io::AsyncWriteExt;
-
-/// A peer that sends whatever the test tells it to.
-struct MisbehavingPeer {
-    swarm: Swarm<RawBehaviour>,
-    target: PeerId,
-}
-
-impl MisbehavingPeer {
-    async fn connect(identity: &DeviceKey, supernode: &Multiaddr) -> Self {
-        let mut swarm = raw_overlay_swarm(identity, Duration::from_secs(60));
-        let Some(Protocol::P2p(target)) = supernode.iter().last() else { panic!("no /p2p in {supernode}") };
-        swarm.dial(supernode.clone()).unwrap();
-        loop {
-            if let SwarmEvent::ConnectionEstablished { peer_id, .. } = swarm.select_next_some().await {
-                if peer_id == target {
-                    break;
-                }
-            }
-        }
-        Self { swarm, target }
-    }
-
-    async fn ask(&mut self, request: OverlayRequest) -> OverlayResponse {
-        let id = self.swarm.behaviour_mut().send_request(&self.target, request);
-        let answer = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match self.swarm.select_next_some().await {
-                    SwarmEvent::Behaviour(request_response::Event::Message {
-                        message: request_response::Message::Response { request_id, response },
-                        ..
-                    }) if request_id == id => return response,
-                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
-                        if request_id == id =>
-                    {
-                        panic!("request failed: {error}")
-                    }
-                    _ => {}
-                }
-            }
-        });
-        answer.await.expect("the supernode answered in time")
-    }
-}
 
 fn refused(response: OverlayResponse) -> String {
     match response {
@@ -92,30 +44,30 @@ async fn bad_presence_records_are_refused_and_counted() {
     let alice = DeviceKey::generate();
 
     let forged = record(&network, "alice", &alice, 1, 60).sign(&DeviceKey::generate());
-    assert!(refused(peer.ask(OverlayRequest::Store { record: forged.to_bytes() }).await).contains("not signed"));
+    assert!(refused(peer.ask(OverlayRequest::Store { record: forged.to_bytes(), under: None }).await).contains("not signed"));
     assert_eq!(metrics.refused_count("presence", "forged"), 1);
 
     let elsewhere = TestNetwork::new();
     let foreign = record(&elsewhere, "alice", &alice, 1, 60).sign(&alice);
-    refused(peer.ask(OverlayRequest::Store { record: foreign.to_bytes() }).await);
+    refused(peer.ask(OverlayRequest::Store { record: foreign.to_bytes(), under: None }).await);
     assert_eq!(metrics.refused_count("presence", "bad_certificate"), 1);
 
     let expired = record(&network, "alice", &alice, 1, -1).sign(&alice);
-    refused(peer.ask(OverlayRequest::Store { record: expired.to_bytes() }).await);
+    refused(peer.ask(OverlayRequest::Store { record: expired.to_bytes(), under: None }).await);
     let everlasting = record(&network, "alice", &alice, 1, 86_400).sign(&alice);
-    refused(peer.ask(OverlayRequest::Store { record: everlasting.to_bytes() }).await);
+    refused(peer.ask(OverlayRequest::Store { record: everlasting.to_bytes(), under: None }).await);
     assert_eq!(metrics.refused_count("presence", "expired"), 2);
 
-    refused(peer.ask(OverlayRequest::Store { record: vec![7; 5000] }).await);
+    refused(peer.ask(OverlayRequest::Store { record: vec![7; 5000], under: None }).await);
     assert_eq!(metrics.refused_count("presence", "oversized"), 1);
-    refused(peer.ask(OverlayRequest::Store { record: vec![1, 2, 3, 4, 5, 6] }).await);
+    refused(peer.ask(OverlayRequest::Store { record: vec![1, 2, 3, 4, 5, 6], under: None }).await);
     assert_eq!(metrics.refused_count("presence", "malformed"), 1);
 
     let honest = record(&network, "alice", &alice, 5, 60).sign(&alice);
-    assert!(matches!(peer.ask(OverlayRequest::Store { record: honest.to_bytes() }).await, OverlayResponse::Stored));
-    refused(peer.ask(OverlayRequest::Store { record: honest.to_bytes() }).await);
+    assert!(matches!(peer.ask(OverlayRequest::Store { record: honest.to_bytes(), under: None }).await, OverlayResponse::Stored));
+    refused(peer.ask(OverlayRequest::Store { record: honest.to_bytes(), under: None }).await);
     let older = record(&network, "alice", &alice, 4, 60).sign(&alice);
-    refused(peer.ask(OverlayRequest::Store { record: older.to_bytes() }).await);
+    refused(peer.ask(OverlayRequest::Store { record: older.to_bytes(), under: None }).await);
     assert_eq!(metrics.refused_count("presence", "replayed"), 2);
 
     // Only the honest record is served.

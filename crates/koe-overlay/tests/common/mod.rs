@@ -16,6 +16,10 @@ use koe_types::{
     Certificate, CertificateBody, DeviceKey, NetworkFile, NetworkName, NetworkSigningKey, Role,
     UnixTime, Username,
 };
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response;
+use libp2p::swarm::SwarmEvent;
 use libp2p::Multiaddr;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -41,6 +45,11 @@ impl TestNetwork {
     }
 
     pub fn certificate(&self, username: &str, device: &DeviceKey) -> Certificate {
+        self.certificate_with_role(username, device, Role::User)
+    }
+
+    /// A certificate as the login server issues it to an account with this role.
+    pub fn certificate_with_role(&self, username: &str, device: &DeviceKey, role: Role) -> Certificate {
         let now = UnixTime::now();
         CertificateBody {
             network: self.file.name.clone(),
@@ -49,7 +58,7 @@ impl TestNetwork {
             not_before: now,
             not_after: now.saturating_add(Duration::from_secs(3600)),
             serial: 1,
-            role: Role::User,
+            role,
         }
         .sign(&self.key)
     }
@@ -149,6 +158,23 @@ impl RunningClient {
         device: DeviceKey,
         status: Option<PresenceStatus>,
     ) -> Self {
+        Self::start_with_role(network, username, supernodes, device, status, Role::User).await
+    }
+
+    /// An online PSTN gateway: a client whose certificate says [`Role::Gateway`].
+    pub async fn start_gateway(network: &TestNetwork, username: &str, supernodes: &[Multiaddr]) -> Self {
+        Self::start_with_role(network, username, supernodes, DeviceKey::generate(), Some(PresenceStatus::Online), Role::Gateway)
+            .await
+    }
+
+    pub async fn start_with_role(
+        network: &TestNetwork,
+        username: &str,
+        supernodes: &[Multiaddr],
+        device: DeviceKey,
+        status: Option<PresenceStatus>,
+        role: Role,
+    ) -> Self {
         let mut host_cache = HostCache::default();
         for address in supernodes {
             host_cache.learn(&address.to_string());
@@ -158,7 +184,7 @@ impl RunningClient {
         }
         let (node, handle, mut events) = ClientNode::new(ClientConfig {
             network: network.file.clone(),
-            certificate: network.certificate(username, &device),
+            certificate: network.certificate_with_role(username, &device, role),
             device_key: device.clone(),
             status,
             host_cache,
@@ -260,4 +286,47 @@ pub fn raw_overlay_swarm(identity: &DeviceKey, patience: Duration) -> libp2p::Sw
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(patience))
         .build()
+}
+
+/// A peer that sends whatever the test tells it to.
+pub struct MisbehavingPeer {
+    swarm: libp2p::Swarm<RawBehaviour>,
+    target: libp2p::PeerId,
+}
+
+impl MisbehavingPeer {
+    pub async fn connect(identity: &DeviceKey, supernode: &Multiaddr) -> Self {
+        let mut swarm = raw_overlay_swarm(identity, Duration::from_secs(60));
+        let Some(Protocol::P2p(target)) = supernode.iter().last() else { panic!("no /p2p in {supernode}") };
+        swarm.dial(supernode.clone()).unwrap();
+        loop {
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } = swarm.select_next_some().await {
+                if peer_id == target {
+                    break;
+                }
+            }
+        }
+        Self { swarm, target }
+    }
+
+    pub async fn ask(&mut self, request: koe_overlay::protocol::OverlayRequest) -> koe_overlay::protocol::OverlayResponse {
+        let id = self.swarm.behaviour_mut().send_request(&self.target, request);
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match self.swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(request_response::Event::Message {
+                        message: request_response::Message::Response { request_id, response },
+                        ..
+                    }) if request_id == id => return response,
+                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
+                        if request_id == id =>
+                    {
+                        panic!("request failed: {error}")
+                    }
+                    _ => {}
+                }
+            }
+        });
+        answer.await.expect("the supernode answered in time")
+    }
 }
