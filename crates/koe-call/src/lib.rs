@@ -7,6 +7,12 @@
 //! online device of the callee; they all ring; the first to answer wins and the caller tells
 //! the others ([`CallSignal::Taken`]), which stop ringing.
 //!
+//! A call to a phone number goes to a PSTN gateway the same way: the offer names the number
+//! ([`CallSignal::Offer`]'s `dial`), the gateway declines with the reason in words when the
+//! number cannot be called, and tells the caller what the call costs with
+//! [`CallSignal::Notice`] lines (which the caller's daemon accepts only from a certificate with
+//! the gateway role).
+//!
 //! The driver feeds in signals and the clock, and carries out [`CallOutput`]s: sending a
 //! signal to the other user, and events for the person.
 
@@ -55,12 +61,25 @@ pub type DeviceName = String;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CallSignal {
-    /// Caller → every device of the callee.
-    Offer { call: CallId, media: MediaDescription, sent_at_unix: u64 },
+    /// Caller → every device of the callee. `dial`: the E.164 number a gateway should call.
+    Offer {
+        call: CallId,
+        media: MediaDescription,
+        sent_at_unix: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dial: Option<String>,
+    },
     /// A callee device is ringing.
     Ringing { call: CallId, device: DeviceName },
     Answer { call: CallId, device: DeviceName, media: MediaDescription },
-    Decline { call: CallId, device: DeviceName },
+    /// `reason`: why, in words, when it is not the person's choice (a gateway: "no such
+    /// number", "not enough credit …").
+    Decline {
+        call: CallId,
+        device: DeviceName,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// The device is in another call.
     Busy { call: CallId, device: DeviceName },
     /// Caller → callee: gave up before an answer.
@@ -69,6 +88,12 @@ pub enum CallSignal {
     Taken { call: CallId, device: DeviceName },
     /// Either side ends an answered call.
     Hangup { call: CallId, reason: String },
+    /// Callee → caller: a line for the person, at any time, even just after the end (a
+    /// gateway's price, its warning that the credit runs out, the bill).
+    Notice { call: CallId, text: String },
+    /// Caller → callee in an answered call: key presses for a gateway to play to the phone
+    /// (RFC 4733), so the caller can use an IVR menu.
+    Dtmf { call: CallId, digits: String },
 }
 
 impl CallSignal {
@@ -81,7 +106,9 @@ impl CallSignal {
             | Self::Busy { call, .. }
             | Self::Cancel { call }
             | Self::Taken { call, .. }
-            | Self::Hangup { call, .. } => *call,
+            | Self::Hangup { call, .. }
+            | Self::Notice { call, .. }
+            | Self::Dtmf { call, .. } => *call,
         }
     }
 }
@@ -94,6 +121,8 @@ pub enum EndReason {
     /// The other side hung up.
     RemoteHungUp { reason: String },
     Declined,
+    /// The callee refused for a reason it gave (a gateway that cannot call the number).
+    Refused { reason: String },
     Busy,
     /// Nobody answered in time (caller side).
     NoAnswer,
@@ -114,6 +143,7 @@ impl std::fmt::Display for EndReason {
             Self::RemoteHungUp { reason } if reason.is_empty() => f.write_str("the other side hung up"),
             Self::RemoteHungUp { reason } => write!(f, "the other side hung up: {reason}"),
             Self::Declined => f.write_str("declined"),
+            Self::Refused { reason } => f.write_str(reason),
             Self::Busy => f.write_str("busy"),
             Self::NoAnswer => f.write_str("no answer"),
             Self::Missed => f.write_str("missed"),
@@ -132,6 +162,10 @@ pub enum CallEvent {
     Ringing,
     /// The call is answered; start media with the other side's description.
     Answered { device: DeviceName, remote_media: MediaDescription },
+    /// The callee said something for the person ([`CallSignal::Notice`]).
+    Notice(String),
+    /// The caller pressed keys ([`CallSignal::Dtmf`]).
+    Dtmf(String),
     Ended(EndReason),
 }
 
@@ -169,6 +203,8 @@ pub struct Call {
     /// Caller: the devices the offer reached, and those that declined or were busy.
     devices: usize,
     declined: Vec<DeviceName>,
+    /// A reason a declining device gave (the last one).
+    refused_because: Option<String>,
     busy: Vec<DeviceName>,
     outputs: Vec<CallOutput>,
 }
@@ -176,9 +212,22 @@ pub struct Call {
 impl Call {
     /// Places a call whose offer reached `devices` devices of the callee.
     pub fn dial(id: CallId, me: DeviceName, media: MediaDescription, devices: usize, now: Instant, now_unix: u64) -> Self {
+        Self::dial_number(id, me, media, devices, None, now, now_unix)
+    }
+
+    /// Places a call, through a gateway when `dial` names a phone number (E.164).
+    pub fn dial_number(
+        id: CallId,
+        me: DeviceName,
+        media: MediaDescription,
+        devices: usize,
+        dial: Option<String>,
+        now: Instant,
+        now_unix: u64,
+    ) -> Self {
         let mut call = Self::new(id, Role::Caller, me, State::Dialing { ringing: false }, now);
         call.devices = devices.max(1);
-        call.outputs.push(CallOutput::Send(CallSignal::Offer { call: id, media, sent_at_unix: now_unix }));
+        call.outputs.push(CallOutput::Send(CallSignal::Offer { call: id, media, sent_at_unix: now_unix, dial }));
         call
     }
 
@@ -202,7 +251,18 @@ impl Call {
     }
 
     fn new(id: CallId, role: Role, me: DeviceName, state: State, now: Instant) -> Self {
-        Self { id, role, me, state, started: now, devices: 1, declined: Vec::new(), busy: Vec::new(), outputs: Vec::new() }
+        Self {
+            id,
+            role,
+            me,
+            state,
+            started: now,
+            devices: 1,
+            declined: Vec::new(),
+            refused_because: None,
+            busy: Vec::new(),
+            outputs: Vec::new(),
+        }
     }
 
     pub fn id(&self) -> CallId {
@@ -246,7 +306,15 @@ impl Call {
 
     /// A signal from the other user for this call.
     pub fn handle_signal(&mut self, signal: CallSignal) {
-        if signal.call() != self.id || self.is_over() {
+        if signal.call() != self.id {
+            return;
+        }
+        // A notice counts even just after the end: the bill comes once the call is over.
+        if let (Role::Caller, CallSignal::Notice { text, .. }) = (self.role, &signal) {
+            self.outputs.push(CallOutput::Event(CallEvent::Notice(text.clone())));
+            return;
+        }
+        if self.is_over() {
             return;
         }
         match (self.role, &self.state, signal) {
@@ -259,9 +327,12 @@ impl Call {
                 self.send(CallSignal::Taken { call: self.id, device: device.clone() });
                 self.outputs.push(CallOutput::Event(CallEvent::Answered { device, remote_media: media }));
             }
-            (Role::Caller, State::Dialing { .. }, CallSignal::Decline { device, .. }) => {
+            (Role::Caller, State::Dialing { .. }, CallSignal::Decline { device, reason, .. }) => {
                 if !self.declined.contains(&device) {
                     self.declined.push(device);
+                }
+                if reason.is_some() {
+                    self.refused_because = reason;
                 }
                 self.end_if_everyone_refused();
             }
@@ -276,6 +347,9 @@ impl Call {
                 self.end(EndReason::AnsweredElsewhere);
             }
             (_, State::InCall { .. }, CallSignal::Hangup { reason, .. }) => self.end(EndReason::RemoteHungUp { reason }),
+            (Role::Callee, State::InCall { .. }, CallSignal::Dtmf { digits, .. }) => {
+                self.outputs.push(CallOutput::Event(CallEvent::Dtmf(digits)));
+            }
             // Late or duplicate answers, ringing after the answer, and everything else that
             // no longer matters.
             _ => {}
@@ -284,7 +358,11 @@ impl Call {
 
     fn end_if_everyone_refused(&mut self) {
         if self.declined.len() + self.busy.len() >= self.devices {
-            let reason = if self.declined.is_empty() { EndReason::Busy } else { EndReason::Declined };
+            let reason = match (&self.refused_because, self.declined.is_empty()) {
+                (_, true) => EndReason::Busy,
+                (Some(reason), false) => EndReason::Refused { reason: reason.clone() },
+                (None, false) => EndReason::Declined,
+            };
             self.end(reason);
         }
     }
@@ -301,12 +379,44 @@ impl Call {
 
     /// Callee: decline while ringing.
     pub fn decline(&mut self) -> Result<(), &'static str> {
+        self.decline_because(None)
+    }
+
+    /// Callee: decline while ringing, saying why when it is not the person's choice.
+    pub fn decline_because(&mut self, reason: Option<String>) -> Result<(), &'static str> {
         if self.role != Role::Callee || self.state != State::Ringing {
             return Err("there is no ringing call to decline");
         }
-        self.send(CallSignal::Decline { call: self.id, device: self.me.clone() });
-        self.end(EndReason::Declined);
+        self.send(CallSignal::Decline { call: self.id, device: self.me.clone(), reason: reason.clone() });
+        self.end(reason.map_or(EndReason::Declined, |reason| EndReason::Refused { reason }));
         Ok(())
+    }
+
+    /// Callee: the caller busy, for a reason that is not this device's other call (a
+    /// gateway whose number was busy).
+    pub fn busy(&mut self) -> Result<(), &'static str> {
+        if self.role != Role::Callee || self.state != State::Ringing {
+            return Err("there is no ringing call to refuse as busy");
+        }
+        self.send(CallSignal::Busy { call: self.id, device: self.me.clone() });
+        self.end(EndReason::Busy);
+        Ok(())
+    }
+
+    /// Caller: key presses for the other side (a gateway plays them to the phone).
+    pub fn send_dtmf(&mut self, digits: impl Into<String>) -> Result<(), &'static str> {
+        if self.role != Role::Caller || !matches!(self.state, State::InCall { .. }) {
+            return Err("there is no answered call to send key presses in");
+        }
+        self.send(CallSignal::Dtmf { call: self.id, digits: digits.into() });
+        Ok(())
+    }
+
+    /// Callee: a line for the caller (see [`CallSignal::Notice`]); also after the end.
+    pub fn notify(&mut self, text: impl Into<String>) {
+        if self.role == Role::Callee {
+            self.send(CallSignal::Notice { call: self.id, text: text.into() });
+        }
     }
 
     /// Either side: hang up (a caller still dialing cancels).

@@ -185,7 +185,7 @@ fn a_callee_that_never_replies_is_unreachable_and_stale_offers_never_ring() {
     assert_eq!(call.ended(), Some(&EndReason::Unreachable));
     assert_eq!(call.poll_output(), Some(CallOutput::Send(CallSignal::Cancel { call: CallId(7) })));
 
-    let offer = CallSignal::Offer { call: CallId(8), media: media("a"), sent_at_unix: NOW_UNIX - 3600 };
+    let offer = CallSignal::Offer { call: CallId(8), media: media("a"), sent_at_unix: NOW_UNIX - 3600, dial: None };
     assert!(Call::incoming(&offer, "bob".into(), false, now, NOW_UNIX).is_none(), "an hour-old (replayed) offer");
     let not_an_offer = CallSignal::Cancel { call: CallId(8) };
     assert!(Call::incoming(&not_an_offer, "bob".into(), false, now, NOW_UNIX).is_none());
@@ -220,4 +220,57 @@ fn signals_round_trip_as_json_and_glare_keeps_one_call() {
     assert!(serde_json::from_str::<CallSignal>(&format!(r#"{{"type":"offer","call":{id}}}"#)).is_err(), "missing fields are refused");
     assert_eq!(glare_survivor(CallId(5), CallId(9)), CallId(5));
     assert_eq!(glare_survivor(CallId(9), CallId(5)), CallId(5), "both sides pick the same call");
+}
+
+#[test]
+fn a_gateway_declines_with_its_reason_and_its_notices_reach_the_caller_even_after_the_end() {
+    let mut world = World::dial(1);
+    world.callee(0).notify("Japan fixed: ¥3.60 a minute");
+    world.callee(0).decline_because(Some("no such number".into())).unwrap();
+    world.settle();
+    assert_eq!(world.caller.ended(), Some(&EndReason::Refused { reason: "no such number".into() }));
+    assert_eq!(world.caller.ended().map(ToString::to_string).as_deref(), Some("no such number"));
+    world.callee(0).notify("credit left: ¥96.40");
+    world.settle();
+    let notices: Vec<&CallEvent> = world.caller_events.iter().filter(|e| matches!(e, CallEvent::Notice(_))).collect();
+    assert_eq!(
+        notices,
+        [&CallEvent::Notice("Japan fixed: ¥3.60 a minute".into()), &CallEvent::Notice("credit left: ¥96.40".into())]
+    );
+}
+
+#[test]
+fn a_gateway_reports_a_busy_number_as_busy_and_offers_carry_the_number() {
+    let now = Instant::now();
+    let mut caller = Call::dial_number(CallId(9), "alice".into(), media("a"), 1, Some("+81312345678".into()), now, NOW_UNIX);
+    let Some(CallOutput::Send(offer)) = caller.poll_output() else { panic!("an offer") };
+    assert!(matches!(&offer, CallSignal::Offer { dial: Some(number), .. } if number == "+81312345678"));
+    let text = serde_json::to_string(&offer).unwrap();
+    assert_eq!(serde_json::from_str::<CallSignal>(&text).unwrap(), offer);
+    // An offer from a Koe without numbers still reads, as a call to a person.
+    let old = r#"{"type":"offer","call":"00000000000000000000000000000009","media":{"ice_ufrag":"a","ice_pwd":"p","dtls_fingerprint":"f","candidates":[],"ssrc":1},"sent_at_unix":1800000000}"#;
+    assert!(matches!(serde_json::from_str::<CallSignal>(old), Ok(CallSignal::Offer { dial: None, .. })));
+    let mut gateway = Call::incoming(&offer, "gw".into(), false, now, NOW_UNIX).unwrap();
+    while let Some(CallOutput::Send(signal)) = gateway.poll_output() {
+        caller.handle_signal(signal);
+    }
+    gateway.busy().unwrap();
+    while let Some(output) = gateway.poll_output() {
+        if let CallOutput::Send(signal) = output {
+            caller.handle_signal(signal);
+        }
+    }
+    assert_eq!(caller.ended(), Some(&EndReason::Busy));
+}
+
+#[test]
+fn key_presses_reach_the_callee_of_an_answered_call_only() {
+    let mut world = World::dial(1);
+    assert!(world.caller.send_dtmf("1#").is_err(), "not before the answer");
+    world.callee(0).answer(media("gw")).unwrap();
+    world.settle();
+    world.caller.send_dtmf("1#").unwrap();
+    world.settle();
+    assert_eq!(world.callee_events[0].last(), Some(&CallEvent::Dtmf("1#".into())));
+    assert!(world.callee(0).send_dtmf("2").is_err(), "only the caller presses keys for the phone");
 }

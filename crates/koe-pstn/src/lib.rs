@@ -28,5 +28,6 @@ pub mod rates;
 pub mod resample;
 pub mod rtp;
 pub mod sdp;
+pub mod service;
 pub mod skypeout;
 pub mod trunk;

@@ -102,9 +102,14 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// Call a user: rings all their devices; prints ringing, answered, ended and a summary
+    /// Call a user (rings all their devices), or a phone number through the network's PSTN
+    /// gateway (SkypeOut, billed from your credit); prints ringing, answered, ended and a
+    /// summary
     Call {
-        /// Who to call (a username on this network)
+        /// Who to call: a username on this network, or a phone number: +81312345678, quoted
+        /// with spaces or dashes ("+81 3-1234-5678"), or national (090-1234-5678) once
+        /// `koe config set country JP` says where you are
+        #[arg(value_name = "USER|NUMBER")]
         username: String,
         /// A WAV file sent as the microphone, in real time (silence after it ends)
         #[arg(long, value_name = "FILE.wav")]
@@ -146,6 +151,26 @@ pub enum Command {
         #[arg(value_enum, default_value = "on")]
         state: OnOff,
     },
+    /// Press keys in the call in progress, for a phone menu (0-9, *, #, A-D)
+    Dtmf { digits: String },
+    /// The price of calling a phone number, and how long your credit lasts at it
+    Rate {
+        /// +81312345678, "+81 3-1234-5678", or national (090-1234-5678) with a country set
+        number: String,
+    },
+    /// Your credit for calling phone numbers and its recent charges; `koe credit redeem
+    /// CODE` adds a prepaid voucher
+    Credit {
+        #[command(subcommand)]
+        action: Option<CreditCommand>,
+    },
+    /// Show or change your settings
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run a PSTN gateway (SkypeOut) and manage its credit, vouchers and call records
+    /// (operators)
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
     /// Show the call history: incoming, outgoing and missed calls (works without `koe up`)
     Calls {
         /// How many of the latest calls
@@ -164,6 +189,159 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreditCommand {
+    /// Add a prepaid voucher's amount to your credit (each code works once)
+    Redeem { code: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Change a setting: `country` (your home country, e.g. JP, for national phone numbers;
+    /// `none` to unset)
+    Set { key: ConfigKey, value: String },
+    /// Show a setting
+    Get { key: ConfigKey },
+    /// Show every setting
+    Show,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigKey {
+    /// Your home country (ISO 3166 code: JP, US, GB, DE…) for phone numbers in national format
+    Country,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Serve the PSTN gateway until interrupted: calls to phone numbers from Koe users are
+    /// rated, admitted against their credit, bridged to the SIP trunks and billed. The
+    /// profile (--home) must be logged in as a service account with the gateway role
+    /// (`koe auth add-service-account NAME --role gateway`, then `koe login NAME`). SIGHUP
+    /// reloads the rate file
+    Serve(GatewayServeArgs),
+    /// Manage users' credit: add a top-up, or a correction with its reason
+    #[command(subcommand)]
+    Credit(GatewayCreditCommand),
+    /// Prepaid vouchers
+    #[command(subcommand)]
+    Voucher(VoucherCommand),
+    /// Export call detail records as CSV
+    Cdr(CdrArgs),
+}
+
+/// The gateway's ledger: the same for serving and for the operator's commands.
+#[derive(Debug, Clone, Args)]
+pub struct LedgerArgs {
+    /// The ledger database: sqlite:PATH or postgres://USER:PASS@HOST/DB (several gateways
+    /// may share one PostgreSQL ledger) [default: sqlite:HOME/ledger.db]
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+    /// How long a write waits for a locked SQLite ledger before giving up
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub db_busy_timeout: Duration,
+    /// The currency of amounts (ISO 4217)
+    #[arg(long, value_name = "CODE", default_value = "JPY")]
+    pub currency: String,
+    /// The smallest unit a call's total is rounded up to
+    #[arg(long, value_name = "AMOUNT", default_value = "0.01")]
+    pub billed_unit: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayServeArgs {
+    /// The network file [default: the one saved in the profile]
+    #[arg(long, value_name = "FILE")]
+    pub network: Option<PathBuf>,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    /// A rate table (CSV: prefix,destination,price_per_minute,increment,connection_fee)
+    /// [default: the built-in SkypeOut prices]
+    #[arg(long, value_name = "FILE")]
+    pub rates: Option<PathBuf>,
+    /// A SIP trunk, tried in the order given: sip:USER:PASSWORD@HOST[:PORT][;transport=udp|tcp|tls]
+    #[arg(long = "trunk", value_name = "URI", required = true)]
+    pub trunks: Vec<String>,
+    /// Where the SIP endpoint listens (UDP; TCP and TLS connect from its IP)
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:5060")]
+    pub sip_listen: SocketAddr,
+    /// The address carriers should see, when the gateway is behind a NAT
+    #[arg(long, value_name = "ADDR")]
+    pub sip_external: Option<SocketAddr>,
+    /// PEM certificates to trust for TLS trunks [default: /etc/ssl/certs/ca-certificates.crt]
+    #[arg(long, value_name = "FILE")]
+    pub tls_roots: Option<PathBuf>,
+    /// The caller ID presented to the phone network
+    #[arg(long, value_name = "NUMBER", default_value = "anonymous")]
+    pub caller_id: String,
+    /// Phone calls one user may have in progress at once
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub max_calls_per_user: u32,
+    /// The most one call may cost, whatever the credit
+    #[arg(long, value_name = "AMOUNT")]
+    pub max_cost_per_call: Option<String>,
+    /// Never call numbers starting with these digits (E.164, repeatable)
+    #[arg(long = "block-prefix", value_name = "DIGITS")]
+    pub blocked_prefixes: Vec<String>,
+    /// A call whose carrier sends no audio this long is over
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub rtp_timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GatewayCreditCommand {
+    /// Add credit to a user's account (a top-up)
+    Add {
+        username: String,
+        /// In the currency's units: 1000, 12.50
+        amount: String,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
+    /// A correction or refund with its reason; never an edit of history. A negative amount
+    /// takes credit back
+    Adjust {
+        username: String,
+        #[arg(allow_hyphen_values = true)]
+        amount: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
+    /// Show a user's balance and recent entries
+    Show {
+        username: String,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VoucherCommand {
+    /// Create prepaid vouchers and print their codes (only their hashes are stored)
+    Create {
+        /// What each is worth, in the currency's units
+        amount: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CdrArgs {
+    /// Only calls started at or after this date (YYYY-MM-DD, UTC) or Unix time in seconds
+    #[arg(long, value_name = "DATE")]
+    pub since: Option<String>,
+    /// Only this user's calls
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
 }
 
 #[derive(Debug, Args)]

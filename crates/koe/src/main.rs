@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod daemon;
 mod duration;
+mod gateway;
 mod profile;
 #[cfg(feature = "audio-device")]
 mod sound;
@@ -25,11 +26,13 @@ fn main() -> ExitCode {
     let quiet = matches!(cli.command, cli::Command::Demo(_));
     // The STUN/TURN protocol crates log every refused request (a client's first, unauthenticated
     // one is refused by design) as an error; the relay node reports what matters itself.
+    // rsipstack logs whole SIP messages, trunk credentials (Authorization) included, at INFO
+    // and below: never shown.
     let default_level = match cli.verbose {
-        0 if quiet => "error,stun_proto=off,turn_server_proto=off",
-        0 => "warn,koe=info,koe_auth=info,stun_proto=off,turn_server_proto=off",
-        1 => "info,stun_proto=warn,turn_server_proto=warn",
-        _ => "debug",
+        0 if quiet => "error,stun_proto=off,turn_server_proto=off,rsipstack=off",
+        0 => "warn,koe=info,koe_auth=info,koe_pstn=info,stun_proto=off,turn_server_proto=off,rsipstack=warn",
+        1 => "info,stun_proto=warn,turn_server_proto=warn,rsipstack=warn",
+        _ => "debug,rsipstack=warn",
     };
     let filter = || EnvFilter::try_from_env("KOE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     // The client runs in the background of the user's shell: it says on stderr only what the

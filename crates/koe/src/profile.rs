@@ -19,6 +19,18 @@ use koe_wire::Codec;
 const DEVICE_KEY_FILE: &str = "device.key";
 const NETWORK_FILE: &str = "network.toml";
 const CERTIFICATE_FILE: &str = "certificate";
+/// The user's settings (`koe config`): TOML, every key optional.
+const CONFIG_FILE: &str = "config.toml";
+
+/// What `koe config set` changes. Every field is optional; the default is said beside it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The home country (ISO 3166 alpha-2, e.g. JP), for phone numbers dialled in national
+    /// format (`090-1234-5678`) [default: none; numbers must start with +].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -154,6 +166,30 @@ impl Profile {
         let text = format!("{}\n", STANDARD.encode(certificate.to_bytes()));
         replace_private_file(&self.home.join(CERTIFICATE_FILE), text.as_bytes())?;
         Ok(())
+    }
+
+    /// The user's settings; defaults when there is no file yet.
+    pub fn config(&self) -> Result<UserConfig> {
+        let path = self.home.join(CONFIG_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("{} is not a valid Koe config file", path.display())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(UserConfig::default()),
+            Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    pub fn save_config(&self, config: &UserConfig) -> Result<()> {
+        let text = toml::to_string(config).context("cannot write the config")?;
+        replace_private_file(&self.home.join(CONFIG_FILE), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// The home country set with `koe config set country`, checked.
+    pub fn home_country(&self) -> Result<Option<koe_pstn::number::HomeCountry>> {
+        self.config()?
+            .country
+            .map(|code| koe_pstn::number::HomeCountry::parse(&code).map_err(|error| anyhow::anyhow!("the configured country: {error}")))
+            .transpose()
     }
 
     /// Removes the certificate; returns whether there was one.

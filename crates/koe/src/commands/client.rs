@@ -46,7 +46,7 @@ pub async fn up(profile: Profile, args: UpArgs) -> Result<()> {
     }
     let auto_answer =
         args.auto_answer.then(|| daemon::calls::AutoAnswer { play: args.play.clone(), record: args.record.clone(), echo: None });
-    let options = DaemonOptions { status, preferred_supernodes: preferred, promotion, auto_answer, relay_only: args.relay_only, notices_on_stderr: true };
+    let options = DaemonOptions { status, preferred_supernodes: preferred, promotion, auto_answer, relay_only: args.relay_only, notices_on_stderr: true, gateway: None };
     let result = daemon::run(profile, options, shutdown_signal()).await;
     if let Some((stop, task)) = supernode {
         let _ = stop.send(());
@@ -202,6 +202,7 @@ pub async fn echo_bot(profile: Profile, listen: std::time::Duration) -> Result<(
         auto_answer: Some(auto_answer),
         relay_only: false,
         notices_on_stderr: true,
+        gateway: None,
     };
     daemon::run(profile, options, shutdown_signal()).await
 }

@@ -388,6 +388,7 @@ impl DemoClient {
             auto_answer,
             relay_only,
             notices_on_stderr: false,
+            gateway: None,
         };
         let task = tokio::spawn(daemon::run(user.profile.clone(), options, async {
             let _ = stopped.await;

@@ -45,6 +45,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Chat { username, text } => client::control(&profile()?, Request::Chat { username, text: text.join(" ") }).await,
         Command::Messages { username, limit } => client::control(&profile()?, Request::Messages { username, limit }).await,
         Command::Call { username, play, record, duration, hang_up_when_played } => {
+            let profile = profile()?;
+            let username = dialled(&profile, &username)?;
             let request = Request::Call {
                 username,
                 play: absolute(play)?,
@@ -52,8 +54,18 @@ pub async fn run(cli: Cli) -> Result<()> {
                 duration_ms: duration.map(|d| d.as_millis() as u64),
                 hang_up_when_played,
             };
-            client::control(&profile()?, request).await
+            client::control(&profile, request).await
         }
+        Command::Dtmf { digits } => client::control(&profile()?, Request::Dtmf { digits }).await,
+        Command::Rate { number } => {
+            let profile = profile()?;
+            let number = dialled(&profile, &number)?;
+            client::control(&profile, Request::Rate { number }).await
+        }
+        Command::Credit { action: None } => client::control(&profile()?, Request::Credit).await,
+        Command::Credit { action: Some(crate::cli::CreditCommand::Redeem { code }) } => client::control(&profile()?, Request::Redeem { code }).await,
+        Command::Config(command) => config(&profile()?, command),
+        Command::Gateway(command) => crate::gateway::run(home, command, shutdown_signal()).await,
         Command::Hangup => client::control(&profile()?, Request::Hangup).await,
         Command::Block { username } => client::control(&profile()?, Request::Block { username }).await,
         Command::Unblock { username } => client::control(&profile()?, Request::Unblock { username }).await,
@@ -68,6 +80,46 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::EchoBot { listen } => client::echo_bot(profile()?, listen).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "koe", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+/// What `koe call` and `koe rate` were given: a username stays as it is; a phone number (it
+/// starts with + or a digit) becomes E.164, national numbers by the configured home country.
+/// Emergency and short numbers are refused here, before anything leaves the device.
+fn dialled(profile: &Profile, target: &str) -> Result<String> {
+    let looks_like_a_number = target.trim_start().starts_with(|c: char| c == '+' || c == '(' || c.is_ascii_digit());
+    if !looks_like_a_number {
+        return Ok(target.to_string());
+    }
+    let country = profile.home_country()?;
+    let number = koe_pstn::number::parse_dialled(target, country.as_ref())?;
+    Ok(number.to_string())
+}
+
+/// `koe config`.
+fn config(profile: &Profile, command: crate::cli::ConfigCommand) -> Result<()> {
+    use crate::cli::{ConfigCommand, ConfigKey};
+    let mut config = profile.config()?;
+    match command {
+        ConfigCommand::Set { key: ConfigKey::Country, value } => {
+            if value.eq_ignore_ascii_case("none") {
+                config.country = None;
+                println!("country unset: phone numbers must start with +");
+            } else {
+                let country = koe_pstn::number::HomeCountry::parse(&value)?;
+                config.country = Some(country.alpha2().to_string());
+                println!("country: {} ({}, +{}); national numbers like 0… are dialled from there", country.alpha2(), country.name(), country.calling_code());
+            }
+            profile.save_config(&config)
+        }
+        ConfigCommand::Get { key: ConfigKey::Country } => {
+            println!("{}", config.country.as_deref().unwrap_or("none"));
+            Ok(())
+        }
+        ConfigCommand::Show => {
+            println!("country = {}", config.country.as_deref().unwrap_or("none"));
             Ok(())
         }
     }

@@ -71,9 +71,36 @@ pub fn response(me: Option<&str>, response: &Response) -> Result<String, String>
         Response::HungUp => "hung up".into(),
         Response::Muted { on: true } => "muted: the other side hears silence (koe mute off to undo)".into(),
         Response::Muted { on: false } => "unmuted".into(),
+        Response::DtmfSent { digits } => format!("pressed {digits}"),
+        Response::Quote(quote) => format!("{}: {}\n{}", quote.number, quote.price_text(), quote.credit_text()),
+        Response::Credit(credit) => credit_text(credit),
+        Response::Redeemed { amount, balance, currency } => {
+            format!("voucher redeemed: {} added; your credit is now {}", amount.display(currency), balance.display(currency))
+        }
         Response::Stopping => "stopping".into(),
         Response::Failed(error) => return Err(error.to_string()),
     })
+}
+
+/// `koe credit`: the balance, what calls in progress hold, and the latest entries.
+fn credit_text(credit: &koe_pstn::service::CreditView) -> String {
+    let currency = &credit.currency;
+    let mut out = format!("credit: {}", credit.balance.display(currency));
+    if credit.held.is_positive() {
+        let _ = write!(out, " ({} held by calls in progress)", credit.held.display(currency));
+    }
+    out.push('\n');
+    if credit.recent.is_empty() {
+        out.push_str("no charges yet\n");
+    }
+    for charge in &credit.recent {
+        let amount = koe_pstn::money::Amount::from_micros(charge.amount.saturating_abs());
+        let sign = if charge.amount < 0 { "-" } else { "+" };
+        let at = UnixTime(u64::try_from(charge.at_ms / 1000).unwrap_or(0));
+        let signed = format!("{sign}{}", amount.display(currency));
+        let _ = writeln!(out, "  {at}  {signed:>13}  {}", charge.memo);
+    }
+    out
 }
 
 fn delivered(to: &str, devices: usize) -> String {

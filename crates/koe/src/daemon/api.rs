@@ -87,6 +87,14 @@ pub enum Request {
     Decline,
     /// Silences (or, with `on: false`, unsilences) the microphone of the call in progress.
     Mute { on: bool },
+    /// Key presses in the call in progress (for a phone menu through a gateway).
+    Dtmf { digits: String },
+    /// The price of calling `number` (E.164) from a gateway of the network.
+    Rate { number: String },
+    /// The user's credit at the network's gateways, with recent charges.
+    Credit,
+    /// Redeems a prepaid voucher at a gateway.
+    Redeem { code: String },
     /// The call history, newest last.
     Calls { limit: usize },
     /// Nothing from this user reaches you; they cannot leave offline messages.
@@ -240,6 +248,13 @@ pub enum Response {
     BlockList { blocked: Vec<String> },
     HungUp,
     Muted { on: bool },
+    DtmfSent { digits: String },
+    /// A gateway's price for a number.
+    Quote(koe_pstn::service::Quote),
+    /// A gateway's view of the user's credit.
+    Credit(koe_pstn::service::CreditView),
+    /// A voucher redeemed: its amount and the new balance.
+    Redeemed { amount: koe_pstn::money::Amount, balance: koe_pstn::money::Amount, currency: koe_pstn::money::Currency },
     Stopping,
     Failed(ApiError),
 }
@@ -285,6 +300,11 @@ pub enum ApiError {
     Busy,
     #[error("not logged in: koe login USER")]
     NotLoggedIn,
+    #[error("no PSTN gateway of this network is online: phone numbers cannot be called just now")]
+    NoGateway,
+    /// A gateway refused, in its words.
+    #[error("{reason}")]
+    GatewayRefused { reason: String },
     #[error("{reason}")]
     Failed { reason: String },
 }

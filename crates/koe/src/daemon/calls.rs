@@ -98,8 +98,8 @@ pub enum Decision {
 }
 
 /// The lines of one call: kept for the end and sent to `progress` as they happen.
-struct CallLog {
-    text: String,
+pub(super) struct CallLog {
+    pub(super) text: String,
     progress: Progress,
     /// When the call began here (dialled, or the offer arrived).
     began: Instant,
@@ -110,11 +110,11 @@ struct CallLog {
 }
 
 impl CallLog {
-    fn new(progress: Progress) -> Self {
+    pub(super) fn new(progress: Progress) -> Self {
         Self { text: String::new(), progress, began: Instant::now(), ended: None, hanging_up_because: None }
     }
 
-    fn line(&mut self, line: impl Into<String>) {
+    pub(super) fn line(&mut self, line: impl Into<String>) {
         let line = line.into();
         self.live(line.clone());
         self.text.push_str(&line);
@@ -130,7 +130,7 @@ impl CallLog {
 }
 
 /// A call's hold on the device: its signals, and the order to hang up.
-type CallSlot = (mpsc::Receiver<CallSignal>, oneshot::Receiver<()>);
+pub(super) type CallSlot = (mpsc::Receiver<CallSignal>, oneshot::Receiver<()>);
 
 /// The calls of this device, by id: where their signals go, and how to hang them up.
 #[derive(Debug, Default)]
@@ -142,22 +142,26 @@ pub struct Calls {
     ringing: Mutex<Vec<(CallId, Username, mpsc::Sender<Decision>)>>,
     /// Calls whose media runs, with their mute switch and live statistics.
     talking: Mutex<HashMap<CallId, MediaControls>>,
+    /// Answered calls this device placed, with where `koe dtmf`'s key presses go.
+    keys: Mutex<HashMap<CallId, mpsc::UnboundedSender<String>>>,
     pub auto_answer: Option<AutoAnswer>,
+    /// A gateway carries many calls at once; a person's device one.
+    many_at_once: bool,
 }
 
 impl Calls {
-    pub fn new(auto_answer: Option<AutoAnswer>) -> Self {
-        Self { auto_answer, ..Self::default() }
+    pub fn new(auto_answer: Option<AutoAnswer>, many_at_once: bool) -> Self {
+        Self { auto_answer, many_at_once, ..Self::default() }
     }
 
     /// Takes this device's one call slot for call `id` with `peer`, unless another call holds
     /// it (busy: `None`). The check and the taking are one step under one lock: two offers
     /// arriving together, or an offer while a call is being dialled, cannot both pass.
-    fn reserve(&self, id: CallId, peer: &Username) -> Option<CallSlot> {
+    pub(super) fn reserve(&self, id: CallId, peer: &Username) -> Option<CallSlot> {
         let (signal_tx, signal_rx) = mpsc::channel(16);
         let (hangup_tx, hangup_rx) = oneshot::channel();
         let mut signals = self.signals.lock().ok()?;
-        if !signals.is_empty() {
+        if !signals.is_empty() && !self.many_at_once {
             return None;
         }
         signals.insert(id, (peer.clone(), signal_tx));
@@ -167,7 +171,7 @@ impl Calls {
         Some((signal_rx, hangup_rx))
     }
 
-    fn forget(&self, id: CallId) {
+    pub(super) fn forget(&self, id: CallId) {
         if let Ok(mut signals) = self.signals.lock() {
             signals.remove(&id);
         }
@@ -177,6 +181,15 @@ impl Calls {
         if let Ok(mut talking) = self.talking.lock() {
             talking.remove(&id);
         }
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.remove(&id);
+        }
+    }
+
+    /// `koe dtmf`: key presses for every answered call this device placed; says how many.
+    pub fn press(&self, digits: &str) -> usize {
+        let Ok(keys) = self.keys.lock() else { return 0 };
+        keys.values().filter(|keys| keys.send(digits.to_string()).is_ok()).count()
     }
 
     /// `koe mute` / `koe mute off`: for every call in progress; says how many there are.
@@ -210,10 +223,21 @@ impl Calls {
 
 /// A signal from `from` arrived in an envelope.
 pub fn on_signal(state: &Arc<DaemonState>, from: Username, signal: CallSignal) {
-    if let CallSignal::Offer { call, .. } = &signal {
+    if let CallSignal::Offer { call, dial, .. } = &signal {
         let slot = state.calls.reserve(*call, &from);
         let state = Arc::clone(state);
-        tokio::spawn(async move { answer_incoming(state, from, signal, slot).await });
+        match (dial.clone(), state.gateway.clone()) {
+            (Some(number), Some(gateway)) => {
+                tokio::spawn(async move { super::pstn::answer_skypeout(state, gateway, from, signal, number, slot).await });
+            }
+            (None, None) => {
+                tokio::spawn(async move { answer_incoming(state, from, signal, slot).await });
+            }
+            (_, gateway) => {
+                let reason = if gateway.is_some() { "this is a phone gateway: call a phone number" } else { "this user is not a phone gateway" };
+                tokio::spawn(async move { super::pstn::refuse(state, from, signal, slot, reason).await });
+            }
+        }
         return;
     }
     let sender = state.calls.signals.lock().ok().and_then(|s| s.get(&signal.call()).cloned());
@@ -243,10 +267,10 @@ const RELAY_GATHER: Duration = Duration::from_millis(1500);
 
 /// A call's network side before it starts: the media socket, the session with its candidates,
 /// and the streams to relay nodes reached over TCP or TLS.
-struct CallNetwork {
-    socket: UdpSocket,
-    session: MediaSession,
-    streams: RelayStreams,
+pub(super) struct CallNetwork {
+    pub(super) socket: UdpSocket,
+    pub(super) session: MediaSession,
+    pub(super) streams: RelayStreams,
 }
 
 impl CallNetwork {
@@ -263,7 +287,7 @@ impl CallNetwork {
 /// an HTTP proxy. If the responder does not answer at all, UDP is probably blocked here, and
 /// `log` says so. Behind a NAT, the relay node is asked too, to learn how the NAT maps (for port
 /// guessing). With `--relay-only` only relayed candidates are offered.
-async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetwork, String> {
+pub(super) async fn media_socket(state: &DaemonState, log: &mut CallLog) -> Result<CallNetwork, String> {
     let parent = parent_address(state).await;
     let local_ip = parent
         .and_then(|parent| {
@@ -518,7 +542,7 @@ async fn send(state: &DaemonState, to: &Username, signal: CallSignal) -> Deliver
 
 /// Carries out what the call wants: signals to the other user, events into `log`. Returns
 /// the answer when there is one.
-async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut CallLog) -> Option<(String, koe_media::MediaDescription)> {
+pub(super) async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut CallLog) -> Option<(String, koe_media::MediaDescription)> {
     let mut answered = None;
     while let Some(output) = call.poll_output() {
         match output {
@@ -532,7 +556,8 @@ async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut Ca
                 let after = log.began.elapsed();
                 log.line(format!("ringing ({} ms after dialling)", after.as_millis()));
             }
-            CallOutput::Event(CallEvent::Incoming) => {}
+            CallOutput::Event(CallEvent::Incoming | CallEvent::Dtmf(_)) => {}
+            CallOutput::Event(CallEvent::Notice(text)) => log.line(text),
             CallOutput::Event(CallEvent::Answered { device, remote_media }) => {
                 log.line(format!("answered (device {device})"));
                 answered = Some((device, remote_media));
@@ -551,7 +576,7 @@ async fn drain(state: &DaemonState, to: &Username, call: &mut Call, log: &mut Ca
 }
 
 /// Writes the call into the history: who, when, how long, why it ended, path and quality.
-fn remember(state: &DaemonState, id: CallId, peer: &Username, incoming: bool, started_at: UnixTime, log: &CallLog, media: Option<&MediaStats>) {
+pub(super) fn remember(state: &DaemonState, id: CallId, peer: &Username, incoming: bool, started_at: UnixTime, log: &CallLog, media: Option<&MediaStats>) {
     let record = CallRecord {
         call_id: format!("{:032x}", id.0),
         peer: peer.to_string(),
@@ -572,10 +597,16 @@ fn remember(state: &DaemonState, id: CallId, peer: &Username, incoming: bool, st
     }
 }
 
+/// How long a call to a phone number waits, after its end, for the gateway's bill.
+const BILL_WAIT: Duration = Duration::from_secs(5);
+
 /// `koe call USER`: rings every device, waits for the answer, talks, hangs up; returns the log.
+/// With `dial`, `to` is a gateway and `dial` the phone number it calls.
+#[allow(clippy::too_many_arguments)]
 pub async fn place(
     state: Arc<DaemonState>,
     to: Username,
+    dial: Option<String>,
     play: Option<PathBuf>,
     record: Option<PathBuf>,
     limit: TalkLimit,
@@ -594,7 +625,7 @@ pub async fn place(
             return Err(error);
         }
     }
-    let result = dial(&state, &to, id, play, record, limit, progress, &mut signals, hangup).await;
+    let result = dial_call(&state, &to, id, dial, play, record, limit, progress, &mut signals, hangup).await;
     // Free for the next call before the history is written (a redial must not find it busy).
     state.calls.forget(id);
     result
@@ -602,10 +633,11 @@ pub async fn place(
 
 /// The call `place` reserved the device for: find the callee, ring, talk.
 #[allow(clippy::too_many_arguments)]
-async fn dial(
+async fn dial_call(
     state: &Arc<DaemonState>,
     to: &Username,
     id: CallId,
+    number: Option<String>,
     play: Option<PathBuf>,
     record: Option<PathBuf>,
     limit: TalkLimit,
@@ -638,8 +670,11 @@ async fn dial(
     };
     let CallNetwork { socket, mut session, streams } = media;
     let (dialed, started_at) = (Instant::now(), UnixTime::now());
-    log.line(format!("calling {to} ({devices} device(s) online)…"));
-    let mut call = Call::dial(id, state.device.clone(), session.local_description(), devices, dialed, started_at.as_secs());
+    match &number {
+        Some(number) => log.line(format!("calling {number} through the gateway {to}…")),
+        None => log.line(format!("calling {to} ({devices} device(s) online)…")),
+    }
+    let mut call = Call::dial_number(id, state.device.clone(), session.local_description(), devices, number.clone(), dialed, started_at.as_secs());
     tokio::pin!(hangup);
     let answered = loop {
         if let Some(answer) = drain(state, to, &mut call, &mut log).await {
@@ -664,7 +699,11 @@ async fn dial(
                 _ => None,
             };
             let media = Media { session, socket, streams, remote: remote_media, caller: true, sound, record: record.clone(), talk };
-            talk_until_done(state, to, id, &mut call, media, signals, hangup, &mut log).await.map(Some).map_err(ApiError::from)
+            let talked = talk_until_done(state, to, id, &mut call, media, signals, hangup, &mut log).await.map(Some).map_err(ApiError::from);
+            if number.is_some() {
+                wait_for_bill(state, to, &mut call, signals, &mut log).await;
+            }
+            talked
         }
         None => {
             driver::release_relays(&mut session, &socket);
@@ -675,6 +714,19 @@ async fn dial(
     state.calls.forget(id);
     remember(state, id, to, false, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
     result.map(|_| log.text)
+}
+
+/// After a call to a phone number: the gateway's bill comes once its ledger has posted it.
+async fn wait_for_bill(state: &DaemonState, to: &Username, call: &mut Call, signals: &mut mpsc::Receiver<CallSignal>, log: &mut CallLog) {
+    let deadline = tokio::time::Instant::now() + BILL_WAIT;
+    while let Ok(Some(signal)) = tokio::time::timeout_at(deadline, signals.recv()).await {
+        let bill = matches!(signal, CallSignal::Notice { .. });
+        call.handle_signal(signal);
+        drain(state, to, call, log).await;
+        if bill {
+            return;
+        }
+    }
 }
 
 /// The media side of an answered call: what to start it with.
@@ -715,6 +767,13 @@ async fn talk_until_done(
     if let Ok(mut talking) = state.calls.talking.lock() {
         talking.insert(id, controls.clone());
     }
+    // `koe dtmf` reaches the calls this device placed (a gateway plays the keys to the phone).
+    let (keys_tx, mut keys) = mpsc::unbounded_channel::<String>();
+    if caller {
+        if let Ok(mut all) = state.calls.keys.lock() {
+            all.insert(id, keys_tx);
+        }
+    }
     let (stop_media, media_stopped) = oneshot::channel::<()>();
     let mut media = tokio::spawn(driver::run(session, socket, streams, audio, controls.clone(), async move {
         let _ = media_stopped.await;
@@ -734,6 +793,11 @@ async fn talk_until_done(
                 break joined.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
             }
             Some(signal) = signals.recv() => call.handle_signal(signal),
+            Some(digits) = keys.recv() => {
+                if let Err(error) = call.send_dtmf(digits) {
+                    warn!(error, "key presses not sent");
+                }
+            }
             () = &mut talk_over, if stop_media.is_some() => {
                 log.hanging_up_because = talk.and_then(|(_, because)| because);
                 call.hang_up();
@@ -997,7 +1061,7 @@ mod tests {
 
     #[test]
     fn a_device_has_one_call_slot_taken_atomically() {
-        let calls = Calls::new(None);
+        let calls = Calls::new(None, false);
         let (alice, carol) = (Username::parse_existing("alice").unwrap_or_else(|e| panic!("{e}")), Username::parse_existing("carol").unwrap_or_else(|e| panic!("{e}")));
         let first = calls.reserve(CallId(1), &alice);
         assert!(first.is_some());

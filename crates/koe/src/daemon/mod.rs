@@ -8,6 +8,7 @@ pub mod calls;
 pub mod control;
 mod desktop;
 pub mod history;
+mod pstn;
 pub mod requests;
 mod signed_out;
 
@@ -60,13 +61,18 @@ pub enum Payload {
     MissedCall { at: u64 },
     /// Messages that waited in a mailbox have reached the recipient (their ids).
     Receipt { ids: Vec<String> },
+    /// A user asks a PSTN gateway something (a price, their credit); answered with a
+    /// `PstnResponse` of the same id.
+    PstnRequest { id: String, request: koe_pstn::service::PstnRequest },
+    /// A gateway's answer; taken only from a certificate with the gateway role.
+    PstnResponse { id: String, response: koe_pstn::service::PstnResponse },
 }
 
 impl Payload {
     /// Whether it waits in the recipient's mailbox when no device of theirs is online. Call
     /// signals do not: a call is now or never (a missed call is left instead).
     fn waits_for_recipient(&self) -> bool {
-        !matches!(self, Self::Call { .. })
+        !matches!(self, Self::Call { .. } | Self::PstnRequest { .. } | Self::PstnResponse { .. })
     }
 }
 
@@ -78,6 +84,8 @@ pub enum Received {
     CallSignal(Username, koe_call::CallSignal),
     /// A chat message that waited in a mailbox: tell its sender it arrived.
     Receipt(Username, String),
+    /// A user asks this gateway something.
+    PstnRequest(Username, String, koe_pstn::service::PstnRequest),
 }
 
 /// Shared by the control connections and the event loop.
@@ -108,6 +116,10 @@ pub struct DaemonState {
     events: tokio::sync::broadcast::Sender<Event>,
     /// Say what the user must know on stderr (not in the demo, which narrates).
     notices_on_stderr: bool,
+    /// This daemon is a PSTN gateway (`koe gateway serve`).
+    gateway: Option<Arc<crate::gateway::GatewayService>>,
+    /// Questions asked of the gateways, by id: where the first answer goes.
+    pstn_waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<(Username, koe_pstn::service::PstnResponse)>>>,
 }
 
 /// Whether the daemon reaches the network, as last told to the user.
@@ -187,8 +199,14 @@ impl DaemonState {
         }
         let payload: Payload =
             serde_json::from_slice(&envelope.payload).map_err(|e| format!("unreadable message: {e}"))?;
+        let from_gateway = envelope.sender.role() == koe_types::Role::Gateway;
         let mut then = Received::Nothing;
         let (result, event) = match payload {
+            // Prices and bills count only from the network's gateways.
+            Payload::Call { signal: koe_call::CallSignal::Notice { .. } } if !from_gateway => {
+                warn!(%from, "{from} sent call notices (prices, bills) but is not a gateway of this network: ignored");
+                (Ok(()), None)
+            }
             Payload::Call { signal } if !from_mailbox => return Ok(Received::CallSignal(from, signal)),
             Payload::Call { .. } => (Ok(()), None),
             Payload::Chat { text, id } => {
@@ -227,6 +245,18 @@ impl DaemonState {
                 (history.add_call(&record), Some(Event::MissedCall { from: name, at }))
             }
             Payload::Receipt { ids } => (history.delivered(&name, &ids).map(drop), None),
+            Payload::PstnRequest { id, request } if self.gateway.is_some() && !from_mailbox => {
+                return Ok(Received::PstnRequest(from, id, request));
+            }
+            Payload::PstnRequest { .. } => (Ok(()), None),
+            Payload::PstnResponse { id, response } => {
+                if from_gateway {
+                    self.pstn_answered(id, from, response);
+                } else {
+                    warn!(%from, "{from} sent prices or a balance but is not a gateway of this network: ignored");
+                }
+                (Ok(()), None)
+            }
         };
         result.map_err(|e| e.to_string())?;
         if let Some(event) = event {
@@ -277,6 +307,8 @@ pub struct DaemonOptions {
     pub promotion: Option<Promotion>,
     /// `--auto-answer`: answer every call at once.
     pub auto_answer: Option<calls::AutoAnswer>,
+    /// Serve as a PSTN gateway: answer calls to phone numbers and users' price questions.
+    pub gateway: Option<Arc<crate::gateway::GatewayService>>,
     /// Calls go only through relay nodes: the other side never learns this device's address.
     pub relay_only: bool,
     /// Say on stderr that the client is online, or why it is not.
@@ -396,7 +428,7 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         contact_presence: Mutex::new(HashMap::new()),
         serving: Mutex::new(None),
         device,
-        calls: calls::Calls::new(options.auto_answer),
+        calls: calls::Calls::new(options.auto_answer, options.gateway.is_some()),
         relay_only: options.relay_only,
         udp_blocked: std::sync::atomic::AtomicBool::new(false),
         told: Mutex::new(Told::Starting),
@@ -404,6 +436,8 @@ pub async fn run(profile: Profile, options: DaemonOptions, shutdown: impl std::f
         stopping: tokio::sync::watch::channel(false).0,
         events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
         notices_on_stderr: options.notices_on_stderr,
+        gateway: options.gateway,
+        pstn_waiting: Mutex::new(HashMap::new()),
     });
     let desktop_task = tokio::spawn(desktop::show(state.events.subscribe()));
     let promotion_task = options
@@ -495,6 +529,7 @@ fn handle_event(state: &Arc<DaemonState>, event: ClientEvent) {
                 let _ = ack.send(Ok(()));
                 match then {
                     Received::CallSignal(from, signal) => calls::on_signal(state, from, signal),
+                    Received::PstnRequest(from, id, request) => pstn::answer_request(state, from, id, request),
                     Received::Receipt(to, id) => {
                         let state = Arc::clone(state);
                         tokio::spawn(async move { state.send(&to, &Payload::Receipt { ids: vec![id] }).await });

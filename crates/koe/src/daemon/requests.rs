@@ -116,11 +116,39 @@ async fn dispatch(state: &Arc<DaemonState>, request: Request, progress: Progress
         Request::ContactsList => contacts(state).await,
         Request::Calls { limit } => call_history(&*state.history()?, limit),
         Request::Call { username, play, record, duration_ms, hang_up_when_played } => {
-            let to = user(&username)?;
             let limit = calls::TalkLimit::of(duration_ms.map(Duration::from_millis), hang_up_when_played);
-            calls::place(Arc::clone(state), to, play.map(Into::into), record.map(Into::into), limit, Some(progress)).await?;
+            let (play, record) = (play.map(Into::into), record.map(Into::into));
+            // A phone number (the CLI has made it E.164) goes through a gateway.
+            if username.starts_with('+') {
+                let number = koe_pstn::number::E164::parse_canonical(&username).map_err(|e| ApiError::invalid(e.to_string()))?;
+                super::pstn::call_number(Arc::clone(state), number.to_string(), play, record, limit, Some(progress)).await?;
+            } else {
+                calls::place(Arc::clone(state), user(&username)?, None, play, record, limit, Some(progress)).await?;
+            }
             Ok(Response::CallEnded)
         }
+        Request::Dtmf { digits } => {
+            koe_pstn::dtmf::parse_digits(&digits).map_err(|e| ApiError::invalid(e.to_string()))?;
+            match state.calls.press(&digits) {
+                0 => Err(ApiError::NoCallInProgress),
+                _ => Ok(Response::DtmfSent { digits }),
+            }
+        }
+        Request::Rate { number } => {
+            let number = koe_pstn::number::E164::parse_canonical(&number).map_err(|e| ApiError::invalid(e.to_string()))?;
+            match super::pstn::ask(state, koe_pstn::service::PstnRequest::Rate { number: number.to_string() }).await? {
+                koe_pstn::service::PstnResponse::Rate(quote) => Ok(Response::Quote(quote)),
+                _ => Err(ApiError::failed("the gateway answered something else than a price")),
+            }
+        }
+        Request::Credit => match super::pstn::ask(state, koe_pstn::service::PstnRequest::Credit).await? {
+            koe_pstn::service::PstnResponse::Credit(view) => Ok(Response::Credit(view)),
+            _ => Err(ApiError::failed("the gateway answered something else than your credit")),
+        },
+        Request::Redeem { code } => match super::pstn::ask(state, koe_pstn::service::PstnRequest::Redeem { code }).await? {
+            koe_pstn::service::PstnResponse::Redeemed { amount, balance, currency } => Ok(Response::Redeemed { amount, balance, currency }),
+            _ => Err(ApiError::failed("the gateway answered something else than the voucher")),
+        },
         Request::Answer { play, record } => answer(state, play, record, progress).await,
         Request::Decline => Ok(Response::Declined { from: state.calls.decide(calls::Decision::Decline).await?.to_string() }),
         Request::Hangup => match state.calls.hang_up_all() {
