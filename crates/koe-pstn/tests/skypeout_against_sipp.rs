@@ -401,3 +401,18 @@ async fn key_presses_go_out_as_rfc_4733_events() {
     let digits: String = heard.report.digits_from_phone.iter().map(|d| d.as_char()).collect();
     assert_eq!(digits, "1#9*");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_unusable_sdp_is_hung_up_at_once_and_costs_nothing() {
+    if !sipp_available() {
+        return;
+    }
+    let carrier = Carrier::start("bad_sdp.xml", &[]);
+    let setup = Setup::new(vec![carrier.trunk("")], "100").await;
+    let heard = place(&setup.gateway, Caller { talk: None, keys: None }).await;
+    // The Koe call is never answered: the caller hears that the call was lost.
+    assert_eq!(heard.last(), Some(&KoeAction::Reject(CallFailure::Lost)), "{:?}", heard.actions);
+    assert!(heard.answered_at().is_none());
+    assert_eq!(heard.report.end, CallEnd::Failed);
+    assert_eq!(setup.balance().await, yen("100"), "a call nobody could hear is not billed");
+}

@@ -86,6 +86,10 @@ fn alice_calls_a_phone_number_with_voucher_credit_and_is_billed_exactly() {
     let _alice_up = KoeProcess::up(alice);
     let _bob_up = KoeProcess::up(bob);
 
+    // Only an account with the gateway role may serve as one: users would not take its prices.
+    let not_a_gateway = fails(run(bob, &["gateway", "serve", "--trunk", &trunk, "--sip-listen", "127.0.0.1:0"], ""));
+    assert!(not_a_gateway.contains("bob is not a gateway account"), "{not_a_gateway}");
+
     // The price before dialling, found through the directory; no credit yet.
     let mut quote = String::new();
     wait_until(Duration::from_secs(20), || {
@@ -136,6 +140,10 @@ fn alice_calls_a_phone_number_with_voucher_credit_and_is_billed_exactly() {
     let credit = ok(run(alice, &["credit"], ""));
     assert!(credit.contains("credit: ¥146.40"), "{credit}");
     assert!(credit.contains("-¥3.60") && credit.contains("call to +81312345678 (Japan fixed)"), "{credit}");
+
+    // Alice's own history names the number and the bill.
+    let history = ok(run(alice, &["calls"], ""));
+    assert!(history.contains("+81312345678") && history.contains("billed 1 min at ¥3.60/min: ¥3.60"), "{history}");
 
     // The operator's record of it.
     let cdr = operator(&gateway, &["cdr", "--user", "alice"]);

@@ -107,11 +107,13 @@ pub(super) struct CallLog {
     ended: Option<String>,
     /// Why this side hangs up, when it is not the person (the file ended).
     hanging_up_because: Option<&'static str>,
+    /// A gateway's bill for a call to a phone number, for the history.
+    bill: Option<String>,
 }
 
 impl CallLog {
     pub(super) fn new(progress: Progress) -> Self {
-        Self { text: String::new(), progress, began: Instant::now(), ended: None, hanging_up_because: None }
+        Self { text: String::new(), progress, began: Instant::now(), ended: None, hanging_up_because: None, bill: None }
     }
 
     pub(super) fn line(&mut self, line: impl Into<String>) {
@@ -557,7 +559,12 @@ pub(super) async fn drain(state: &DaemonState, to: &Username, call: &mut Call, l
                 log.line(format!("ringing ({} ms after dialling)", after.as_millis()));
             }
             CallOutput::Event(CallEvent::Incoming | CallEvent::Dtmf(_)) => {}
-            CallOutput::Event(CallEvent::Notice(text)) => log.line(text),
+            CallOutput::Event(CallEvent::Notice(text)) => {
+                if text.starts_with("billed ") {
+                    log.bill = Some(text.clone());
+                }
+                log.line(text);
+            }
             CallOutput::Event(CallEvent::Answered { device, remote_media }) => {
                 log.line(format!("answered (device {device})"));
                 answered = Some((device, remote_media));
@@ -575,15 +582,20 @@ pub(super) async fn drain(state: &DaemonState, to: &Username, call: &mut Call, l
     answered
 }
 
-/// Writes the call into the history: who, when, how long, why it ended, path and quality.
-pub(super) fn remember(state: &DaemonState, id: CallId, peer: &Username, incoming: bool, started_at: UnixTime, log: &CallLog, media: Option<&MediaStats>) {
+/// Writes the call into the history: who (a user, or the phone number called), when, how
+/// long, why it ended (with a gateway's bill), path and quality.
+pub(super) fn remember(state: &DaemonState, id: CallId, peer: &str, incoming: bool, started_at: UnixTime, log: &CallLog, media: Option<&MediaStats>) {
+    let ended = log.ended.clone().unwrap_or_else(|| "ended".into());
     let record = CallRecord {
         call_id: format!("{:032x}", id.0),
         peer: peer.to_string(),
         incoming,
         started_at,
         talked_ms: media.filter(|m| m.connected_after.is_some()).map(|m| m.talked.as_millis() as u64),
-        ended: log.ended.clone().unwrap_or_else(|| "ended".into()),
+        ended: match &log.bill {
+            Some(bill) => format!("{ended}; {bill}"),
+            None => ended,
+        },
         path: media.and_then(|m| m.path).map(|p| p.to_string()),
         mos: media.filter(|m| m.connected_after.is_some()).map(mos),
     };
@@ -712,7 +724,8 @@ async fn dial_call(
     };
     // Free for the next call before the history is written (a redial must not find it busy).
     state.calls.forget(id);
-    remember(state, id, to, false, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
+    let peer = number.unwrap_or_else(|| to.to_string());
+    remember(state, id, &peer, false, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
     result.map(|_| log.text)
 }
 
@@ -849,7 +862,7 @@ async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSig
         drain(&state, &from, &mut call, &mut log).await;
         info!(%from, "call refused: busy in another call");
         log.ended.get_or_insert_with(|| "busy in another call".into());
-        remember(&state, *id, &from, true, started_at, &log, None);
+        remember(&state, *id, from.as_str(), true, started_at, &log, None);
         return;
     }
     let Some((mut signals, hangup)) = slot else { return };
@@ -859,7 +872,7 @@ async fn answer_incoming(state: Arc<DaemonState>, from: Username, offer: CallSig
         None => ring(&state, &from, &mut call, *id, remote_media, &mut signals, hangup, &mut log).await,
     };
     state.calls.forget(*id);
-    remember(&state, *id, &from, true, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
+    remember(&state, *id, from.as_str(), true, started_at, &log, result.as_ref().ok().and_then(Option::as_ref));
     if log.ended.as_deref() == Some("missed") {
         state.publish(super::api::Event::MissedCall { from: from.to_string(), at: started_at.as_secs() });
     }

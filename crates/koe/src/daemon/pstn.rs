@@ -255,7 +255,7 @@ pub(super) async fn answer_skypeout(
     }
     let report = bridge.await.ok();
     state.calls.forget(*id);
-    calls::remember(&state, *id, &from, true, started_at, &log, None);
+    calls::remember(&state, *id, from.as_str(), true, started_at, &log, None);
     info!(%from, end = ?report.map(|r| r.end), "{}", log.text.trim_end().replace('\n', "; "));
 }
 
