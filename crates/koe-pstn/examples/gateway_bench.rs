@@ -9,6 +9,9 @@
 //!    echoing every call; the process's CPU per call and the RTP packets lost or late.
 //! 3. **Admissions per second**: the ledger writes of one short call (open with the first
 //!    hold, answer, settle) on SQLite and on PostgreSQL, one at a time and four at once.
+//! 4. **Call set-up inside the gateway**: from the Koe offer's arrival to the carrier's 180
+//!    coming back (admission, the INVITE out, the carrier's answer in), and from the carrier's
+//!    200 OK to the bridge telling the Koe side to answer.
 //!
 //! Run: `cargo run --release -p koe-pstn --example gateway_bench -- [--calls N] [--postgres URL]`.
 
@@ -42,6 +45,7 @@ fn main() {
     transcoding();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async {
+        setup_times().await;
         trunk_side(calls).await;
         admissions(postgres.as_deref()).await;
     });
@@ -217,6 +221,78 @@ async fn trunk_side(calls: usize) {
         share * 100.0,
         1.0 / share
     );
+}
+
+/// 4. Set-up times of 20 calls, one after another, to sipp answering at once.
+async fn setup_times() {
+    let ip = "127.77.0.2";
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sipp/answer.xml");
+    let Ok(mut sipp) = std::process::Command::new("sipp")
+        .args(["-sf", scenario, "-i", ip, "-p", "5060", "-mi", ip, "-mp", "6000", "-rtp_echo", "-nostdin", "-timeout", "120s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let ledger = open_ledger(&format!("sqlite:{}", dir.path().join("ledger.db").display()), Duration::from_secs(10)).await.expect("ledger");
+    let sip = SipEndpoint::start(SipConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), external: None, tls_roots: None, transaction_timeout: Duration::from_secs(8) })
+        .await
+        .expect("sip");
+    let gateway = Gateway {
+        ledger: Arc::clone(&ledger),
+        sip,
+        trunks: Arc::new(vec![format!("sip:{ip}:5060").parse().expect("trunk")]),
+        meter: MeterConfig::default(),
+        rtp_timeout: Duration::from_secs(30),
+        caller_id: "+81300000000".into(),
+    };
+    let rate = RateTable::built_in().lookup("81312345678").cloned().expect("rate");
+    let top_up = Credit { key: "setup".into(), username: "setup".into(), amount: Amount::units(10_000).micros(), kind: CreditKind::TopUp };
+    ledger.credit(&top_up, 0).await.expect("credit");
+    let (mut to_ringing, mut to_answer) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let call = NewCall { id: BillingId::random(), username: "setup".into(), number: "+81312345678".into(), rate: rate.clone(), currency: Currency::default(), gateway: "bench".into(), max_open_calls: 1 };
+        let (inputs_tx, inputs) = mpsc::unbounded_channel();
+        let (actions, mut actions_rx) = mpsc::unbounded_channel();
+        let started = Instant::now();
+        let gateway = gateway.clone();
+        let task = tokio::spawn(async move { skypeout::run(&gateway, call, KoeSide { inputs, actions, audio: KoeAudio::default() }).await });
+        let mut ringing = None;
+        while let Some(action) = actions_rx.recv().await {
+            match action {
+                koe_pstn::bridge::KoeAction::Ringing { .. } => ringing = Some(started.elapsed()),
+                koe_pstn::bridge::KoeAction::Answer => {
+                    if let Some(ringing) = ringing {
+                        to_ringing.push(ringing);
+                        to_answer.push(started.elapsed() - ringing);
+                    }
+                    let _ = inputs_tx.send(KoeInput::Event(KoeEvent::HungUp));
+                }
+                _ => {}
+            }
+        }
+        let _ = task.await;
+    }
+    let _ = sipp.kill();
+    let _ = sipp.wait();
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let (ring_median, answer_median) = (median(&mut to_ringing), median(&mut to_answer));
+    let (ring_worst, answer_worst) = (to_ringing.last().copied().unwrap_or_default(), to_answer.last().copied().unwrap_or_default());
+    println!("### Call set-up inside the gateway: {} calls to sipp answering at once\n", to_ringing.len());
+    println!("| step | median | worst |");
+    println!("|---|---|---|");
+    println!("| Koe offer in → carrier's 180 back (admission write, INVITE, 180) | {:.1} ms | {:.1} ms |", ms(ring_median), ms(ring_worst));
+    println!("| carrier's 180 → Koe side told to answer (200 OK, ACK, answer recorded) | {:.1} ms | {:.1} ms |\n", ms(answer_median), ms(answer_worst));
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
 
 /// 3. The ledger writes of one short call, per second.
