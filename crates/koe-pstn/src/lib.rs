@@ -14,6 +14,9 @@
 //! [`ledger`] keeps the money: a double-entry prepaid ledger with a SQLite and a PostgreSQL
 //! store behind one trait; [`billing`] carries a meter's requests out on it. The drivers:
 //! [`trunk`] (SIP on rsipstack), [`media`] (RTP to the carrier) and [`skypeout`] (one call).
+//!
+//! [`phone`] is the far end for tests and `koe demo`: a SIP phone that answers, echoes and
+//! hears key presses, so a whole SkypeOut call runs with nothing beyond cargo.
 
 pub mod billing;
 pub mod bridge;
@@ -24,6 +27,7 @@ pub mod media;
 pub mod meter;
 pub mod money;
 pub mod number;
+pub mod phone;
 pub mod rates;
 pub mod resample;
 pub mod rtp;

@@ -1,6 +1,7 @@
 //! The SIP side of the gateway: the trunks a gateway dials out through, one SIP endpoint, and
-//! outbound call legs, on rsipstack. Nothing outside this module names rsipstack: a leg is a
-//! [`SipLeg`], a channel of [`LegEvent`]s and a way to cancel or hang it up.
+//! outbound call legs, on rsipstack. Nothing else of the gateway names rsipstack (only the
+//! test and demo phone, [`crate::phone`], answering on its own): a leg is a [`SipLeg`], a
+//! channel of [`LegEvent`]s and a way to cancel or hang it up.
 //!
 //! A leg's task answers what the carrier asks in the dialog (re-INVITEs, session refreshes,
 //! OPTIONS, INFO) so the call is never dropped for want of a reply, and tells a response the

@@ -121,7 +121,7 @@ fn redact_url(url: &str) -> String {
 pub async fn run(home: Option<PathBuf>, command: GatewayCommand, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let profile = Profile::locate(home)?;
     match command {
-        GatewayCommand::Serve(args) => serve(profile, args, shutdown).await,
+        GatewayCommand::Serve(args) => serve(profile, args, true, shutdown).await,
         GatewayCommand::Credit(command) => credit(&profile, command).await,
         GatewayCommand::Voucher(VoucherCommand::Create { amount, count, ledger: args }) => {
             let amount: Amount = amount.parse()?;
@@ -259,7 +259,9 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
-async fn serve(profile: Profile, args: GatewayServeArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+/// `koe gateway serve` until `shutdown`, for the CLI and for `koe demo` (which runs a gateway
+/// in its own process and keeps its story free of the notices `notices_on_stderr` prints).
+pub async fn serve(profile: Profile, args: GatewayServeArgs, notices_on_stderr: bool, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     if let Some(network) = &args.network {
         profile.resolve_network(Some(network))?;
     }
@@ -327,7 +329,7 @@ async fn serve(profile: Profile, args: GatewayServeArgs, shutdown: impl std::fut
         promotion: None,
         auto_answer: None,
         relay_only: false,
-        notices_on_stderr: true,
+        notices_on_stderr,
         gateway: Some(service),
     };
     let result = daemon::run(profile, options, shutdown).await;

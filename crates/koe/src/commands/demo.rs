@@ -11,23 +11,28 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use koe_auth::network_init::{NETWORK_FILE_NAME, SECRET_DIR_NAME};
 use koe_auth::store::SqliteStore;
-use koe_auth::{create_network, LoginClient, LoginServer, LoginServerConfig, LoginServerSecrets};
+use koe_auth::{create_network, AccountStore, LoginClient, LoginServer, LoginServerConfig, LoginServerSecrets};
 use koe_types::network::LoginUrl;
 use koe_overlay::metrics::SupernodeMetrics;
 use koe_overlay::PresenceStatus;
-use koe_types::{Certificate, DeviceKey, NetworkFile, NetworkName, Pii, UnixTime};
+use koe_pstn::ledger::{open_ledger, CallFilter, LedgerStore, VoucherCode};
+use koe_pstn::money::{Amount, Currency};
+use koe_pstn::phone::{voiced_ms, Phone, PhoneConfig, PhoneEvent};
+use koe_pstn::service::minutes_text;
+use koe_types::{Certificate, DeviceKey, NetworkFile, NetworkName, Pii, Role, UnixTime, Username};
 use koe_wire::Codec;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::node::{start_supernode, RelayPlacement};
-use crate::cli::{DemoArgs, RelayLimits};
+use crate::cli::{DemoArgs, GatewayServeArgs, LedgerArgs, RelayLimits};
 use crate::daemon::api::{Reach, Request, Response};
 use crate::daemon::control::{ask, ask_streaming};
 use crate::daemon::calls::AutoAnswer;
 use crate::daemon::{self, DaemonOptions};
 use crate::duration::human;
+use crate::gateway;
 use crate::profile::Profile;
 
 /// Prints numbered steps in plain words.
@@ -49,6 +54,8 @@ impl Narrator {
 /// The login server of the demo network, running in this process on a loopback port.
 struct DemoLoginServer {
     network: NetworkFile,
+    /// The account database, for what the operator does straight in it (service accounts).
+    store: Arc<SqliteStore>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -81,10 +88,10 @@ impl DemoLoginServer {
         let secret_dir = network_dir.join(SECRET_DIR_NAME);
         let secrets = LoginServerSecrets::load(&secret_dir, &network)?;
         let database = secret_dir.join("accounts.db");
-        let store = SqliteStore::open(&database, Duration::from_secs(5)).await?;
+        let store = Arc::new(SqliteStore::open(&database, Duration::from_secs(5)).await?);
         let config = LoginServerConfig::new(network.name.clone(), secrets.signing_key, secrets.tls);
         let (stop, stopped) = oneshot::channel();
-        let server = LoginServer::new(config, Arc::new(store));
+        let server = LoginServer::new(config, Arc::clone(&store) as Arc<dyn AccountStore>);
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));
@@ -95,6 +102,7 @@ impl DemoLoginServer {
         ));
         Ok(Self {
             network,
+            store,
             stop,
             task,
         })
@@ -303,6 +311,8 @@ async fn run_steps(dir: &Path, narrator: &mut Narrator) -> Result<()> {
     if !call.contains("relayed (") {
         bail!("carol's call did not go through a relay node:\n{call}");
     }
+
+    skypeout(dir, &login_server, &network, &bob_up, &speech, source, narrator).await?;
     carol_up.stop().await;
     alice_up.stop().await;
     bob_up.stop().await;
@@ -394,18 +404,7 @@ impl DemoClient {
             let _ = stopped.await;
         }));
         let client = Self { home, name: user.name.to_string(), stop, task };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let parent = loop {
-            if let Ok(Response::Status(status)) = ask(&client.home, &Request::Status).await {
-                if let Reach::Online { parent } = status.reach {
-                    break parent;
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not attach to a supernode within 10 s", user.name);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let parent = wait_online(&client.home, user.name).await?;
         narrator.step(format!(
             "{} started the client (what `koe up` does): attached to supernode …{} and published a signed presence record to the global index.",
             user.name,
@@ -443,6 +442,248 @@ impl DemoClient {
     async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+    }
+}
+
+/// Waits for the daemon in `home` to attach to a supernode; its parent's address.
+async fn wait_online(home: &Path, name: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Response::Status(status)) = ask(home, &Request::Status).await {
+            if let Reach::Online { parent } = status.reach {
+                return Ok(parent);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not attach to a supernode within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The number the demo calls (any number reaches the phone, the gateway's only trunk).
+const PHONE_NUMBER: &str = "+81312345678";
+const PHONE_NUMBER_SHOWN: &str = "+81 3-1234-5678";
+/// The keys bob presses once the phone answers, as for a phone menu.
+const KEYS: &str = "1#";
+/// How long after the phone answers bob presses them.
+const KEYS_AFTER: Duration = Duration::from_millis(700);
+/// How long the gateway may take to appear in the global index.
+const GATEWAY_FOUND_WITHIN: Duration = Duration::from_secs(30);
+
+/// SkypeOut: a gateway in this process with a phone as its carrier; bob asks the price, buys
+/// credit with a voucher, calls the phone, presses keys, and is billed.
+async fn skypeout(
+    dir: &Path,
+    login_server: &DemoLoginServer,
+    network: &NetworkFile,
+    caller: &DemoClient,
+    speech: &Path,
+    source: &str,
+    narrator: &mut Narrator,
+) -> Result<()> {
+    let mut phone = Phone::start(PhoneConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))).await?;
+    narrator.step(format!(
+        "Started a phone at sip:{} in this process (koe_pstn::phone, a small SIP user agent standing in for a carrier and a landline): it rings, answers with a chime in G.711 and says back what it hears.",
+        phone.local_addr()
+    ));
+    let gateway = DemoGateway::start(dir, login_server, network, &phone.trunk_uri(), narrator).await?;
+
+    let started = Instant::now();
+    let quote = loop {
+        match caller.answer(Request::Rate { number: PHONE_NUMBER.into() }).await? {
+            (_, Ok(quote)) => break quote,
+            (_, Err(_)) if started.elapsed() < GATEWAY_FOUND_WITHIN => tokio::time::sleep(Duration::from_millis(200)).await,
+            (_, Err(error)) => bail!("bob found no gateway in {} s: {error}", GATEWAY_FOUND_WITHIN.as_secs()),
+        }
+    };
+    let mut lines = quote.lines();
+    narrator.step(format!(
+        "bob asked the network's gateways for the price of {PHONE_NUMBER_SHOWN} (what `koe rate` does; the gateway was found in the global index after {} ms): {}",
+        started.elapsed().as_millis(),
+        lines.next().unwrap_or_default()
+    ));
+    for line in lines {
+        narrator.detail(line.trim());
+    }
+
+    let voucher = gateway.voucher("100").await?;
+    narrator.step(format!("The operator made a ¥100 prepaid voucher (what `koe gateway voucher create 100` does): {voucher}"));
+    let redeemed = caller.ask(Request::Redeem { code: voucher.to_string() }).await?;
+    narrator.step(format!("bob redeemed it (what `koe credit redeem CODE` does): {redeemed}."));
+
+    let heard = dir.join("bob-heard-phone.wav");
+    narrator.step(format!(
+        "bob calls {PHONE_NUMBER_SHOWN} (what `koe call` does), sending {source}, and presses {KEYS} once the phone answers (what `koe dtmf {KEYS}` does):"
+    ));
+    let call = caller.ask(Request::Call {
+        username: PHONE_NUMBER.into(),
+        play: Some(speech.display().to_string()),
+        record: Some(heard.display().to_string()),
+        duration_ms: None,
+        hang_up_when_played: true,
+    });
+    tokio::pin!(call);
+    let mut press_at = None;
+    let mut pressed = None;
+    let call = loop {
+        tokio::select! {
+            call = &mut call => break call?,
+            Some(event) = phone.next_event(), if press_at.is_none() => {
+                if matches!(event, PhoneEvent::Answered { .. }) {
+                    press_at = Some(Instant::now() + KEYS_AFTER);
+                }
+            }
+            () = sleep_until(press_at), if pressed.is_none() => {
+                pressed = Some(caller.ask(Request::Dtmf { digits: KEYS.into() }).await);
+            }
+        }
+    };
+    for line in call.lines() {
+        narrator.detail(line.trim());
+    }
+    if let Some(Err(error)) = pressed {
+        bail!("bob's key presses did not go out: {error}");
+    }
+
+    let answered = loop {
+        match tokio::time::timeout(Duration::from_secs(10), phone.next_event()).await {
+            Ok(Some(PhoneEvent::Ended(call))) => break call,
+            Ok(Some(_)) => {}
+            _ => bail!("the phone never heard the call end"),
+        }
+    };
+    let Some(codec) = answered.codec else { bail!("the phone did not answer: {}", answered.end) };
+    let phone_heard = dir.join("phone-heard.wav");
+    let samples: Vec<f32> = answered.heard.iter().map(|&s| f32::from(s) / 32_768.0).collect();
+    koe_voice::wav::write_mono(&phone_heard, &samples, koe_pstn::g711::G711_CLOCK_RATE_HZ)?;
+    let keys: String = answered.digits.iter().map(|d| d.as_char().to_string()).collect::<Vec<_>>().join(", ");
+    narrator.step(format!(
+        "The phone answered {} in {codec} with its chime, heard {:.1} s of bob's voice and said it back, heard bob press {} (RFC 4733 key presses), and {} after {:.1} s.",
+        answered.number,
+        voiced_ms(&answered.heard) as f64 / 1000.0,
+        if keys.is_empty() { "nothing".to_string() } else { keys },
+        answered.end,
+        answered.talked.as_secs_f64()
+    ));
+    narrator.detail(format!(
+        "RTP: {} packets to the gateway, {} from it. What the phone heard is in {}, what bob heard in {} (kept with --keep).",
+        answered.media.packets_sent,
+        answered.media.packets_received,
+        phone_heard.display(),
+        heard.display()
+    ));
+
+    let record = gateway.last_call("bob").await?;
+    let currency = Currency::default();
+    let talked = record.billed_secs.unwrap_or(0);
+    let amount = record.amount.unwrap_or(Amount::from_micros(0));
+    narrator.step(format!(
+        "The gateway's record of the call (what `koe gateway cdr` exports): {} ({}), talked {talked} s, billed as {} at {}/min (increments {}): {}; ended: {}.",
+        record.number,
+        record.destination,
+        minutes_text(record.increment.billed_secs(talked)),
+        record.price_per_minute.display(&currency),
+        record.increment,
+        amount.display(&currency),
+        record.end.map_or("open", |end| end.as_str())
+    ));
+    let credit = caller.ask(Request::Credit).await?;
+    let mut lines = credit.lines();
+    narrator.step(format!("bob's credit now (what `koe credit` does): {}", lines.next().unwrap_or_default()));
+    for line in lines {
+        narrator.detail(line.trim());
+    }
+    gateway.stop().await?;
+    phone.shutdown();
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The operator's PSTN gateway, `koe gateway serve` run in this process, logged in as a
+/// service account with the gateway role.
+struct DemoGateway {
+    ledger: Arc<dyn LedgerStore>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<()>>,
+}
+
+const GATEWAY_NAME: &str = "tokyo-gw";
+
+impl DemoGateway {
+    async fn start(dir: &Path, login_server: &DemoLoginServer, network: &NetworkFile, trunk: &str, narrator: &mut Narrator) -> Result<Self> {
+        // What `koe auth add-service-account NAME --role gateway` does: straight into the
+        // account database, since the login server's sign-up makes only users.
+        let username = Username::parse_existing(GATEWAY_NAME)?;
+        let password = Pii::new(format!("{GATEWAY_NAME}'s demo passphrase"));
+        let hash = {
+            let password = password.clone();
+            tokio::task::spawn_blocking(move || koe_auth::password::hash_password(&password)).await?
+        };
+        login_server.store.create_account_with_role(&username, &hash, Role::Gateway, UnixTime::now()).await?;
+        let profile = Profile::open(dir.join(GATEWAY_NAME))?;
+        profile.resolve_network(Some(&dir.join("network").join(NETWORK_FILE_NAME)))?;
+        let certificate = LoginClient::new(network.clone()).login(GATEWAY_NAME, &password, &profile.device_key()?.public_key(), None).await?;
+        profile.save_certificate(&certificate)?;
+        narrator.step(format!(
+            "The operator created the service account {GATEWAY_NAME} with the gateway role (what `koe auth add-service-account {GATEWAY_NAME} --role gateway` does) and logged it in: certificate #{} carries the role \"{}\", the only one whose prices and bills clients believe.",
+            certificate.body().serial,
+            certificate.role().as_str()
+        ));
+
+        let ledger_file = profile.home().join(gateway::LEDGER_FILE);
+        let args = GatewayServeArgs {
+            network: None,
+            ledger: LedgerArgs { db: None, db_busy_timeout: Duration::from_secs(5), currency: "JPY".into(), billed_unit: "0.01".into() },
+            rates: None,
+            trunks: vec![trunk.to_string()],
+            sip_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            sip_external: None,
+            tls_roots: None,
+            caller_id: "anonymous".into(),
+            max_calls_per_user: 2,
+            max_cost_per_call: None,
+            blocked_prefixes: Vec::new(),
+            rtp_timeout: Duration::from_secs(30),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let home = profile.home().to_path_buf();
+        let task = tokio::spawn(gateway::serve(profile, args, false, async {
+            let _ = stopped.await;
+        }));
+        let parent = wait_online(&home, GATEWAY_NAME).await?;
+        let ledger = open_ledger(&format!("sqlite:{}", ledger_file.display()), Duration::from_secs(5)).await?;
+        narrator.step(format!(
+            "Started the PSTN gateway (what `koe --home {GATEWAY_NAME} gateway serve --trunk {trunk}` does): attached to supernode …{}, listed in the global index under \"{}\", with the built-in SkypeOut prices and a SQLite ledger in {}.",
+            &parent[parent.len().saturating_sub(12)..],
+            koe_overlay::GATEWAY_DIRECTORY,
+            ledger_file.display()
+        ));
+        Ok(Self { ledger, stop, task })
+    }
+
+    /// A prepaid voucher worth `amount` (what `koe gateway voucher create` does).
+    async fn voucher(&self, amount: &str) -> Result<VoucherCode> {
+        let code = VoucherCode::generate(&mut rand_core::OsRng);
+        self.ledger.create_vouchers(std::slice::from_ref(&code), amount.parse()?, gateway::now_ms()).await?;
+        Ok(code)
+    }
+
+    /// The newest call record of `username`.
+    async fn last_call(&self, username: &str) -> Result<koe_pstn::ledger::CallRecord> {
+        let filter = CallFilter { username: Some(username.into()), since_ms: None, limit: Some(1) };
+        self.ledger.calls(&filter).await?.into_iter().next().context("the gateway recorded no call")
+    }
+
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("the gateway's task failed")?
     }
 }
 
