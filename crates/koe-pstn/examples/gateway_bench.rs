@@ -15,6 +15,8 @@
 //!
 //! Run: `cargo run --release -p koe-pstn --example gateway_bench -- [--calls N] [--postgres URL]`.
 
+#![allow(clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
