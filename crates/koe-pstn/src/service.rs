@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::ledger::{user_account, LedgerStore, VoucherCode, VoucherError};
 use crate::money::{Amount, Currency};
 use crate::number::{E164, NumberError};
-use crate::rates::{Increment, RateTable};
+use crate::rates::{Increment, Rate, RateTable};
 
 /// The longest call a quote says the credit pays for (a bound, not a promise).
 pub const QUOTE_HORIZON_SECS: u64 = 24 * 3600;
@@ -111,6 +111,8 @@ pub struct Service<'a> {
     pub rates: &'a RateTable,
     pub ledger: &'a dyn LedgerStore,
     pub currency: &'a Currency,
+    /// E.164 digits never called through this gateway (a fraud limit).
+    pub blocked_prefixes: &'a [String],
 }
 
 impl Service<'_> {
@@ -143,13 +145,21 @@ impl Service<'_> {
         }
     }
 
+    /// Whether `number` may be called through this gateway, and at what rate: the number is
+    /// checked again (the client parsed it, but nothing from the network is trusted), emergency
+    /// and blocked numbers are refused, and it needs a rate. Quotes and calls both ask here.
+    pub fn rate_for(&self, number: &str) -> Result<(E164, Rate), String> {
+        let number = E164::parse_canonical(number).map_err(|error: NumberError| error.to_string())?;
+        if self.blocked_prefixes.iter().any(|prefix| number.digits().starts_with(prefix.as_str())) {
+            return Err(format!("{number} cannot be called through this gateway (the destination is blocked)"));
+        }
+        let rate = self.rates.lookup(number.digits()).cloned().ok_or_else(|| format!("{number} cannot be called: this gateway has no rate for it"))?;
+        Ok((number, rate))
+    }
+
     /// The price of `number` for `username`.
     pub async fn quote(&self, username: &str, number: &str) -> Result<Quote, String> {
-        let number = E164::parse_canonical(number).map_err(|error: NumberError| error.to_string())?;
-        let rate = self
-            .rates
-            .lookup(number.digits())
-            .ok_or_else(|| format!("{number} cannot be called: this gateway has no rate for it"))?;
+        let (number, rate) = self.rate_for(number)?;
         let balance = self.ledger.balance(username).await.map_err(|error| format!("credit is unavailable just now; try again later ({error})"))?;
         let available = balance.available();
         Ok(Quote {

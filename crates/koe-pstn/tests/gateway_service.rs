@@ -27,7 +27,7 @@ async fn a_quote_says_the_price_and_how_long_the_credit_lasts() {
     let dir = tempfile::TempDir::new().unwrap();
     let ledger = ledger_with_alice(&dir, "100").await;
     let (rates, currency) = (RateTable::built_in(), Currency::default());
-    let service = Service { rates: &rates, ledger: &ledger, currency: &currency };
+    let service = Service { rates: &rates, ledger: &ledger, currency: &currency, blocked_prefixes: &[] };
     let PstnResponse::Rate(quote) = service.answer("alice", PstnRequest::Rate { number: "+819012345678".into() }, 2_000).await else {
         panic!("a price")
     };
@@ -40,7 +40,7 @@ async fn numbers_without_a_rate_emergency_numbers_and_garbage_are_refused_in_wor
     let dir = tempfile::TempDir::new().unwrap();
     let ledger = ledger_with_alice(&dir, "100").await;
     let (rates, currency) = (RateTable::built_in(), Currency::default());
-    let service = Service { rates: &rates, ledger: &ledger, currency: &currency };
+    let service = Service { rates: &rates, ledger: &ledger, currency: &currency, blocked_prefixes: &[] };
     let refusal = |response: PstnResponse| match response {
         PstnResponse::Refused { reason } => reason,
         other => panic!("expected a refusal, got {other:?}"),
@@ -67,10 +67,24 @@ async fn credit_lists_money_in_and_out() {
     let code = VoucherCode::generate(&mut rand_core::OsRng);
     ledger.create_vouchers(std::slice::from_ref(&code), yen("500"), 1_500).await.unwrap();
     let (rates, currency) = (RateTable::built_in(), Currency::default());
-    let service = Service { rates: &rates, ledger: &ledger, currency: &currency };
+    let service = Service { rates: &rates, ledger: &ledger, currency: &currency, blocked_prefixes: &[] };
     let redeemed = service.answer("alice", PstnRequest::Redeem { code: code.to_string() }, 2_000).await;
     assert_eq!(redeemed, PstnResponse::Redeemed { amount: yen("500"), balance: yen("600"), currency: currency.clone() });
     let PstnResponse::Credit(view) = service.answer("alice", PstnRequest::Credit, 3_000).await else { panic!("credit") };
     assert_eq!((view.balance, view.held), (yen("600"), Amount::ZERO));
     assert_eq!(view.recent.iter().map(|c| (c.amount, c.memo.as_str())).collect::<Vec<_>>(), [(500_000_000, "voucher"), (100_000_000, "top-up")]);
+}
+
+#[tokio::test]
+async fn a_blocked_destination_is_refused_for_quotes_and_calls_alike() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let ledger = ledger_with_alice(&dir, "100").await;
+    let (rates, currency, blocked) = (RateTable::built_in(), Currency::default(), vec!["8190".to_string()]);
+    let service = Service { rates: &rates, ledger: &ledger, currency: &currency, blocked_prefixes: &blocked };
+    let PstnResponse::Refused { reason } = service.answer("alice", PstnRequest::Rate { number: "+819012345678".into() }, 2_000).await else {
+        panic!("a refusal")
+    };
+    assert!(reason.contains("blocked"), "{reason}");
+    assert!(service.rate_for("+819012345678").is_err(), "a call to it is refused the same way");
+    assert!(service.rate_for("+818012345678").is_ok(), "other mobiles are not");
 }

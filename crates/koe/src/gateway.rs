@@ -72,19 +72,17 @@ impl GatewayService {
     /// A price, a credit view or a redeemed voucher for `username`.
     pub async fn answer(&self, username: &str, request: PstnRequest) -> PstnResponse {
         let rates = self.rates();
-        let service = Service { rates: &rates, ledger: self.ledger(), currency: &self.currency };
-        service.answer(username, request, now_ms()).await
+        self.service(&rates).answer(username, request, now_ms()).await
     }
 
-    /// Whether `number` may be called, and at what rate: the number checked again (the client
-    /// parsed it, but nothing from the network is trusted), never a blocked prefix.
+    /// Whether `number` may be called, and at what rate (the rule quotes follow too).
     pub fn admit(&self, number: &str) -> Result<(E164, Rate), String> {
-        let number = E164::parse_canonical(number).map_err(|error| error.to_string())?;
-        if self.blocked_prefixes.iter().any(|prefix| number.digits().starts_with(prefix.as_str())) {
-            return Err(format!("{number} cannot be called through this gateway (the destination is blocked)"));
-        }
-        let rate = self.rates().lookup(number.digits()).cloned().ok_or_else(|| format!("{number} cannot be called: this gateway has no rate for it"))?;
-        Ok((number, rate))
+        let rates = self.rates();
+        self.service(&rates).rate_for(number)
+    }
+
+    fn service<'a>(&'a self, rates: &'a RateTable) -> Service<'a> {
+        Service { rates, ledger: self.ledger(), currency: &self.currency, blocked_prefixes: &self.blocked_prefixes }
     }
 }
 

@@ -82,7 +82,10 @@ fn alice_calls_a_phone_number_with_voucher_credit_and_is_billed_exactly() {
     ok(koe().args(["network", "add-bootstrap", "--network"]).arg(&gateway_network).arg(&supernodes[1].first_line).output().unwrap());
     gateway_account(&network, &gateway, "tokyo-gw", &gateway_network);
     let trunk = format!("sip:{}:5060", carrier.ip);
-    let _gateway_up = KoeProcess::daemon(&gateway, &["gateway", "serve", "--trunk", &trunk, "--sip-listen", "127.0.0.1:0", "--rtp-timeout", "10s"]);
+    let rates = network.dir.path().join("rates.csv");
+    std::fs::write(&rates, koe_pstn::rates::BUILT_IN_RATES).unwrap();
+    let serve = ["gateway", "serve", "--trunk", &trunk, "--sip-listen", "127.0.0.1:0", "--rtp-timeout", "10s", "--block-prefix", "8190"];
+    let gateway_up = KoeProcess::daemon(&gateway, &[&serve[..], &["--rates", rates.to_str().unwrap()]].concat());
     let _alice_up = KoeProcess::up(alice);
     let _bob_up = KoeProcess::up(bob);
 
@@ -101,6 +104,10 @@ fn alice_calls_a_phone_number_with_voucher_credit_and_is_billed_exactly() {
     assert!(quote.contains("your credit (¥0.00) is not enough for the first increment"), "{quote}");
     let refused = fails(run(alice, &["call", "+81312345678"], ""));
     assert!(refused.contains("not enough credit"), "{refused}");
+
+    // A destination the operator blocked is refused before any price.
+    let blocked = fails(run(alice, &["rate", "+819012345678"], ""));
+    assert!(blocked.contains("the destination is blocked"), "{blocked}");
 
     // National format once alice says where she is; emergency numbers never leave the device.
     ok(run(alice, &["config", "set", "country", "jp"], ""));
@@ -144,6 +151,12 @@ fn alice_calls_a_phone_number_with_voucher_credit_and_is_billed_exactly() {
     // Alice's own history names the number and the bill.
     let history = ok(run(alice, &["calls"], ""));
     assert!(history.contains("+81312345678") && history.contains("billed 1 min at ¥3.60/min: ¥3.60"), "{history}");
+
+    // The operator's new prices take effect on SIGHUP, without a restart.
+    std::fs::write(&rates, koe_pstn::rates::BUILT_IN_RATES.replace("81,Japan fixed,3.6,", "81,Japan fixed,4.2,")).unwrap();
+    let hup = Command::new("kill").args(["-HUP", &gateway_up.child.id().to_string()]).status().unwrap();
+    assert!(hup.success());
+    wait_until(Duration::from_secs(10), || stdout(&run(alice, &["rate", "+81312345678"], "")).contains("¥4.20/min"));
 
     // The operator's record of it.
     let cdr = operator(&gateway, &["cdr", "--user", "alice"]);
