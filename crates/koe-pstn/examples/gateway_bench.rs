@@ -150,7 +150,7 @@ async fn trunk_side(calls: usize) {
     .expect("sip");
     let gateway = Gateway {
         ledger: Arc::clone(&ledger),
-        sip,
+        sip: Arc::new(sip),
         trunks: Arc::new(vec![format!("sip:{ip}:5060").parse().expect("trunk")]),
         meter: MeterConfig::default(),
         rtp_timeout: Duration::from_secs(30),
@@ -245,7 +245,7 @@ async fn setup_times() {
         .expect("sip");
     let gateway = Gateway {
         ledger: Arc::clone(&ledger),
-        sip,
+        sip: Arc::new(sip),
         trunks: Arc::new(vec![format!("sip:{ip}:5060").parse().expect("trunk")]),
         meter: MeterConfig::default(),
         rtp_timeout: Duration::from_secs(30),

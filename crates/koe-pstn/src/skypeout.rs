@@ -18,13 +18,13 @@ use crate::ledger::{CallEnd, LedgerStore, NewCall};
 use crate::media::{KoeAudio, MediaReport, RtpPort, TrunkMedia, TrunkMediaStats};
 use crate::meter::{CallMeter, MeterConfig};
 use crate::sdp::{self, LocalAudio, RemoteAudio, DEFAULT_CODECS};
-use crate::trunk::{LegEvent, SipEndpoint, SipLeg, Trunk};
+use crate::trunk::{LegEvent, SipLeg, SipStack, Trunk};
 
 /// What every SkypeOut call of one gateway shares.
 #[derive(Debug, Clone)]
 pub struct Gateway {
     pub ledger: Arc<dyn LedgerStore>,
-    pub sip: SipEndpoint,
+    pub sip: Arc<dyn SipStack>,
     pub trunks: Arc<Vec<Trunk>>,
     pub meter: MeterConfig,
     /// A call whose carrier sends no RTP this long is over.

@@ -233,6 +233,25 @@ impl SipLeg {
     }
 }
 
+/// What the gateway asks of a SIP stack. Calls see only this trait (and [`SipLeg`]), so the
+/// stack under it (rsipstack, in [`SipEndpoint`]) can change without touching them.
+pub trait SipStack: Send + Sync + fmt::Debug {
+    /// Calls `number` (E.164 with '+') through `trunk`, presenting `caller_id`, offering
+    /// `offer` (SDP); `answer_reoffer` turns a re-INVITE's offer into our answer.
+    fn invite(&self, trunk: &Trunk, number: &str, caller_id: &str, offer: String, answer_reoffer: ReofferAnswerer) -> Result<SipLeg, TrunkError>;
+
+    /// Where carriers reach it.
+    fn local_addr(&self) -> SocketAddr;
+
+    /// The IP its RTP ports bind to.
+    fn local_ip(&self) -> IpAddr {
+        self.local_addr().ip()
+    }
+
+    /// Stops serving.
+    fn shutdown(&self);
+}
+
 /// Where the gateway's SIP endpoint listens, and how it presents itself.
 #[derive(Debug, Clone)]
 pub struct SipConfig {
@@ -268,7 +287,7 @@ impl fmt::Debug for SipEndpoint {
 }
 
 impl SipEndpoint {
-    /// Opens the endpoint and starts serving it until [`SipEndpoint::shutdown`].
+    /// Opens the endpoint and starts serving it until [`SipStack::shutdown`].
     pub async fn start(config: SipConfig) -> Result<Self, TrunkError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let cancel = CancellationToken::new();
@@ -300,19 +319,14 @@ impl SipEndpoint {
         let contact = Uri::try_from(format!("sip:koe@{local}").as_str()).map_err(|error| TrunkError::Bind { addr: config.listen, reason: error.to_string() })?;
         Ok(Self { dialog_layer, contact, local, cancel })
     }
+}
 
-    /// Where carriers reach this endpoint.
-    pub fn local_addr(&self) -> SocketAddr {
+impl SipStack for SipEndpoint {
+    fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
-    pub fn local_ip(&self) -> IpAddr {
-        self.local.ip()
-    }
-
-    /// Calls `number` (E.164 with '+') through `trunk`, presenting `caller_id`, offering
-    /// `offer` (SDP). `answer_reoffer` turns a re-INVITE's offer into our answer.
-    pub fn invite(
+    fn invite(
         &self,
         trunk: &Trunk,
         number: &str,
@@ -337,7 +351,7 @@ impl SipEndpoint {
         Ok(SipLeg { events, commands })
     }
 
-    pub fn shutdown(&self) {
+    fn shutdown(&self) {
         self.cancel.cancel();
     }
 }

@@ -77,7 +77,7 @@ async fn workload(db: &str, trunk: &str) {
         };
         let gateway = Gateway {
             ledger: Arc::clone(&ledger),
-            sip,
+            sip: Arc::new(sip),
             trunks: Arc::new(vec![trunk.parse().unwrap()]),
             meter,
             rtp_timeout: Duration::from_secs(10),

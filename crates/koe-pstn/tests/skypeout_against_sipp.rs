@@ -111,7 +111,7 @@ impl Setup {
         let sip = SipEndpoint::start(config).await.unwrap();
         let gateway = Gateway {
             ledger: Arc::clone(&ledger),
-            sip,
+            sip: Arc::new(sip),
             trunks: Arc::new(trunks),
             meter: MeterConfig::default(),
             rtp_timeout: Duration::from_secs(2),

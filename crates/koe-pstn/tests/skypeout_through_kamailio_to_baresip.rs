@@ -384,7 +384,7 @@ impl Setup {
         let sip = SipEndpoint::start(config).await.unwrap();
         let gateway = Gateway {
             ledger: Arc::clone(&ledger),
-            sip,
+            sip: Arc::new(sip),
             trunks: Arc::new(vec![trunk]),
             meter: MeterConfig::default(),
             rtp_timeout: Duration::from_secs(2),

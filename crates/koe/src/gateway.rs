@@ -20,7 +20,7 @@ use koe_pstn::number::E164;
 use koe_pstn::rates::{Rate, RateTable};
 use koe_pstn::service::{PstnRequest, PstnResponse, Service};
 use koe_pstn::skypeout;
-use koe_pstn::trunk::{SipConfig, SipEndpoint, Trunk, DEFAULT_TRANSACTION_TIMEOUT};
+use koe_pstn::trunk::{SipConfig, SipEndpoint, SipStack, Trunk, DEFAULT_TRANSACTION_TIMEOUT};
 use koe_types::Role;
 use tracing::{info, warn};
 
@@ -300,12 +300,12 @@ pub async fn serve(profile: Profile, args: GatewayServeArgs, notices_on_stderr: 
         Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?),
         None => std::fs::read(DEFAULT_TLS_ROOTS).ok(),
     };
-    let sip = SipEndpoint::start(SipConfig { listen: args.sip_listen, external: args.sip_external, tls_roots, transaction_timeout: DEFAULT_TRANSACTION_TIMEOUT }).await?;
+    let sip: Arc<dyn SipStack> = Arc::new(SipEndpoint::start(SipConfig { listen: args.sip_listen, external: args.sip_external, tls_roots, transaction_timeout: DEFAULT_TRANSACTION_TIMEOUT }).await?);
     info!(sip = %sip.local_addr(), trunks = trunks.len(), rates = rates.len(), ledger = %ledger.describe(), "PSTN gateway");
     let meter = MeterConfig { max_cost, ..MeterConfig::default() };
     let calls = skypeout::Gateway {
         ledger: Arc::clone(&ledger),
-        sip: sip.clone(),
+        sip: Arc::clone(&sip),
         trunks: Arc::new(trunks),
         meter,
         rtp_timeout: args.rtp_timeout,
