@@ -77,6 +77,18 @@ impl Carrier {
         Self { child, sip }
     }
 
+    /// Waits for sipp to finish its one call; whether every check of its scenario held.
+    fn succeeded(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     fn trunk(&self, userinfo: &str) -> Trunk {
         format!("sip:{userinfo}{}", self.sip).parse().unwrap()
     }
@@ -415,4 +427,34 @@ async fn an_answer_with_unusable_sdp_is_hung_up_at_once_and_costs_nothing() {
     assert!(heard.answered_at().is_none());
     assert_eq!(heard.report.end, CallEnd::Failed);
     assert_eq!(setup.balance().await, yen("100"), "a call nobody could hear is not billed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trunk_over_tcp_carries_the_call() {
+    if !sipp_available() {
+        return;
+    }
+    let carrier = Carrier::start("answer.xml", &["-t", "t1", "-rtp_echo"]);
+    let trunk: Trunk = format!("sip:{};transport=tcp", carrier.sip).parse().unwrap();
+    let setup = Setup::new(vec![trunk], "100").await;
+    let heard = place(&setup.gateway, Caller { talk: Some(Duration::from_secs(2)), keys: None }).await;
+    assert!(heard.answered_at().is_some(), "{:?}", heard.actions);
+    assert_eq!(heard.report.end, CallEnd::CallerHungUp);
+    let echoed = &heard.recording[heard.recording.len() / 4..heard.recording.len() * 3 / 4];
+    assert!(level_at(echoed, TONE_HZ) > 0.2, "audio flows as over UDP");
+    assert_eq!(setup.balance().await, yen("96.4"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_carrier_can_hold_and_resume_the_call() {
+    if !sipp_available() {
+        return;
+    }
+    let mut carrier = Carrier::start("hold_and_resume.xml", &["-rtp_echo"]);
+    let setup = Setup::new(vec![carrier.trunk("")], "100").await;
+    let heard = place(&setup.gateway, Caller { talk: Some(Duration::from_secs(3)), keys: None }).await;
+    assert!(heard.answered_at().is_some(), "{:?}", heard.actions);
+    assert_eq!(heard.report.end, CallEnd::CallerHungUp, "the call outlived the hold");
+    assert!(carrier.succeeded(), "the gateway answered the hold with recvonly and the resume with sendrecv");
+    assert_eq!(setup.balance().await, yen("96.4"));
 }
