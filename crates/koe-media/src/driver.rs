@@ -137,6 +137,9 @@ pub struct MediaControls {
     pub muted: Arc<AtomicBool>,
     /// Updated once a second.
     pub live: Arc<Mutex<MediaStats>>,
+    /// The Opus encoder's complexity, 0–10, when not the voice engine's default (9): a PSTN
+    /// gateway carrying many calls goes low (docs/BENCHMARKS.md, the gateway's transcoding).
+    pub encoder_complexity: Option<u8>,
 }
 
 /// Statistics of one call's media, live and at its end.
@@ -448,7 +451,11 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) -> Result<CallSummary, MediaError> {
     let local: SocketAddr = socket.local_addr().map_err(|e| MediaError::Engine(e.to_string()))?;
-    let mut sender = VoiceSender::new(audio.backend.encoder(audio.bitrate).map_err(|e| MediaError::Engine(e.to_string()))?);
+    let mut encoder = audio.backend.encoder(audio.bitrate).map_err(|e| MediaError::Engine(e.to_string()))?;
+    if let Some(complexity) = controls.encoder_complexity {
+        encoder.set_complexity(complexity);
+    }
+    let mut sender = VoiceSender::new(encoder);
     let mut receiver =
         VoiceReceiver::new(audio.backend.decoder().map_err(|e| MediaError::Engine(e.to_string()))?, JitterConfig::default());
     let started = Instant::now();

@@ -42,6 +42,10 @@ impl VoiceEncoder for LibEncoder {
     fn set_expected_loss(&mut self, percent: u8) {
         let _ = self.0.set_packet_loss_perc(i32::from(percent.min(100)));
     }
+
+    fn set_complexity(&mut self, complexity: u8) {
+        let _ = self.0.set_complexity(i32::from(complexity.min(10)));
+    }
 }
 
 pub(crate) struct LibDecoder(Decoder);

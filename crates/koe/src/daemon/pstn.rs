@@ -30,6 +30,10 @@ use crate::gateway::GatewayService;
 const GATEWAY_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long without audio from the caller before the media driver gives up (its own rule).
 const CALLER_SILENT: Duration = Duration::from_secs(4);
+/// The Opus complexity of what the phone says, towards the Koe caller: the audio is
+/// narrowband (G.711) anyway, and at 9 the encoder alone would hold the gateway to ~60
+/// transcoded calls per core (docs/BENCHMARKS.md).
+const GATEWAY_OPUS_COMPLEXITY: u8 = 0;
 
 impl DaemonState {
     /// A gateway answered question `id`: to whoever waits for it (the first answer wins).
@@ -339,7 +343,8 @@ async fn start_media(
         speaker: Some(audio.to_phone.clone()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(driver::run(session, socket, streams, call_audio, MediaControls::default(), async move {
+    let controls = MediaControls { encoder_complexity: Some(GATEWAY_OPUS_COMPLEXITY), ..MediaControls::default() };
+    let task = tokio::spawn(driver::run(session, socket, streams, call_audio, controls, async move {
         let _ = stopped.await;
     }));
     Ok((task, stop))
