@@ -267,10 +267,11 @@ pub fn posted_amount(requested: Amount, held: Amount) -> Amount {
 }
 
 /// How a call left open by a stopped gateway is settled: the talk its last progress record
-/// proves, at its rate, no more than its holds; nothing if it was never answered.
-pub fn recovered_settlement(call: &CallRecord, held: Amount) -> Settlement {
+/// proves, at its rate; nothing if it was never answered. Settling posts no more than the
+/// call's holds ([`posted_amount`]), as for every call.
+pub fn recovered_settlement(call: &CallRecord) -> Settlement {
     let billed_secs = if call.answered_ms.is_some() { call.alive_secs } else { 0 };
-    let amount = posted_amount(call.rate().cost(billed_secs, &call.currency()), held);
+    let amount = call.rate().cost(billed_secs, &call.currency());
     Settlement { billed_secs, amount, end: CallEnd::Recovered }
 }
 
@@ -531,6 +532,11 @@ fn charge_entry(call: &CallRecord, amount: Amount, now_ms: i64) -> Option<Entry>
         call: Some(call.id),
         memo: format!("call to {} ({})", call.number, call.destination),
     })
+}
+
+/// The ledger's clock: Unix milliseconds, as every `now_ms` of [`LedgerStore`] takes it.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Idempotency keys of the entries a call posts.

@@ -445,8 +445,7 @@ impl LedgerStore for PostgresLedger {
                 for row in rows {
                     let record = call_row(&row).into_record()?;
                     lock_user(tx, &record.username).await?;
-                    let held = held_by_call(tx, record.id).await?;
-                    let settlement = recovered_settlement(&record, held);
+                    let settlement = recovered_settlement(&record);
                     settled.push(settle_in(tx, record, settlement, now_ms).await?);
                 }
                 Ok(settled)

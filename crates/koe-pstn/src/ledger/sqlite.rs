@@ -412,14 +412,7 @@ impl LedgerStore for SqliteLedger {
             let mut settled = Vec::with_capacity(open.len());
             for row in open {
                 let record = row.into_record()?;
-                let held: i64 = tx
-                    .query_row(
-                        "SELECT COALESCE(SUM(amount), 0) FROM ledger_holds WHERE call_id = ?1 AND released = 0",
-                        params![record.id.to_sql()],
-                        |row| row.get(0),
-                    )
-                    .map_err(map_error)?;
-                let settlement = recovered_settlement(&record, Amount::from_micros(held));
+                let settlement = recovered_settlement(&record);
                 settled.push(settle_in(tx, record.id, settlement, now_ms)?);
             }
             Ok(settled)
