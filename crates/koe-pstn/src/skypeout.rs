@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::billing;
 use crate::bridge::{Bridge, BridgeOutput, KoeAction, KoeEvent, MediaAction, SipAction, SipEvent};
 use crate::dtmf::DtmfDigit;
-use crate::ledger::{CallEnd, LedgerStore, NewCall};
+use crate::ledger::{now_ms, CallEnd, LedgerStore, NewCall};
 use crate::media::{KoeAudio, MediaReport, RtpPort, TrunkMedia, TrunkMediaStats};
 use crate::meter::{CallMeter, MeterConfig};
 use crate::sdp::{self, LocalAudio, RemoteAudio, DEFAULT_CODECS};
@@ -202,10 +202,6 @@ enum Wake {
     Media(Option<MediaReport>),
     Koe(Option<KoeInput>),
     Timer,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Places the INVITE on trunk `index`, with an offer for a freshly bound RTP port.

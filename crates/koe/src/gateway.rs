@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use koe_pstn::ledger::{open_ledger, CallFilter, Credit, CreditKind, LedgerStore, VoucherCode};
+use koe_pstn::ledger::{now_ms, open_ledger, CallFilter, Credit, CreditKind, LedgerStore, VoucherCode};
 use koe_pstn::meter::MeterConfig;
 use koe_pstn::money::{Amount, Currency};
 use koe_pstn::number::E164;
@@ -84,10 +84,6 @@ impl GatewayService {
     fn service<'a>(&'a self, rates: &'a RateTable) -> Service<'a> {
         Service { rates, ledger: self.ledger(), currency: &self.currency, blocked_prefixes: &self.blocked_prefixes }
     }
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn load_rates(path: &Path) -> Result<RateTable> {

@@ -671,7 +671,7 @@ impl DemoGateway {
     /// A prepaid voucher worth `amount` (what `koe gateway voucher create` does).
     async fn voucher(&self, amount: &str) -> Result<VoucherCode> {
         let code = VoucherCode::generate(&mut rand_core::OsRng);
-        self.ledger.create_vouchers(std::slice::from_ref(&code), amount.parse()?, gateway::now_ms()).await?;
+        self.ledger.create_vouchers(std::slice::from_ref(&code), amount.parse()?, koe_pstn::ledger::now_ms()).await?;
         Ok(code)
     }
 
